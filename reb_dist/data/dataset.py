@@ -1,0 +1,69 @@
+"""Samples -> tensors for an ImageNet-pretrained backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from reb_dist.data.images import read_image, read_mask
+from reb_dist.data.samples import Sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 3xSxS: bicubic resize (PIL, as the backbones were trained), ImageNet-normalised.
+
+    Shared by training, evaluation and single-image inference so they cannot drift apart.
+    """
+    resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """bool HxW -> float32 1xSxS of 0/1, nearest-neighbour so it stays binary."""
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(resized) > 127).float().unsqueeze(0)
+
+
+class ImageDataset(Dataset):
+    """dict(image=3xSxS float32, mask=1xSxS float32 0/1, label=int, index=int) per sample.
+
+    The mask is all zero for normal images, for anomalous ones without a mask, and when with_masks=False
+    (then no mask file is read), so batches always collate the same keys.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_size: int = 256, with_masks: bool = True):
+        self.samples = list(samples)
+        self.image_size = int(image_size)
+        self.with_masks = with_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        image = read_image(s.image_path)
+        if self.with_masks and s.mask_path is not None:
+            size = (image.shape[1], image.shape[0])
+            mask = resize_mask(read_mask(s.mask_path, size, image=s.image_path), self.image_size)
+        else:
+            mask = torch.zeros(1, self.image_size, self.image_size)
+        return dict(image=preprocess(image, self.image_size), mask=mask, label=int(s.label), index=int(index))
+
+
+def few_shot(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """The first n samples by image path: a deterministic few-shot subset, the same on every run and machine."""
+    if n < 1:
+        raise ValueError(f"few-shot count must be at least 1, got {n}")
+    if n > len(samples):
+        raise ValueError(f"few-shot count {n} is more than the {len(samples)} samples available")
+    return sorted(samples, key=lambda s: str(s.image_path))[:n]

@@ -1,0 +1,208 @@
+"""A fitted memory-bank detector: backbone + patch features + bank (+ densities), saved safely.
+
+`Detector` glues the pure pieces together for one category: it extracts features, builds the bank
+(optionally a coreset), scores patches with any method of `reb_dist.ldknn`, and turns patch scores
+into image scores and pixel maps. The saved file is safetensors (tensors + JSON metadata, no
+pickle); the backbone is referenced by name and weights fingerprint and checked when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .anomaly_map import image_scores, pixel_maps
+from .backbones import Backbone, build_backbone
+from .config import BackboneConfig, ScoringConfig
+from .errors import ModelFileError
+from .features import PatchFeatures
+from .ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
+
+MODEL_FORMAT = "reb-dist-model/1"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Scores:
+    """Scores of a set of images for one method."""
+
+    method: ScoringMethod
+    patch_maps: np.ndarray  # (N, h, w)
+    image_scores: np.ndarray  # (N,)
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, start: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Detector:
+    def __init__(self, backbone: Backbone, backbone_config: BackboneConfig, scoring: ScoringConfig,
+                 image_size: int = 256):
+        self.backbone = backbone
+        self.backbone_config = backbone_config
+        self.scoring = scoring
+        self.image_size = image_size
+        self.device = resolve_device(backbone_config.device)
+        self.features = PatchFeatures(backbone.model, backbone_config.aggregation,
+                                      backbone_config.layer_dim, backbone_config.target_dim)
+        self.features.to(self.device).eval()
+        self.bank: np.ndarray | None = None
+        self.scorer: BankScorer | None = None
+        self.timings = Timings()
+
+    @classmethod
+    def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256) -> Detector:
+        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size)
+
+    # --- features
+
+    @torch.no_grad()
+    def extract(self, batches: Iterable, total: int | None = None, desc: str = "features") -> np.ndarray:
+        """(N, h, w, D) float32 features of batches of images (tensors or dicts with 'image')."""
+        start = time.perf_counter()
+        out = []
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+            images = batch["image"] if isinstance(batch, dict) else batch
+            feats = self.features(images.to(self.device, non_blocking=True))
+            out.append(feats.permute(0, 2, 3, 1).float().cpu().numpy())
+        self.timings.add("features", start)
+        if not out:
+            raise ValueError("no images to extract features from")
+        return np.concatenate(out)
+
+    # --- bank
+
+    def fit_features(self, train_features: np.ndarray, coreset_ratio: float = 1.0,
+                     projection_dim: int = 128, seed: int = 0) -> None:
+        """Build the memory bank from (N, h, w, D) training features."""
+        bank = train_features.reshape(-1, train_features.shape[-1])
+        if coreset_ratio < 1.0:
+            start = time.perf_counter()
+            bank = bank[greedy_coreset(bank, coreset_ratio, projection_dim, seed, progress=True)]
+            self.timings.add("coreset", start)
+        self.set_bank(bank)
+
+    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None) -> None:
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        index = BankIndex(self.bank, use_gpu=self.device.type == "cuda")
+        self.scorer = BankScorer(index)
+        if density is not None:
+            self.scorer.stats.preload_density(self.scoring.k, self.scoring.squared, density)
+
+    @property
+    def default_method(self) -> ScoringMethod:
+        return parse_method(self.scoring.methods[0], self.scoring.k, self.scoring.alpha, self.scoring.squared)
+
+    def methods(self, specs: list[str] | None = None) -> list[ScoringMethod]:
+        s = self.scoring
+        return [parse_method(m, s.k, s.alpha, s.squared) for m in (specs or s.methods)]
+
+    def compute_density(self) -> np.ndarray:
+        """Every bank point's density for the configured K (what `save` stores)."""
+        start = time.perf_counter()
+        density = self.scorer.stats.local_density(self.scoring.k, self.scoring.squared,
+                                                  progress="bank density")
+        self.timings.add("density", start)
+        return density
+
+    # --- scoring
+
+    def score_features(self, features: np.ndarray, methods: list[ScoringMethod]) -> dict[ScoringMethod, Scores]:
+        """Patch maps and image scores of (N, h, w, D) features for every method, from one search."""
+        if self.scorer is None:
+            raise RuntimeError("the detector has no memory bank: fit it or load a saved model first")
+        n, h, w, d = features.shape
+        if d != self.bank.shape[1]:
+            raise ValueError(f"features have {d} dims, the bank {self.bank.shape[1]}")
+        queries = features.reshape(-1, d)
+        start = time.perf_counter()
+        k_max = max(m.query_neighbours for m in methods)
+        dist2, ids = self.scorer.index.search(queries, k_max, progress="bank search")
+        self.timings.add("search", start)
+        out = {}
+        for m in methods:
+            start = time.perf_counter()
+            maps = self.scorer.score_neighbours(m, dist2, ids, progress=True).reshape(n, h, w)
+            self.timings.add(f"score:{m.label}", start)
+            out[m] = Scores(m, maps, image_scores(maps, self.scoring.image_score))
+        return out
+
+    def pixel_maps(self, patch_maps: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
+        return pixel_maps(patch_maps, size or self.image_size, self.scoring.sigma)
+
+    # --- persistence
+
+    def save(self, path: str | Path, density: np.ndarray | None = None) -> Path:
+        """Write bank, densities and settings to a .safetensors file, atomically."""
+        if self.bank is None:
+            raise RuntimeError("nothing to save: the detector has no memory bank")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if density is None:
+            density = self.compute_density()
+        metadata = {
+            "format": MODEL_FORMAT,
+            "reb_dist_version": __version__,
+            "backbone": json.dumps(self.backbone_config.__dict__),
+            "backbone_weights": self.backbone.weights_source,
+            "backbone_fingerprint": self.backbone.fingerprint,
+            "scoring": json.dumps(self.scoring.__dict__),
+            "image_size": str(self.image_size),
+        }
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=path.name, dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"bank": self.bank, "density": np.asarray(density, np.float32)}, tmp, metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: model file not found")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise ModelFileError(f"{path}: not a reb-dist model file ({exc})") from exc
+        if meta.get("format") != MODEL_FORMAT:
+            raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+        backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
+        if device is not None:
+            backbone_cfg.device = device
+        scoring = ScoringConfig(**json.loads(meta["scoring"]))
+        detector = cls.from_config(backbone_cfg, scoring, int(meta["image_size"]))
+        if detector.backbone.fingerprint != meta["backbone_fingerprint"]:
+            raise ModelFileError(
+                f"{path}: was fitted with {backbone_cfg.name} weights {meta['backbone_fingerprint']} "
+                f"({meta['backbone_weights']}), but those found now are {detector.backbone.fingerprint} "
+                f"({detector.backbone.weights_source})")
+        detector.set_bank(tensors["bank"], tensors["density"])
+        return detector

@@ -1,0 +1,118 @@
+"""Evaluate one or more scoring methods on one category: one feature pass, one bank, one search.
+
+This is the single-process path every command uses (fit, evaluate, benchmark); the Ray layers
+distribute the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .config import DataConfig, RunConfig
+from .data import ClassSplit, ImageDataset, check_split, few_shot, list_categories, load_split
+from .detector import Detector
+from .ldknn import ScoringMethod
+from .metrics import evaluate
+
+
+@dataclass
+class MethodResult:
+    method: ScoringMethod
+    metrics: dict[str, float]
+    image_scores: np.ndarray
+    examples: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (test index, pixel map)
+
+
+@dataclass
+class CategoryResult:
+    category: str
+    split: ClassSplit
+    labels: np.ndarray
+    defect_types: list[str]
+    methods: list[MethodResult]
+    timings: dict[str, float]
+    bank_size: int
+    feature_dim: int
+
+
+def categories_of(data: DataConfig) -> list[str]:
+    return data.categories or list_categories(data.layout, data.resolved_root())
+
+
+def load_category(data: DataConfig, category: str) -> ClassSplit:
+    """The category's split, few-shot applied, every file opened once when `check_files`."""
+    split = load_split(data.layout, data.resolved_root(), category)
+    if data.few_shot:
+        split.train = few_shot(split.train, data.few_shot)
+    if data.check_files:
+        check_split(split)
+    return split
+
+
+def loader(samples, data: DataConfig, with_masks: bool = False) -> DataLoader:
+    return DataLoader(ImageDataset(samples, data.image_size, with_masks=with_masks),
+                      batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False)
+
+
+def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
+    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size)
+    batches = loader(split.train, cfg.data)
+    train = detector.extract(batches, total=len(batches), desc=f"{split.name} train features")
+    detector.fit_features(train, cfg.bank.coreset_ratio, cfg.bank.coreset_projection_dim, cfg.bank.seed)
+    return detector
+
+
+def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None = None,
+                      methods: list[ScoringMethod] | None = None, examples: int = 0) -> CategoryResult:
+    """Fit (unless a fitted detector is given), score the test set with every method, compute metrics."""
+    start = time.perf_counter()
+    split = load_category(cfg.data, category)
+    load_s = time.perf_counter() - start
+    detector = detector or fit_detector(cfg, split)
+    methods = methods or detector.methods()
+
+    batches = loader(split.test, cfg.data, with_masks=True)
+    masks = []
+
+    def images_and_masks():
+        for batch in batches:
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            yield batch
+
+    test = detector.extract(images_and_masks(), total=len(batches), desc=f"{category} test features")
+    masks = np.concatenate(masks)
+    labels = np.array([s.label for s in split.test])
+    types = [s.defect_type for s in split.test]
+    groups = [s.group for s in split.test]
+    pixel = cfg.scoring.pixel_metrics and split.has_masks
+    example_ids = _example_indices(labels, examples)
+
+    results = []
+    for method, scores in detector.score_features(test, methods).items():
+        t0 = time.perf_counter()
+        maps = detector.pixel_maps(scores.patch_maps) if pixel or example_ids else None
+        metrics = evaluate(labels, scores.image_scores, types, masks if pixel else None,
+                           maps if pixel else None, groups)
+        detector.timings.add("metrics", t0)
+        results.append(MethodResult(method, metrics, scores.image_scores,
+                                    [(i, maps[i]) for i in example_ids] if maps is not None else []))
+    timings = {"load_and_check": load_s, **detector.timings.seconds,
+               "total": time.perf_counter() - start}
+    return CategoryResult(category, split, labels, types, results, timings,
+                          len(detector.bank), detector.bank.shape[1])
+
+
+def _example_indices(labels: np.ndarray, n: int) -> list[int]:
+    """Up to n test images for heatmap galleries: mostly anomalous, a few normal, spread evenly."""
+    if n <= 0:
+        return []
+    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_good = min(len(good), max(1, n // 4))
+    n_bad = min(len(bad), n - n_good)
+    pick = lambda ids, m: ids[np.linspace(0, len(ids) - 1, m).round().astype(int)] if m else ids[:0]
+    return sorted(set(pick(bad, n_bad).tolist() + pick(good, n_good).tolist()))
+

@@ -1,0 +1,76 @@
+"""Patch features: local 3x3 aggregation of stage 2 and 3, stage 3 upsampled to stage 2's grid.
+
+Two aggregations, as the reference implementations do it:
+- "avgpool" (anomalib): a 3x3 average pool (stride 1, pad 1) keeps every channel: C2 + C3 dims.
+- "adaptive" (PatchCore / REB authors): unfold each 3x3 neighbourhood, adaptive-average-pool the
+  flattened C*9 vector to `layer_dim` per stage, then pool the two stages together to `target_dim`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AGGREGATIONS = ("avgpool", "adaptive")
+
+
+def _upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def aggregate_avgpool(stages: list[torch.Tensor]) -> torch.Tensor:
+    """(B, C2+C3, H2, W2): each stage 3x3-averaged at its own resolution, then upsampled."""
+    grid = stages[0].shape[-2:]
+    pooled = [_upsample(F.avg_pool2d(s, 3, stride=1, padding=1), grid) for s in stages]
+    return torch.cat(pooled, dim=1)
+
+
+def aggregate_adaptive(stages: list[torch.Tensor], layer_dim: int, target_dim: int) -> torch.Tensor:
+    """(B, target_dim, H2, W2) as PatchCore builds it."""
+    b, _, h, w = stages[0].shape
+    per_stage = []
+    for s in stages:
+        c, sh, sw = s.shape[1], s.shape[2], s.shape[3]
+        patches = F.unfold(s, kernel_size=3, padding=1)  # (B, C*9, sh*sw), channel-major
+        patches = _upsample(patches.view(b, c * 9, sh, sw), (h, w))
+        flat = patches.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)
+        per_stage.append(F.adaptive_avg_pool1d(flat, layer_dim).squeeze(1))
+    stacked = torch.stack(per_stage, dim=1).reshape(-1, 1, layer_dim * len(stages))
+    out = F.adaptive_avg_pool1d(stacked, target_dim).squeeze(1)
+    return out.view(b, h, w, target_dim).permute(0, 3, 1, 2)
+
+
+class PatchFeatures(nn.Module):
+    """Backbone + aggregation: images (B,3,S,S) -> patch features (B, D, h, w)."""
+
+    def __init__(self, backbone: nn.Module, aggregation: str = "avgpool",
+                 layer_dim: int = 1024, target_dim: int = 1024):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+        self.backbone = backbone
+        self.aggregation = aggregation
+        self.layer_dim = layer_dim
+        self.target_dim = target_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stages = self.backbone(images)
+        if self.aggregation == "avgpool":
+            return aggregate_avgpool(stages)
+        return aggregate_adaptive(stages, self.layer_dim, self.target_dim)
+
+
+@torch.no_grad()
+def extract_features(model: PatchFeatures, batches: Iterable[torch.Tensor],
+                     device: str | torch.device = "cpu") -> Iterator[np.ndarray]:
+    """Yield (B, h, w, D) float32 arrays, one per batch of normalised images."""
+    model = model.to(device).eval()
+    for images in batches:
+        feats = model(images.to(device, non_blocking=True))
+        yield feats.permute(0, 2, 3, 1).contiguous().float().cpu().numpy()

@@ -1,0 +1,69 @@
+"""Statistics of bank points from their K nearest OTHER bank points, computed on demand.
+
+The self-search behind them is O(n^2) for the whole bank. An evaluation only needs them for bank
+points some test patch lands next to, so every statistic here is filled lazily, per point, and
+cached per K. `local_density` is REB eq. 2: the mean distance to the K nearest other bank points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .search import BankIndex
+
+
+def to_distance(dist2: np.ndarray, squared: bool) -> np.ndarray:
+    """faiss gives squared L2; the authors' code uses it as is, the paper writes plain L2."""
+    return dist2 if squared else np.sqrt(dist2)
+
+
+class BankStats:
+    def __init__(self, index: BankIndex):
+        self.index = index
+        self._dist2: dict[int, np.ndarray] = {}  # K -> (n, K) squared distances, NaN = not computed
+        self._ids: dict[int, np.ndarray] = {}
+        self._density: dict[tuple[int, bool], np.ndarray] = {}
+
+    def neighbours(self, k: int, point_ids: np.ndarray,
+                   progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(dist2, ids) of the K nearest other bank points of each given bank point."""
+        n = len(self.index)
+        if k not in self._dist2:
+            self._dist2[k] = np.full((n, k), np.nan, np.float32)
+            self._ids[k] = np.full((n, k), -1, np.int64)
+        dist2, ids = self._dist2[k], self._ids[k]
+        point_ids = np.asarray(point_ids, dtype=np.int64)
+        missing = np.unique(point_ids[np.isnan(dist2[point_ids, 0])])
+        if len(missing):
+            dist2[missing], ids[missing] = self.index.search_bank_points(missing, k, progress=progress)
+        return dist2[point_ids], ids[point_ids]
+
+    def preload_density(self, k: int, squared: bool, values: np.ndarray) -> None:
+        """Densities already known (read from a saved model). NaN marks a point not computed."""
+        if len(values) != len(self.index):
+            raise ValueError(f"{len(values)} densities for a bank of {len(self.index)} points")
+        self._density[(k, squared)] = np.asarray(values, dtype=np.float32).copy()
+
+    def local_density(self, k: int, squared: bool, point_ids: np.ndarray | None = None,
+                      progress: str | None = None) -> np.ndarray:
+        if point_ids is None:
+            point_ids = np.arange(len(self.index))
+        point_ids = np.asarray(point_ids, dtype=np.int64)
+        values = self._density.setdefault((k, squared), np.full(len(self.index), np.nan, np.float32))
+        missing = np.unique(point_ids[np.isnan(values[point_ids])])
+        if len(missing):
+            dist2, _ = self.neighbours(k, missing, progress=progress)
+            values[missing] = to_distance(dist2, squared).mean(axis=1, dtype=np.float64)
+        return values[point_ids]
+
+    def k_distance(self, k: int, squared: bool, point_ids: np.ndarray) -> np.ndarray:
+        """Distance to the K-th nearest other bank point (LOF's k-distance)."""
+        return to_distance(self.neighbours(k, point_ids)[0][:, -1], squared)
+
+    def local_reachability_density(self, k: int, squared: bool, point_ids: np.ndarray,
+                                   progress: str | None = None) -> np.ndarray:
+        """LOF's lrd of bank points: 1 / mean over neighbours p of max(k-distance(p), d(o, p))."""
+        dist2, nbr = self.neighbours(k, point_ids, progress=progress)
+        reach = np.maximum(to_distance(dist2, squared),
+                           self.k_distance(k, squared, nbr.ravel()).reshape(nbr.shape))
+        return 1.0 / np.maximum(reach.mean(axis=1), 1e-12)

@@ -1,0 +1,118 @@
+"""Patch scores on one memory bank: LDKNN and the KNN family it is compared with (REB Table 6).
+
+Every method scores a test patch from its nearest bank points; one faiss search with the largest
+K any method needs serves them all, so a benchmark of six methods costs one search.
+
+  ldknn  dist(f, m_nn) - alpha * density(m_nn)              (REB eq. 3, 4)
+  knn    mean distance to the K nearest bank points         (vanilla KNN)
+  nn1    distance to the nearest bank point                 (PatchCore without reweighting)
+  kthnn  distance to the K-th nearest bank point
+  lof    local outlier factor of the patch w.r.t. the bank
+  ldof   mean distance to the K nearest / their mean pairwise distance
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .bank_stats import BankStats, to_distance
+from .search import BankIndex
+
+METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof")
+
+
+@dataclass(frozen=True)
+class ScoringMethod:
+    name: str
+    k: int = 9
+    alpha: float = 1.0
+    squared: bool = True  # squared L2 as the authors' code (and faiss) use; False = plain L2
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown scoring method {self.name!r}; known: {', '.join(METHODS)}")
+        if self.k < 1:
+            raise ValueError(f"{self.name}: K must be >= 1, got {self.k}")
+
+    @property
+    def label(self) -> str:
+        if self.name == "nn1":
+            return "nn1"
+        if self.name == "ldknn":
+            return f"ldknn(k={self.k},alpha={self.alpha:g})"
+        return f"{self.name}(k={self.k})"
+
+    @property
+    def query_neighbours(self) -> int:
+        """How many nearest bank points of each test patch the method reads."""
+        return 1 if self.name in ("nn1", "ldknn") else self.k
+
+
+def parse_method(spec: str, k: int = 9, alpha: float = 1.0, squared: bool = True) -> ScoringMethod:
+    """'ldknn' or 'ldknn:k=5,alpha=0.5' -> ScoringMethod, defaults from the run's settings."""
+    name, _, params = spec.strip().partition(":")
+    method = ScoringMethod(name.strip().lower(), k, alpha, squared)
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, _, value = item.partition("=")
+        if key not in ("k", "alpha"):
+            raise ValueError(f"{spec!r}: unknown parameter {key!r} (use k= or alpha=)")
+        method = replace(method, **{key: int(value) if key == "k" else float(value)})
+    return method
+
+
+class BankScorer:
+    """Scores query patches against one bank (its index and lazily computed bank statistics)."""
+
+    def __init__(self, index: BankIndex, stats: BankStats | None = None):
+        self.index = index
+        self.stats = stats or BankStats(index)
+
+    def score(self, methods: list[ScoringMethod], queries: np.ndarray,
+              progress: bool = False) -> dict[ScoringMethod, np.ndarray]:
+        """{method: (m,) scores} for (m, d) queries, from one search."""
+        k_max = max(m.query_neighbours for m in methods)
+        dist2, ids = self.index.search(queries, k_max, progress="bank search" if progress else None)
+        return {m: self.score_neighbours(m, dist2, ids, progress) for m in methods}
+
+    def score_neighbours(self, method: ScoringMethod, dist2: np.ndarray, ids: np.ndarray,
+                         progress: bool = False) -> np.ndarray:
+        """Scores from a search already done (dist2/ids nearest first, at least K columns)."""
+        k, sq = method.k, method.squared
+        label = f"bank density K={k}" if progress else None
+        if method.name == "nn1":
+            return to_distance(dist2[:, 0], sq)
+        if method.name == "ldknn":
+            density = self.stats.local_density(k, sq, ids[:, 0], progress=label)
+            return to_distance(dist2[:, 0], sq) - method.alpha * density
+        d = to_distance(dist2[:, :k], sq)
+        if method.name == "knn":
+            return d.mean(axis=1)
+        if method.name == "kthnn":
+            return d[:, -1]
+        if method.name == "lof":
+            nbr = ids[:, :k]
+            lrd_nbr = self.stats.local_reachability_density(k, sq, nbr.ravel(), progress=label)
+            kdist = self.stats.k_distance(k, sq, nbr.ravel()).reshape(nbr.shape)
+            lrd_query = 1.0 / np.maximum(np.maximum(d, kdist).mean(axis=1), 1e-12)
+            return lrd_nbr.reshape(nbr.shape).mean(axis=1) / lrd_query
+        if method.name == "ldof":
+            inner = self._mean_pairwise(ids[:, :k], sq)
+            return d.mean(axis=1) / np.maximum(inner, 1e-12)
+        raise AssertionError(method.name)
+
+    def _mean_pairwise(self, nbr: np.ndarray, squared: bool, chunk: int = 4096) -> np.ndarray:
+        """Mean distance between the K neighbours of each query, over the K*(K-1) ordered pairs."""
+        k = nbr.shape[1]
+        out = np.zeros(len(nbr), np.float32)
+        if k < 2:
+            return out
+        for s in range(0, len(nbr), chunk):
+            v = self.index.bank[nbr[s:s + chunk]]  # (c, K, d)
+            sq_norm = (v * v).sum(-1)
+            d2 = sq_norm[:, :, None] + sq_norm[:, None, :] - 2 * np.einsum("ckd,cjd->ckj", v, v)
+            d2[:, np.arange(k), np.arange(k)] = 0.0  # exact zeros, not float noise
+            d = to_distance(np.maximum(d2, 0), squared)
+            out[s:s + chunk] = d.sum(axis=(1, 2)) / (k * (k - 1))
+        return out

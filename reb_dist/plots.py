@@ -1,0 +1,242 @@
+"""Figures and tables for reports: ROC curves, heatmap overlays, example grids, result tables.
+
+Figures use ``matplotlib.figure.Figure`` directly (never pyplot), so nothing depends on a GUI
+backend or on global pyplot state, and rendering is safe in worker processes and threads.
+Every file is written atomically: a crashed or killed job never leaves a half-written PNG that
+an artifact uploader (MLflow) would pick up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from reb_dist.metrics import auroc, roc_curve
+
+_MAX_CURVE_POINTS = 4000  # plotted ROC points; 10M-pixel curves are thinned to this
+
+
+def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name rather than mkstemp: mkstemp files are mode 0600, which would make the PNG
+    # unreadable to other users (e.g. an MLflow server); a plain create honours the umask.
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_png(array_uint8: np.ndarray, path: str | Path) -> Path:
+    """Write an H×W or H×W×3/4 uint8 array as PNG, atomically (temp file + ``os.replace``)."""
+    from PIL import Image
+
+    arr = np.asarray(array_uint8)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"save_png expects uint8, got {arr.dtype}")
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, n: int = _MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Keep ~n points evenly spaced along the curve (fpr + tpr grows monotonically from 0 to 2)."""
+    if fpr.size <= n:
+        return fpr, tpr
+    idx = np.unique(np.searchsorted(fpr + tpr, np.linspace(0.0, 2.0, n)).clip(0, fpr.size - 1))
+    idx = np.r_[0, idx, fpr.size - 1]
+    return fpr[idx], tpr[idx]
+
+
+def plot_roc_curves(
+    curves: Mapping[str, tuple[Any, Any]],
+    path: str | Path,
+    title: str = "ROC",
+    figsize: tuple[float, float] = (5.0, 5.0),
+    dpi: int = 100,
+) -> Path:
+    """One ROC curve per method on shared axes, AUROC in the legend; saves a PNG of figsize*dpi px.
+
+    ``curves`` maps a method name to (labels, scores); pixel-level inputs are fine (the drawn
+    curve is thinned, the AUROC is exact).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    ax = fig.add_subplot()
+    for name, (labels, scores) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=True)
+        fpr, tpr = _thin_curve(fpr, tpr)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {100 * auroc(labels, scores):.1f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate", title=title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return _save_figure(fig, path, dpi)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {img.dtype}")
+    if img.ndim == 2:
+        return np.repeat(img[..., None], 3, axis=2)
+    if img.ndim == 3 and img.shape[2] in (3, 4):
+        return img[..., :3]
+    raise ValueError(f"image must be H×W or H×W×3, got shape {img.shape}")
+
+
+def heatmap_overlay(
+    image_uint8_hxwx3: np.ndarray,
+    anomaly_map_hxw: np.ndarray,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Blend a jet-coloured anomaly map over the image; H×W×3 uint8.
+
+    Pass a shared ``vmin``/``vmax`` across images so colours are comparable (default: this
+    map's own range). A ground-truth ``mask`` is drawn as a green contour, leaving the defect
+    itself visible.
+    """
+    from matplotlib import colormaps
+
+    rgb = _as_rgb(image_uint8_hxwx3)
+    amap = np.asarray(anomaly_map_hxw, dtype=np.float64)
+    if amap.shape != rgb.shape[:2]:
+        raise ValueError(f"anomaly map shape {amap.shape} != image shape {rgb.shape[:2]}")
+    lo = float(np.nanmin(amap)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(amap)) if vmax is None else float(vmax)
+    norm = np.clip((amap - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(amap)
+    color = colormaps["jet"](np.nan_to_num(norm), bytes=True)[..., :3].astype(np.float32)
+    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * color
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if mask is not None:
+        m = np.asarray(mask) > 0
+        if m.shape != amap.shape:
+            raise ValueError(f"mask shape {m.shape} != map shape {amap.shape}")
+        edge = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3), bool), border_value=0)
+        out[edge] = (0, 255, 0)
+    return out
+
+
+def heatmap_grid(
+    items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+    path: str | Path,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    ncols: int = 4,
+    cell_inches: float = 3.0,
+    dpi: int = 100,
+) -> Path:
+    """Grid of (title, image, map, mask|None) overlays with one shared colour scale and colourbar.
+
+    ``vmin``/``vmax`` default to the range over all maps, so hot spots compare across examples.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if not items:
+        raise ValueError("heatmap_grid needs at least one item")
+    if vmin is None:
+        vmin = min(float(np.nanmin(m)) for _, _, m, _ in items)
+    if vmax is None:
+        vmax = max(float(np.nanmax(m)) for _, _, m, _ in items)
+    ncols = max(1, min(ncols, len(items)))
+    nrows = math.ceil(len(items) / ncols)
+    fig = Figure(figsize=(cell_inches * ncols + 0.8, cell_inches * nrows), dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (title, image, amap, mask) in zip(axes.flat, items):
+        ax.imshow(heatmap_overlay(image, amap, vmin, vmax, mask))
+        ax.set_title(str(title), fontsize="small")
+    sm = ScalarMappable(norm=Normalize(vmin, vmax), cmap=colormaps["jet"])
+    fig.colorbar(sm, ax=axes, shrink=0.8, label="anomaly score")
+    return _save_figure(fig, path, dpi)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _cells(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None, float_fmt: str, scale: float
+) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Formatted cell strings and, per column, whether it is numeric (right-aligned)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    numeric = [True] * len(columns)
+    body = []
+    for r in rows:
+        line = []
+        for j, c in enumerate(columns):
+            v = r.get(c)
+            if isinstance(v, (float, np.floating)):
+                line.append("-" if math.isnan(v) else float_fmt.format(float(v) * scale))
+            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                line.append(str(v))
+            elif v is None:
+                line.append("-")
+            else:
+                line.append(str(v))
+                numeric[j] = False
+        body.append(line)
+    return list(columns), body, numeric
+
+
+def results_table_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    float_fmt: str = "{:.1f}",
+    scale: float = 100,
+) -> str:
+    """GitHub markdown table; floats are multiplied by ``scale`` (metrics as %), ints kept as is.
+
+    Missing or NaN values show as "-"; numeric columns are right-aligned. ``columns`` defaults
+    to every key in order of first appearance.
+    """
+    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
+
+    def fmt(line: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", r"\|") for c in line) + " |"
+
+    align = "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"
+    lines = [fmt(cols), align, *map(fmt, body)]
+    return "\n".join(lines) + "\n"
+
+
+def results_table_text(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    float_fmt: str = "{:.1f}",
+    scale: float = 100,
+) -> str:
+    """Plain, space-aligned table for terminals and logs (same formatting as the markdown one)."""
+    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
+    widths = [max(len(x) for x in col) for col in zip(cols, *body)]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(line, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(cols), rule, *map(fmt, body)]) + "\n"

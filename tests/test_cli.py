@@ -1,0 +1,79 @@
+"""The `reb` command line end to end on the shipped real subset, with a real MLflow sqlite store."""
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from reb_dist.cli import main
+from reb_dist.config import SAMPLE_DATA
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_benchmark_prints_table_writes_results_and_logs_to_mlflow(workdir, capsys):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    rc = main(["benchmark", "--methods", "ldknn,knn", "--set", f"tracking.uri={uri}",
+               "--set", "tracking.heatmap_examples=4", "--set", "output_dir=out"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ldknn(k=9,alpha=1)" in printed and "knn(k=9)" in printed and "image_auroc" in printed
+    out = workdir / "out" / "benchmark"
+    assert {"results.md", "results.json", "config.yaml", "roc_bottle.png", "heatmaps_bottle.png"} <= {
+        p.name for p in out.iterdir()}
+    assert "Command: `reb benchmark" in (out / "results.md").read_text()
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("reb-dist")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("command") == "benchmark"]
+    children = [r for r in runs if r.data.tags.get("category") == "bottle"]
+    assert len(parent) == 1 and parent[0].data.params["scoring.k"] == "9"
+    assert {r.data.tags["method"] for r in children} == {"ldknn(k=9,alpha=1)", "knn(k=9)"}
+    for r in children:
+        assert 0.5 < r.data.metrics["image_auroc"] <= 1.0
+        assert "pixel_auroc" in r.data.metrics and "aupro" in r.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
+    assert "plots/roc_bottle.png" in artifacts and "plots/heatmaps_bottle.png" in artifacts
+
+
+def test_fit_evaluate_predict_round_trip(workdir, capsys):
+    model = workdir / "bottle.safetensors"
+    assert main(["fit", "--no-mlflow", "--categories", "bottle", "-o", str(model)]) == 0
+    assert model.is_file() and not list(workdir.glob("*.tmp"))
+    assert main(["evaluate", "--no-mlflow", "--categories", "bottle", "-m", str(model),
+                 "--set", "output_dir=out"]) == 0
+    assert "ldknn(k=9,alpha=1)" in capsys.readouterr().out
+
+    good = SAMPLE_DATA / "bottle" / "test" / "good" / "000.png"
+    bad = SAMPLE_DATA / "bottle" / "test" / "broken_large" / "000.png"
+    assert main(["predict", "-m", str(model), str(good), str(bad), "-o", "pred", "--threshold", "0"]) == 0
+    lines = (workdir / "pred" / "scores.csv").read_text().splitlines()
+    scores = {Path(line.split(",")[0]).parent.name: float(line.split(",")[1]) for line in lines[1:]}
+    assert scores["broken_large"] > scores["good"]
+    overlay = Image.open(workdir / "pred" / "000_heatmap.png")
+    assert overlay.size == Image.open(bad).size
+
+
+def test_bad_image_fails_clearly_and_leaves_no_model(workdir, capsys):
+    data = workdir / "data"
+    shutil.copytree(SAMPLE_DATA / "bottle", data / "bottle")
+    broken = data / "bottle" / "train" / "good" / "014.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated PNG
+    rc = main(["fit", "--no-mlflow", "--root", str(data), "--categories", "bottle", "-o", "m.safetensors"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "014.png" in err
+    assert not (workdir / "m.safetensors").exists() and not list(workdir.glob("m.safetensors*"))
+
+
+def test_unknown_setting_is_a_clear_error(workdir, capsys):
+    assert main(["benchmark", "--no-mlflow", "--set", "scoring.kk=3"]) == 2
+    assert "kk" in capsys.readouterr().err

@@ -29,6 +29,11 @@ class DataConfig:
     num_workers: int = 0
     few_shot: int = 0  # > 0: only the first N training images (sorted), as REB Table 7
     check_files: bool = True  # open every image and mask before any long computation
+    # layout "folder" only: folders relative to root (masks optional, matched by file stem)
+    train_dir: str = "train"
+    test_normal_dir: str = "test/normal"
+    test_anomalous_dir: str = "test/anomalous"
+    mask_dir: str | None = None
 
     def resolved_root(self) -> Path:
         return SAMPLE_DATA if self.root == "sample" else Path(self.root).expanduser()

@@ -40,12 +40,18 @@ class CategoryResult:
 
 
 def categories_of(data: DataConfig) -> list[str]:
+    if data.layout == "folder":  # one custom set; its name is the category
+        return data.categories[:1] or [data.resolved_root().name]
     return data.categories or list_categories(data.layout, data.resolved_root())
 
 
 def load_category(data: DataConfig, category: str) -> ClassSplit:
     """The category's split, few-shot applied, every file opened once when `check_files`."""
-    split = load_split(data.layout, data.resolved_root(), category)
+    folders = {}
+    if data.layout == "folder":
+        folders = dict(train_dir=data.train_dir, test_normal_dir=data.test_normal_dir,
+                       test_anomalous_dir=data.test_anomalous_dir, mask_dir=data.mask_dir)
+    split = load_split(data.layout, data.resolved_root(), category, **folders)
     if data.few_shot:
         split.train = few_shot(split.train, data.few_shot)
     if data.check_files:
@@ -89,14 +95,19 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
     types = [s.defect_type for s in split.test]
     groups = [s.group for s in split.test]
     pixel = cfg.scoring.pixel_metrics and split.has_masks
+    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in split.test])
     example_ids = _example_indices(labels, examples)
 
     results = []
     for method, scores in detector.score_features(test, methods).items():
         t0 = time.perf_counter()
         maps = detector.pixel_maps(scores.patch_maps) if pixel or example_ids else None
-        metrics = evaluate(labels, scores.image_scores, types, masks if pixel else None,
-                           maps if pixel else None, groups)
+        metrics = evaluate(labels, scores.image_scores, types, groups=groups)
+        if pixel:  # over normal images and anomalous ones that have a mask
+            keep = np.flatnonzero(has_mask)
+            pixel_metrics = evaluate(labels[keep], scores.image_scores[keep], [types[i] for i in keep],
+                                     masks[keep], maps[keep], [groups[i] for i in keep])
+            metrics.update({k: v for k, v in pixel_metrics.items() if k.startswith(("pixel_", "aupro"))})
         detector.timings.add("metrics", t0)
         results.append(MethodResult(method, metrics, scores.image_scores,
                                     [(i, maps[i]) for i in example_ids] if maps is not None else []))

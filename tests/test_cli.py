@@ -77,3 +77,30 @@ def test_bad_image_fails_clearly_and_leaves_no_model(workdir, capsys):
 def test_unknown_setting_is_a_clear_error(workdir, capsys):
     assert main(["benchmark", "--no-mlflow", "--set", "scoring.kk=3"]) == 2
     assert "kk" in capsys.readouterr().err
+
+
+def test_benchmark_on_a_custom_folder_layout(workdir, capsys):
+    """A plain folder set (grayscale images, masks only for some defects) runs like MVTec AD."""
+    src = SAMPLE_DATA / "bottle"
+    root = workdir / "parts"
+    for sub, dst in (("train/good", "train"), ("test/good", "test/normal"),
+                     ("test/broken_large", "test/anomalous/broken"), ("test/contamination", "test/anomalous/dirt")):
+        (root / dst).mkdir(parents=True)
+        for p in sorted((src / sub).glob("*.png")):
+            Image.open(p).convert("L").save(root / dst / p.name)  # grayscale, as many inspection cameras
+    (root / "masks" / "broken").mkdir(parents=True)
+    for p in sorted((src / "ground_truth" / "broken_large").glob("*.png")):
+        shutil.copy(p, root / "masks" / "broken" / p.name)
+    rc = main(["benchmark", "--no-mlflow", "--set", "data.layout=folder", "--root", str(root),
+               "--set", "data.mask_dir=masks", "--methods", "ldknn,nn1", "--set", "output_dir=out"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "parts" in printed and "ldknn(k=9,alpha=1)" in printed
+    import json
+
+    results = json.loads((workdir / "out" / "benchmark" / "results.json").read_text())["results"]
+    metrics = results[0]["metrics"]
+    assert metrics["image_auroc"] > 0.8
+    assert "image_auroc/broken" in metrics and "image_auroc/dirt" in metrics
+    # only "broken" has masks: pixel metrics exist for it, and are not computed for "dirt"
+    assert "pixel_auroc/broken" in metrics and "pixel_auroc/dirt" not in metrics

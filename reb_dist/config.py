@@ -68,6 +68,35 @@ class ScoringConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """REB's self-supervised fine-tuning (paper 3.1; METHOD-NOTES). Defaults are the paper's GPU
+    schedule; scale `steps` / `images_per_step` down for CPUs (see docs/RESULTS.md)."""
+
+    task: str = "defectmaker"  # defectmaker (7 classes) | cutpaste | noise
+    steps: int = 300
+    images_per_step: int = 1008  # 48 base images x 7 variants x 3 accumulated batches
+    micro_batch: int = 56  # images per forward pass on one worker (a multiple of the class count)
+    freeze_steps: int = 40
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    loss: str = "bce"  # bce (the authors' code) | ce (the paper)
+    blend_prob: float = 0.5
+    saliency: str = "spectral"  # spectral | whole | a folder of precomputed saliency maps
+    checkpoint_every: int = 20
+    num_workers: int = 2  # Ray Train workers; GPUs when the cluster has them
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    data_workers: int = 2  # DefectMaker actors in the Ray Data pipeline
+    data_cpus: float = 0.5  # fractional: a pool that takes every CPU starves the read tasks
+    torch_threads: int = 1
+    seed: int = 0
+    storage_path: str = "outputs/ray"
+    run_name: str | None = None
+    fail_at_step: int | None = None  # testing: interrupt the run after this step
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
@@ -82,6 +111,7 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
 
@@ -151,7 +181,8 @@ def _build(cls, values: dict, where: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{where}: {name}")
         else:
-            kwargs[name] = _coerce(value, hint, f"{where}: {cls.__name__.removesuffix('Config').lower()}.{name}")
+            section = "" if cls is RunConfig else cls.__name__.removesuffix("Config").lower() + "."
+            kwargs[name] = _coerce(value, hint, f"{where}: {section}{name}")
     return cls(**kwargs)
 
 
@@ -172,6 +203,13 @@ def _coerce(value, hint, where: str):
         return [_coerce(v, item, where) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, bool):  # e.g. finetune.use_gpu=true
+        return str(value).lower()
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

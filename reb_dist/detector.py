@@ -196,15 +196,23 @@ class Detector:
             raise ModelFileError(f"{path}: not a reb-dist model file ({exc})") from exc
         if meta.get("format") != MODEL_FORMAT:
             raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
-        backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
+        try:
+            backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
+            scoring = ScoringConfig(**json.loads(meta["scoring"]))
+            image_size = int(meta["image_size"])
+            bank, density = tensors["bank"], tensors["density"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
         if device is not None:
             backbone_cfg.device = device
-        scoring = ScoringConfig(**json.loads(meta["scoring"]))
-        detector = cls.from_config(backbone_cfg, scoring, int(meta["image_size"]))
-        if detector.backbone.fingerprint != meta["backbone_fingerprint"]:
+        detector = cls.from_config(backbone_cfg, scoring, image_size)
+        if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
             raise ModelFileError(
-                f"{path}: was fitted with {backbone_cfg.name} weights {meta['backbone_fingerprint']} "
-                f"({meta['backbone_weights']}), but those found now are {detector.backbone.fingerprint} "
-                f"({detector.backbone.weights_source})")
-        detector.set_bank(tensors["bank"], tensors["density"])
+                f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "
+                f"{meta.get('backbone_fingerprint')} ({meta.get('backbone_weights')}), but the weights "
+                f"found now have fingerprint {detector.backbone.fingerprint} ({detector.backbone.weights_source})")
+        try:
+            detector.set_bank(bank, density)
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: {exc}") from exc
         return detector

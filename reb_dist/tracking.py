@@ -55,11 +55,11 @@ class Tracker:
                 mlflow.log_params({k: str(v) for k, v in extra_params.items()})
             mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()})
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
             import mlflow
 
-            mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()})
+            mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if self.enabled:

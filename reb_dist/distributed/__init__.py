@@ -1,0 +1,1 @@
+"""Thin Ray layers around the pure core: data pipelines, training, bank shards, searches."""

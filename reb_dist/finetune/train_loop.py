@@ -1,0 +1,151 @@
+"""The per-worker training loop Ray Train runs: REB's self-supervised fine-tuning.
+
+One step = one optimiser update over `images_per_step` images (all workers together), accumulated
+over micro-batches; SGD with momentum, cosine decay, backbone frozen for the first `freeze_steps`.
+Rank 0 writes a checkpoint every `checkpoint_every` steps; a restarted run continues from it with
+the same data order, because every sample's seed depends only on its global index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import build_backbone
+from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from .ssl_model import SSLClassifier
+
+STATE_FILE = "train_state.pt"
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float, ImageNet-normalised."""
+    x = images_uint8.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """"ce" as the paper writes; "bce" (sigmoid per class on one-hot targets) as the authors' code."""
+    if kind == "ce":
+        return F.cross_entropy(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, logits.shape[1]).float())
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    device = ray.train.torch.get_device()
+
+    backbone = build_backbone(config["backbone"], config.get("weights"))
+    model = SSLClassifier(backbone, len(config["class_names"])).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    backbone_params = list(model.net.parameters())
+    head_params = list(model.head.parameters())
+    optimizer = torch.optim.SGD(
+        [{"params": backbone_params, "name": "backbone"}, {"params": head_params, "name": "head"}],
+        lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+
+    steps, freeze = config["steps"], config["freeze_steps"]
+    micro = config["micro_batch"]
+    micro_per_step = max(1, config["images_per_step"] // (micro * world))
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=micro, drop_last=True,
+                                       dtypes={"image": torch.uint8, "label": torch.int64, "index": torch.int64})
+    batch_iter = iter(batches)
+    n_classes = len(config["class_names"])
+    ddp_model.train()
+    for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        frozen = step < freeze
+        for group in optimizer.param_groups:
+            lr = cosine_lr(step, steps, config["lr"])
+            group["lr"] = 0.0 if (frozen and group["name"] == "backbone") else lr
+        optimizer.zero_grad(set_to_none=True)
+        correct = np.zeros(n_classes)
+        seen = np.zeros(n_classes)
+        loss_sum, n_images = 0.0, 0
+        for _ in range(micro_per_step):
+            try:
+                batch = next(batch_iter)
+            except StopIteration:
+                raise RuntimeError(f"the DefectMaker stream ran out at step {step}: it must hold "
+                                   f"steps x images_per_step rows") from None
+            images = normalise(batch["image"].to(device))
+            labels = batch["label"].to(device)
+            logits = ddp_model(images)
+            loss = loss_fn(logits, labels, config["loss"])
+            (loss / micro_per_step).backward()
+            loss_sum += float(loss) * len(labels)
+            n_images += len(labels)
+            pred = logits.argmax(1).cpu().numpy()
+            lab = labels.cpu().numpy()
+            np.add.at(seen, lab, 1)
+            np.add.at(correct, lab, pred == lab)
+        if frozen:  # weight decay and momentum must not move a frozen backbone either
+            for p in backbone_params:
+                p.grad = None
+        optimizer.step()
+
+        done = step + 1
+        metrics = {"step": done, "loss": loss_sum / max(n_images, 1),
+                   "accuracy": float(correct.sum() / max(seen.sum(), 1)),
+                   "lr": cosine_lr(step, steps, config["lr"]), "backbone_frozen": float(frozen),
+                   "images_per_second_worker": n_images / (time.perf_counter() - t0)}
+        metrics.update({f"accuracy/{name}": float(correct[i] / seen[i])
+                        for i, name in enumerate(config["class_names"]) if seen[i]})
+        if rank == 0 and config.get("metrics_file"):  # the full history, for MLflow and plots
+            Path(config["metrics_file"]).parent.mkdir(parents=True, exist_ok=True)
+            with open(config["metrics_file"], "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        is_checkpoint = done % config["checkpoint_every"] == 0 or done == steps
+        if is_checkpoint:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "step": done}, Path(tmp) / STATE_FILE)
+                    from safetensors.torch import save_file
+
+                    save_file(model.backbone_state_dict(), str(Path(tmp) / BACKBONE_FILE),
+                              {"backbone": config["backbone"], "step": str(done)})
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        elif done % config.get("report_every", 1) == 0:
+            ray.train.report(metrics)
+        if config.get("fail_at_step") == done:
+            raise RuntimeError(f"interrupted on purpose after step {done} (fail_at_step)")
+    if os.environ.get("REB_DEBUG"):
+        print(f"worker {rank}: trained steps {start_step}..{steps}")

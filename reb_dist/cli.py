@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="several methods x categories in one run, printing a table")
     _add_common(p)
 
+    p = sub.add_parser("finetune", help="REB's DefectMaker self-supervised fine-tuning on Ray "
+                                        "(Ray Data stream -> Ray Train), one backbone file per category")
+    _add_common(p)
+    p.add_argument("--output", "-o", help="backbone file (one category) or folder (default: "
+                                          "<output_dir>/backbones/<category>-<task>.safetensors)")
+
     p = sub.add_parser("predict", help="score images with a saved model, write heatmap overlays")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-                "predict": cmd_predict}[args.command](args, command_line)
+                "finetune": cmd_finetune, "predict": cmd_predict}[args.command](args, command_line)
     except RebError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -137,14 +143,23 @@ def cmd_benchmark(args, command_line: str) -> int:
     results = []
     with tracker.run(cfg, "benchmark"):
         for category in categories_of(cfg.data):
-            result = evaluate_category(cfg, category, examples=cfg.tracking.heatmap_examples)
-            results.append(result)
-            for m in result.methods:
-                tracker.log_result(category, m.method.label, m.metrics, {"k": m.method.k, "alpha": m.method.alpha})
-            print(f"{category}: bank {result.bank_size} x {result.feature_dim}, "
-                  f"{len(result.labels)} test images, {result.timings['total']:.0f} s "
-                  f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})",
-                  flush=True)
+            variants = [("", cfg)]
+            if cfg.backbone.finetuned:
+                tuned = RunConfig.from_dict(cfg.to_dict())
+                tuned.backbone.weights = cfg.backbone.finetuned.format(category=category)
+                variants.append(("defectmaker", tuned))
+            for variant, run_cfg in variants:
+                result = evaluate_category(run_cfg, category, examples=cfg.tracking.heatmap_examples)
+                result.variant = variant
+                results.append(result)
+                for m in result.methods:
+                    tracker.log_result(category, result.label(m.method), m.metrics,
+                                       {"k": m.method.k, "alpha": m.method.alpha,
+                                        "weights": run_cfg.backbone.weights or "imagenet"})
+                print(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
+                      f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
+                      f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})",
+                      flush=True)
         rows = _rows(results)
         _report(rows, cfg, tracker, results, command_line, "benchmark",
                 wall=time.perf_counter() - start)
@@ -156,7 +171,7 @@ def _rows(results) -> list[dict]:
     for r in results:
         for m in r.methods:
             seconds = r.timings.get("search", 0) + r.timings.get(f"score:{m.method.label}", 0)
-            rows.append({"category": r.category, "method": m.method.label,
+            rows.append({"category": r.category, "method": r.label(m.method),
                          **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
                          "seconds": int(round(seconds))})
     return rows
@@ -174,7 +189,7 @@ def _report(rows, cfg: RunConfig, tracker, results, command_line: str, name: str
     _write_text(out / "results.md", markdown + footer)
     _write_text(out / "results.json", json.dumps(
         {"command": command_line, "wall_seconds": wall, "config": cfg.to_dict(),
-         "results": [{"category": r.category, "method": m.method.label, "metrics": m.metrics,
+         "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,
                       "timings": r.timings, "bank_size": r.bank_size} for r in results for m in r.methods]},
         indent=2, default=float))
     cfg.dump(out / "config.yaml")
@@ -194,8 +209,9 @@ def _plots(result, cfg: RunConfig, out: Path) -> list[Path]:
     from .plots import heatmap_grid, plot_roc_curves
     from PIL import Image
 
-    paths = [plot_roc_curves({m.method.label: (result.labels, m.image_scores) for m in result.methods},
-                             out / f"roc_{result.category}.png", title=f"{result.category}: image ROC")]
+    name = f"{result.category}{'_' + result.variant if result.variant else ''}"
+    paths = [plot_roc_curves({result.label(m.method): (result.labels, m.image_scores) for m in result.methods},
+                             out / f"roc_{name}.png", title=f"{name}: image ROC")]
     first = result.methods[0]
     if first.examples:
         size = cfg.data.image_size
@@ -209,9 +225,57 @@ def _plots(result, cfg: RunConfig, out: Path) -> list[Path]:
             items.append((f"{sample.defect_type} {sample.image_path.stem} "
                           f"{first.image_scores[i]:.3g}", image, pixel_map, mask))
         maps = np.stack([m for _, m in first.examples])
-        paths.append(heatmap_grid(items, out / f"heatmaps_{result.category}.png",
+        paths.append(heatmap_grid(items, out / f"heatmaps_{name}.png",
                                   vmin=float(maps.min()), vmax=float(maps.max())))
     return paths
+
+
+def cmd_finetune(args, command_line: str) -> int:
+    from .evaluation import categories_of
+    from .finetune.driver import finetune
+    from .tracking import Tracker
+
+    cfg = load_config(args)
+    categories = categories_of(cfg.data)
+    single_file = args.output and args.output.endswith(".safetensors")
+    if single_file and len(categories) != 1:
+        raise SystemExit(f"--output {args.output} is one file but there are {len(categories)} categories")
+    tracker = Tracker(cfg.tracking)
+    for category in categories:
+        path = Path(args.output) if single_file else (
+            Path(args.output or Path(cfg.output_dir) / "backbones") / f"{category}-{cfg.finetune.task}.safetensors")
+        cfg.tracking.run_name = f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"
+        with tracker.run(cfg, "finetune"):
+            out = Path(cfg.output_dir) / "finetune" / category
+            tracker.log_artifact(_defect_gallery(cfg, category, out / "defect_gallery.png"), "plots")
+            start = time.perf_counter()
+            result = finetune(cfg, category, path, tracker)
+            tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
+            print(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
+                  f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
+                  f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
+            print(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
+    return 0
+
+
+def _defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4) -> Path:
+    """What the SSL task trains on: every class for a few training images of the category."""
+    from .data import read_image
+    from .defectmaker import DefectMaker
+    from .evaluation import load_category
+    from .plots import defect_gallery
+
+    f = cfg.finetune
+    maker = DefectMaker(task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency)
+    train = load_category(cfg.data, category).train
+    rows = []
+    for i in range(min(n_images, len(train))):
+        source = read_image(train[(i + 1) % len(train)].image_path)
+        samples = maker.sample_all(read_image(train[i].image_path), f.seed + i, source_image=source,
+                                   image_path=train[i].image_path)
+        rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return defect_gallery(rows, path)
 
 
 def cmd_predict(args, command_line: str) -> int:

@@ -43,6 +43,9 @@ class DataConfig:
 class BackboneConfig:
     name: str = "efficientnet_lite0"
     weights: str | None = None  # None: ImageNet; else a weights file (e.g. DefectMaker fine-tuned)
+    # benchmark only: also score with these fine-tuned weights ("{category}" is filled in), so
+    # REB (= fine-tuned + LDKNN) and DefectMaker (= fine-tuned + KNN) sit next to LDKNN and KNN
+    finetuned: str | None = None
     aggregation: str = "avgpool"  # avgpool (anomalib) | adaptive (PatchCore / REB authors)
     layer_dim: int = 1024  # adaptive only
     target_dim: int = 1024  # adaptive only

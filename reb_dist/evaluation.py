@@ -37,6 +37,10 @@ class CategoryResult:
     timings: dict[str, float]
     bank_size: int
     feature_dim: int
+    variant: str = ""  # "" for the configured weights, "defectmaker" for the fine-tuned ones
+
+    def label(self, method: ScoringMethod) -> str:
+        return f"{self.variant}+{method.label}" if self.variant else method.label
 
 
 def categories_of(data: DataConfig) -> list[str]:

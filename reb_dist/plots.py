@@ -176,6 +176,26 @@ def heatmap_grid(
     return _save_figure(fig, path, dpi)
 
 
+def defect_gallery(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]], path: str | Path,
+                   cell_inches: float = 2.0, dpi: int = 100) -> Path:
+    """Generated defects: one row per base image, one (class name, image, mask) per column;
+    the mask is drawn as a green contour so the synthetic defect itself stays visible."""
+    from matplotlib.figure import Figure
+
+    ncols = max(len(r) for r in rows)
+    fig = Figure(figsize=(cell_inches * ncols, cell_inches * len(rows) + 0.3), dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r, row in enumerate(rows):
+        for c, (title, image, mask) in enumerate(row):
+            m = np.asarray(mask) > 0.05
+            axes[r, c].imshow(heatmap_overlay(image, np.zeros(m.shape), mask=m if m.any() else None, alpha=0.0))
+            if r == 0:
+                axes[r, c].set_title(title, fontsize="x-small")
+    return _save_figure(fig, path, dpi)
+
+
 # --------------------------------------------------------------------------- tables
 
 

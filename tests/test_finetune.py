@@ -44,35 +44,50 @@ def test_stream_is_a_lazy_ray_dataset_of_every_class(local_ray):
     assert rows[0]["image"].dtype == np.uint8
 
 
-def finetune_config(tmp_path, **extra):
-    overrides = ["data.categories=[bottle]", "data.image_size=64", "finetune.steps=4",
-                 "finetune.images_per_step=28", "finetune.micro_batch=14", "finetune.freeze_steps=1",
-                 "finetune.checkpoint_every=2", "finetune.cpus_per_worker=0.5", "finetune.data_workers=1",
-                 "finetune.num_workers=2", f"finetune.storage_path={tmp_path / 'ray'}",
-                 "finetune.run_name=t", "tracking.enabled=false"]
-    return RunConfig.load(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+FINETUNE_SETTINGS = ["data.categories=[bottle]", "data.image_size=64", "finetune.steps=4",
+                     "finetune.images_per_step=28", "finetune.micro_batch=14", "finetune.freeze_steps=1",
+                     "finetune.checkpoint_every=2", "finetune.cpus_per_worker=0.5", "finetune.data_workers=1",
+                     "finetune.num_workers=2", "finetune.run_name=t"]
 
 
-def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local_ray, tmp_path):
+def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "backbone.safetensors"
+    storage = f"finetune.storage_path={tmp_path / 'ray'}"
+    interrupted = RunConfig.load(None, FINETUNE_SETTINGS + [storage, "finetune.fail_at_step=2"])
     with pytest.raises(Exception, match="interrupted on purpose"):
-        finetune(finetune_config(tmp_path, **{"finetune.fail_at_step": 2}), "bottle", out)
+        finetune(interrupted, "bottle", out)
     assert not out.exists()
-    _, step = latest_checkpoint(tmp_path / "ray" / "t")
-    assert step == 2
+    assert latest_checkpoint(tmp_path / "ray" / "t")[1] == 2
 
-    result = finetune(finetune_config(tmp_path), "bottle", out)
-    assert result.resumed_from_step == 2
-    assert [m["step"] for m in read_metrics(result.run_dir)] == [1, 2, 3, 4]
+    # the same command again resumes; this time through the CLI, logging to MLflow
+    from reb_dist.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["finetune", "-o", str(out), "--set", f"tracking.uri={uri}", "--set", storage]
+    assert main(args + [a for s in FINETUNE_SETTINGS for a in ("--set", s)]) == 0
+    assert [m["step"] for m in read_metrics(tmp_path / "ray" / "t")] == [1, 2, 3, 4]
     assert out.is_file() and not list(tmp_path.glob("*.tmp"))
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])[0]
+    assert run.data.params["finetune.steps"] == "4"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert "accuracy/normal" in run.data.metrics
+    assert "plots/defect_gallery.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
     tuned = build_backbone("efficientnet_lite0", weights=out)
     assert tuned.fingerprint != build_backbone("efficientnet_lite0").fingerprint  # it did train
 
-    from reb_dist.evaluation import evaluate_category
+    # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN
+    assert main(["benchmark", "--no-mlflow", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
+                 "--set", f"backbone.finetuned={out}", "--set", "output_dir=bench"]) == 0
+    import json
 
-    cfg = RunConfig.load(None, ["data.categories=[bottle]", f"backbone.weights={out}",
-                                "scoring.methods=[ldknn,knn]", "data.few_shot=8"])
-    res = evaluate_category(cfg, "bottle")
-    assert {m.method.name for m in res.methods} == {"ldknn", "knn"}
-    assert all(0.0 <= m.metrics["image_auroc"] <= 1.0 for m in res.methods)
+    rows = json.loads((tmp_path / "bench" / "benchmark" / "results.json").read_text())["results"]
+    assert {r["method"] for r in rows} == {"ldknn(k=9,alpha=1)", "knn(k=9)", "defectmaker+ldknn(k=9,alpha=1)",
+                                           "defectmaker+knn(k=9)"}
+    assert all(0.0 <= r["metrics"]["image_auroc"] <= 1.0 for r in rows)

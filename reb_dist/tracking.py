@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -81,8 +82,8 @@ class Tracker:
 
 
 def _metric_name(key: str) -> str:
-    """MLflow metric names allow '/', not '=' or '(': keep them readable and legal."""
-    return key.replace("=", "_").replace("(", "_").replace(")", "").replace(",", "_")
+    """MLflow metric names allow alphanumerics and `_ - . : /` and spaces; anything else becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def _yaml(config: RunConfig) -> str:

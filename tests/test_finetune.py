@@ -76,7 +76,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     assert run.data.params["finetune.steps"] == "4"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    assert "accuracy/normal" in run.data.metrics
+    assert "accuracy/normal" in run.data.metrics and "accuracy/bezier_cut_paste" in run.data.metrics
     assert "plots/defect_gallery.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
     tuned = build_backbone("efficientnet_lite0", weights=out)

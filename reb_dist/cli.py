@@ -92,17 +92,12 @@ def cmd_fit(args, command_line: str) -> int:
     from .tracking import Tracker
 
     cfg = load_config(args)
-    categories = categories_of(cfg.data)
-    single_file = args.output and args.output.endswith(".safetensors")
-    if single_file and len(categories) != 1:
-        raise SystemExit(f"--output {args.output} is one file but there are {len(categories)} categories")
+    paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "models", "")
     tracker = Tracker(cfg.tracking)
     with tracker.run(cfg, "fit"):
-        for category in categories:
+        for category, path in paths.items():
             split = load_category(cfg.data, category)
             detector = fit_detector(cfg, split)
-            path = Path(args.output) if single_file else (
-                Path(args.output or Path(cfg.output_dir) / "models") / f"{category}.safetensors")
             detector.save(path)
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
@@ -110,6 +105,16 @@ def cmd_fit(args, command_line: str) -> int:
             print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
                   f"(+ densities K={cfg.scoring.k}) saved to {path}")
     return 0
+
+
+def _output_files(output: str | None, categories: list[str], default_dir: Path, suffix: str) -> dict[str, Path]:
+    """One .safetensors file per category: `output` itself for one category, else inside `output`."""
+    if output and output.endswith(".safetensors"):
+        if len(categories) != 1:
+            raise SystemExit(f"--output {output} is one file but there are {len(categories)} categories")
+        return {categories[0]: Path(output)}
+    folder = Path(output) if output else default_dir
+    return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
 
 
 def cmd_evaluate(args, command_line: str) -> int:
@@ -236,14 +241,10 @@ def cmd_finetune(args, command_line: str) -> int:
     from .tracking import Tracker
 
     cfg = load_config(args)
-    categories = categories_of(cfg.data)
-    single_file = args.output and args.output.endswith(".safetensors")
-    if single_file and len(categories) != 1:
-        raise SystemExit(f"--output {args.output} is one file but there are {len(categories)} categories")
+    paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "backbones",
+                          f"-{cfg.finetune.task}")
     tracker = Tracker(cfg.tracking)
-    for category in categories:
-        path = Path(args.output) if single_file else (
-            Path(args.output or Path(cfg.output_dir) / "backbones") / f"{category}-{cfg.finetune.task}.safetensors")
+    for category, path in paths.items():
         cfg.tracking.run_name = f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"
         with tracker.run(cfg, "finetune"):
             out = Path(cfg.output_dir) / "finetune" / category

@@ -118,3 +118,19 @@ def test_greedy_coreset_covers_clusters():
     chosen = greedy_coreset(bank, ratio=5 / 1000, projection_dim=8)
     assert len(chosen) == 5 and len(set(chosen // 200)) == 5  # one point from every cluster
     assert np.array_equal(greedy_coreset(bank, 1.0), np.arange(1000))
+
+
+def test_neighbours_are_exact_where_faiss_rounding_is_not():
+    """Large feature norms, small distances: faiss's |q|^2 + |b|^2 - 2qb loses the distances and can
+    swap near-equal neighbours; the bank statistics must still match float64 brute force, and a
+    lazily computed density must equal the whole-bank one whatever batch it was computed in."""
+    rng = np.random.default_rng(3)
+    bank = (50.0 + rng.normal(0, 0.05, (3000, 32))).astype(np.float32)
+    d2 = brute_force_distances(bank, bank)
+    np.fill_diagonal(d2, np.inf)
+    expected = np.sort(d2, axis=1)[:, :5].mean(axis=1)
+    full = BankScorer(BankIndex(bank)).stats.local_density(5, True)
+    np.testing.assert_allclose(full, expected, rtol=1e-4)
+    some = rng.choice(3000, 37, replace=False)
+    lazy = BankScorer(BankIndex(bank)).stats.local_density(5, True, some)
+    np.testing.assert_allclose(lazy, full[some], rtol=1e-6)

@@ -11,6 +11,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
+EXTRA_CANDIDATES = 8
+
+
 def as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -36,21 +39,26 @@ class BankIndex:
         """(dist2, ids), each (m, k). Batched so that memory stays bounded and progress shows."""
         queries = as_float32(queries)
         k = min(k, len(self))
+        # faiss ranks with rounding error; a few spare candidates, re-ranked exactly, make the
+        # chosen K neighbours the true ones (and the same in any batch or shard)
+        k_fetch = min(k + EXTRA_CANDIDATES, len(self))
         dist = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         starts = range(0, len(queries), batch_size)
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
-            _, found = self.index.search(q, k)
-            dist[s:s + batch_size], ids[s:s + batch_size] = self._exact(q, found)
+            _, found = self.index.search(q, k_fetch)
+            d, i = self._exact(q, found)
+            dist[s:s + batch_size], ids[s:s + batch_size] = d[:, :k], i[:, :k]
         return dist, ids
 
     def _exact(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Recompute the found distances as sum((q - b)^2) and re-sort.
 
         faiss computes |q|^2 + |b|^2 - 2 q.b with BLAS, which loses the small distances of close
-        neighbours to cancellation (0.4% relative error seen on bottle) and depends on how queries
-        are batched. Recomputed, a distance is the same whichever batch, shard or machine found it.
+        neighbours to cancellation (0.4% relative error seen on bottle), which can also swap
+        near-equal neighbours, and depends on how queries are batched. Recomputed, a distance is
+        the same whichever batch, shard or machine found it.
         """
         diff = self.bank[ids] - queries[:, None, :]
         dist = np.einsum("qkd,qkd->qk", diff, diff)

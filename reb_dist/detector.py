@@ -26,7 +26,7 @@ from .anomaly_map import image_scores, pixel_maps
 from .backbones import Backbone, build_backbone
 from .config import BackboneConfig, ScoringConfig
 from .errors import ModelFileError
-from .features import PatchFeatures
+from .features import PatchFeatures, extract_features
 from .ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
 
 MODEL_FORMAT = "reb-dist-model/1"
@@ -76,15 +76,12 @@ class Detector:
 
     # --- features
 
-    @torch.no_grad()
     def extract(self, batches: Iterable, total: int | None = None, desc: str = "features") -> np.ndarray:
         """(N, h, w, D) float32 features of batches of images (tensors or dicts with 'image')."""
         start = time.perf_counter()
-        out = []
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
-            images = batch["image"] if isinstance(batch, dict) else batch
-            feats = self.features(images.to(self.device, non_blocking=True))
-            out.append(feats.permute(0, 2, 3, 1).float().cpu().numpy())
+        images = (b["image"] if isinstance(b, dict) else b
+                  for b in tqdm(batches, total=total, desc=desc, unit="batch", leave=False))
+        out = list(extract_features(self.features, images, self.device))
         self.timings.add("features", start)
         if not out:
             raise ValueError("no images to extract features from")

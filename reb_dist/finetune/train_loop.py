@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -147,5 +146,3 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         if config.get("fail_at_step") == done:
             raise RuntimeError(f"interrupted on purpose after step {done} (fail_at_step)")
-    if os.environ.get("REB_DEBUG"):
-        print(f"worker {rank}: trained steps {start_step}..{steps}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import RebError
-from .train_loop import BACKBONE_FILE, STATE_FILE, train_loop_per_worker
+from .train_loop import BACKBONE_FILE, STATE_FILE, micro_batches_per_step, train_loop_per_worker
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -56,7 +56,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
 def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> float:
     """Base images (each giving one sample per class) all workers consume in one step."""
     f = cfg.finetune
-    micro_per_step = max(1, f.images_per_step // (f.micro_batch * workers))
+    micro_per_step = micro_batches_per_step(f.images_per_step, f.micro_batch, workers)
     return micro_per_step * f.micro_batch * workers / num_classes
 
 

@@ -34,6 +34,11 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def micro_batches_per_step(images_per_step: int, micro_batch: int, workers: int) -> int:
+    """Micro-batches each worker accumulates per step (whole micro-batches, at least one)."""
+    return max(1, images_per_step // (micro_batch * workers))
+
+
 def cosine_lr(step: int, total: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / total))
 
@@ -79,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     steps, freeze = config["steps"], config["freeze_steps"]
     micro = config["micro_batch"]
-    micro_per_step = max(1, config["images_per_step"] // (micro * world))
+    micro_per_step = micro_batches_per_step(config["images_per_step"], micro, world)
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(batch_size=micro, drop_last=True,
                                        dtypes={"image": torch.uint8, "label": torch.int64, "index": torch.int64})

@@ -6,19 +6,10 @@ import ray
 
 from reb_dist.backbones import build_backbone
 from reb_dist.config import SAMPLE_DATA, RunConfig
-from reb_dist.distributed.runtime import ensure_ray
 from reb_dist.finetune.defect_stream import DefectBatchMaker, defect_dataset, defect_items
 from reb_dist.finetune.driver import finetune, latest_checkpoint, read_metrics
 
 TRAIN = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    started = ensure_ray(num_cpus=4)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_same_seed_gives_the_same_samples_on_two_ray_workers(local_ray):

@@ -109,7 +109,7 @@ class BankScorer:
         if k < 2:
             return out
         for s in range(0, len(nbr), chunk):
-            v = self.index.bank[nbr[s:s + chunk]]  # (c, K, d)
+            v = self.index.vectors(nbr[s:s + chunk])  # (c, K, d)
             sq_norm = (v * v).sum(-1)
             d2 = sq_norm[:, :, None] + sq_norm[:, None, :] - 2 * np.einsum("ckd,cjd->ckj", v, v)
             d2[:, np.arange(k), np.arange(k)] = 0.0  # exact zeros, not float noise

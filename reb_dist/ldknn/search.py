@@ -1,7 +1,10 @@
 """Exact nearest-neighbour search on a memory bank with faiss (flat L2, squared distances).
 
-`BankIndex` is the one place that talks to faiss. The sharded bank of later layers (Ray actors, one
-index each, merged by global minimum) offers the same `search` so scorers do not care which it is.
+`BankIndex` is the one in-process index. The sharded bank (reb_dist.distributed.sharded_bank: one
+index per Ray actor, merged by global minimum) offers the same four methods, `__len__`, `search`,
+`search_bank_points` and `vectors`, so scorers do not care which one they get. The pure helpers
+below (`merge_nearest`, `drop_self`, `exact_rerank`) are shared by both, which is what makes a
+sharded result equal to a single-index one.
 """
 
 from __future__ import annotations
@@ -10,33 +13,113 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .approx import build_approximate, resolve_neighbour_search
 
 EXTRA_CANDIDATES = 8
+STORAGE_DTYPES = ("float32", "float16")
+# float16 banks are searched block by block, each block upcast to float32 for faiss's BLAS kernel
+FLOAT16_BLOCK = 131072
 
 
 def as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-class BankIndex:
-    """A flat L2 index over `bank` (n, d). `search` returns exact SQUARED L2 distances, nearest first."""
+def exact_rerank(bank_rows: np.ndarray, queries: np.ndarray,
+                 ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recompute candidate distances as sum((q - b)^2) and sort them, ties by id.
 
-    def __init__(self, bank: np.ndarray, use_gpu: bool = False):
-        self.bank = as_float32(bank)
-        if self.bank.ndim != 2 or len(self.bank) == 0:
-            raise ValueError(f"a memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
-        index = faiss.IndexFlatL2(self.bank.shape[1])
-        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        index.add(self.bank)
-        self.index = index
+    faiss computes |q|^2 + |b|^2 - 2 q.b with BLAS, which loses the small distances of close
+    neighbours to cancellation (0.4% relative error seen on bottle), which can also swap near-equal
+    neighbours, and depends on how queries are batched. Recomputed, a distance is the same whichever
+    batch, shard or machine found it. `bank_rows` are the (m, c, d) vectors of `ids` (m, c).
+    """
+    diff = bank_rows.astype(np.float32, copy=False) - queries[:, None, :]
+    dist = np.einsum("qkd,qkd->qk", diff, diff)
+    dist[ids < 0] = np.inf  # faiss pads with -1 when it finds fewer candidates than asked
+    return _sort_rows(dist, ids)
+
+
+def _sort_rows(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((ids, dist), axis=1)  # by distance, then by id: deterministic ties
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def merge_nearest(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global K nearest from per-shard (dist2, global ids) lists: the minimum over all shards."""
+    dist = np.concatenate([d for d, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    dist, ids = _sort_rows(dist, ids)
+    return dist[:, :k], ids[:, :k]
+
+
+def drop_self(dist: np.ndarray, ids: np.ndarray, point_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From the K+1 nearest bank points of bank points, the K nearest OTHER ones.
+
+    Self is dropped by index, not by distance == 0 (float noise makes a point's distance to itself
+    non-zero for many points). Where duplicates push a point's own id out of the K+1, the farthest
+    is dropped instead.
+    """
+    is_self = ids == point_ids[:, None]
+    no_self = ~is_self.any(axis=1)
+    is_self[no_self, -1] = True
+    first_self = is_self.argmax(axis=1)
+    keep = np.ones_like(is_self)
+    keep[np.arange(len(keep)), first_self] = False
+    return dist[keep].reshape(-1, k), ids[keep].reshape(-1, k)
+
+
+def check_bank(bank: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"bank storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    if bank.ndim != 2 or len(bank) == 0:
+        raise ValueError(f"a memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
+    return np.ascontiguousarray(bank, dtype=np.dtype(dtype))
+
+
+class BankIndex:
+    """An exact L2 index over `bank` (n, d). `search` returns exact SQUARED L2 distances, nearest first.
+
+    dtype="float16" halves the memory a bank takes: vectors are stored in half precision and upcast
+    block by block for the search, so the search still runs on faiss's float32 BLAS kernel.
+
+    neighbour_search picks how `search_bank_points` (the density build) finds candidates: "exact",
+    "ivf", "hnsw", or "auto" (exact up to approx.EXACT_UP_TO points). Test patches are always
+    searched exactly. The approximate index is built on first use.
+    """
+
+    def __init__(self, bank: np.ndarray, use_gpu: bool = False, dtype: str = "float32",
+                 neighbour_search: str = "exact", nprobe: int = 16):
+        self.bank = check_bank(bank, dtype)
+        self.dtype = dtype
+        self.neighbour_search = resolve_neighbour_search(neighbour_search, len(self.bank))
+        self.nprobe = nprobe
+        self._approximate: faiss.Index | None = None
+        self.index = None
+        if dtype == "float32":
+            index = faiss.IndexFlatL2(self.bank.shape[1])
+            if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index.add(self.bank)
+            self.index = index
 
     def __len__(self) -> int:
         return len(self.bank)
 
-    def search(self, queries: np.ndarray, k: int, batch_size: int = 16384,
-               progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(dist2, ids), each (m, k). Batched so that memory stays bounded and progress shows."""
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[1]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of bank points by id (any shape of ids)."""
+        return self.bank[ids].astype(np.float32, copy=False)
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int = 16384, progress: str | None = None,
+               approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(dist2, ids), each (m, k). Batched so that memory stays bounded and progress shows.
+
+        approximate=True takes the candidates from the bank's approximate index (when it has one).
+        """
         queries = as_float32(queries)
         k = min(k, len(self))
         # faiss ranks with rounding error; a few spare candidates, re-ranked exactly, make the
@@ -47,37 +130,30 @@ class BankIndex:
         starts = range(0, len(queries), batch_size)
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
-            _, found = self.index.search(q, k_fetch)
-            d, i = self._exact(q, found)
+            found = self._candidates(q, k_fetch, approximate)
+            d, i = exact_rerank(self.bank[found], q, found)
             dist[s:s + batch_size], ids[s:s + batch_size] = d[:, :k], i[:, :k]
         return dist, ids
 
-    def _exact(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Recompute the found distances as sum((q - b)^2) and re-sort.
-
-        faiss computes |q|^2 + |b|^2 - 2 q.b with BLAS, which loses the small distances of close
-        neighbours to cancellation (0.4% relative error seen on bottle), which can also swap
-        near-equal neighbours, and depends on how queries are batched. Recomputed, a distance is
-        the same whichever batch, shard or machine found it.
-        """
-        diff = self.bank[ids] - queries[:, None, :]
-        dist = np.einsum("qkd,qkd->qk", diff, diff)
-        order = np.argsort(dist, axis=1, kind="stable")
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+    def _candidates(self, queries: np.ndarray, k: int, approximate: bool) -> np.ndarray:
+        if approximate and self.neighbour_search != "exact":
+            if self._approximate is None:
+                self._approximate = build_approximate(self.bank, self.neighbour_search, nprobe=self.nprobe)
+            return self._approximate.search(queries, k)[1]
+        if self.index is not None:
+            return self.index.search(queries, k)[1]
+        parts = []
+        for s in range(0, len(self.bank), FLOAT16_BLOCK):
+            block = self.bank[s:s + FLOAT16_BLOCK].astype(np.float32)
+            d, i = faiss.knn(queries, block, min(k, len(block)))
+            parts.append((d, i + s))
+        return merge_nearest(parts, k)[1]
 
     def search_bank_points(self, point_ids: np.ndarray, k: int,
                            progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """K nearest OTHER bank points of the given bank points: self excluded by index, not by
-        distance == 0 (float noise makes a point's distance to itself non-zero for many points)."""
+        """K nearest OTHER bank points of the given bank points."""
         point_ids = np.asarray(point_ids, dtype=np.int64)
         if k >= len(self):
             raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")
-        dist, ids = self.search(self.bank[point_ids], k + 1, progress=progress)
-        is_self = ids == point_ids[:, None]
-        # Where duplicates push a point's own id out of the first k+1, drop the farthest instead.
-        no_self = ~is_self.any(axis=1)
-        is_self[no_self, -1] = True
-        first_self = is_self.argmax(axis=1)
-        keep = np.ones_like(is_self)
-        keep[np.arange(len(keep)), first_self] = False
-        return dist[keep].reshape(-1, k), ids[keep].reshape(-1, k)
+        dist, ids = self.search(self.vectors(point_ids), k + 1, progress=progress, approximate=True)
+        return drop_self(dist, ids, point_ids, k)

@@ -1,0 +1,273 @@
+"""A memory bank split over Ray actors, searched as one: the K nearest of every shard, merged by
+global minimum, equal to a single index over the whole bank.
+
+Each shard lives in a safetensors file (the format of the single-bank model file: vectors plus JSON
+metadata) and is held by one actor. An actor that dies (killed, out of memory, its node lost) is
+restarted by Ray from its file and the call it was answering is retried; when restarts run out the
+search raises, so no partial or silently wrong scores come back.
+
+`ShardedBank` has the interface of `reb_dist.ldknn.BankIndex` (`__len__`, `search`,
+`search_bank_points`, `vectors`), so `BankScorer`, `BankStats` and the detector use it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from ..errors import ModelFileError, RebError
+from ..ldknn.search import BankIndex, as_float32, check_bank, drop_self, merge_nearest
+
+SHARD_FORMAT = "reb-dist-bank-shard/1"
+
+
+def shard_bounds(n: int, num_shards: int, sizes: list[int] | None = None) -> list[tuple[int, int]]:
+    """[start, stop) of each shard: near-equal parts, or the given sizes (which must sum to n)."""
+    if sizes is None:
+        if not 1 <= num_shards <= n:
+            raise ValueError(f"cannot split {n} bank points into {num_shards} shards")
+        sizes = [len(part) for part in np.array_split(np.arange(n), num_shards)]
+    if sum(sizes) != n or min(sizes) < 1:
+        raise ValueError(f"shard sizes {sizes} do not split {n} bank points into non-empty shards")
+    stops = np.cumsum(sizes).tolist()
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def bank_fingerprint(bank: np.ndarray) -> str:
+    """Content hash that ties a set of shard files to the one bank they were cut from."""
+    h = hashlib.sha256(str((bank.shape, str(bank.dtype))).encode())
+    h.update(memoryview(np.ascontiguousarray(bank)).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def write_shard(path: Path, vectors: np.ndarray, offset: int, total: int, bank_id: str) -> None:
+    """One shard file, written to a temporary name and renamed: never left half-written."""
+    meta = {"format": SHARD_FORMAT, "offset": str(offset), "total": str(total), "bank_id": bank_id}
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=path.name, dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"vectors": np.ascontiguousarray(vectors)}, tmp, meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_shard(path: str | Path) -> tuple[np.ndarray, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: bank shard file not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            vectors = f.get_tensor("vectors")
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a bank shard file ({exc})") from exc
+    if meta.get("format") != SHARD_FORMAT:
+        raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {SHARD_FORMAT!r}")
+    return vectors, {"offset": int(meta["offset"]), "total": int(meta["total"]), "bank_id": meta["bank_id"]}
+
+
+def write_shards(bank: np.ndarray, directory: str | Path, num_shards: int,
+                 sizes: list[int] | None = None, dtype: str = "float32") -> list[Path]:
+    """Cut `bank` into shard files shard-000-of-003.safetensors, ... and a manifest bank.json."""
+    bank = check_bank(bank, dtype)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = shard_bounds(len(bank), num_shards, sizes)
+    bank_id = bank_fingerprint(bank)
+    paths = []
+    for i, (start, stop) in enumerate(bounds):
+        path = directory / f"shard-{i:03d}-of-{len(bounds):03d}.safetensors"
+        write_shard(path, bank[start:stop], start, len(bank), bank_id)
+        paths.append(path)
+    manifest = {"format": SHARD_FORMAT, "bank_id": bank_id, "points": len(bank), "dim": bank.shape[1],
+                "dtype": dtype, "shards": [p.name for p in paths]}
+    (directory / "bank.json").write_text(json.dumps(manifest, indent=1))
+    return paths
+
+
+class BankShard:
+    """What one actor holds: a `BankIndex` over its shard, answering with global ids.
+
+    A plain class, so it also runs in-process; `ShardedBank` wraps it with `ray.remote`.
+    """
+
+    def __init__(self, path: str, neighbour_search: str = "exact", nprobe: int = 16,
+                 use_gpu: bool = False, threads: int | None = None):
+        if threads:  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; whole CPUs get their count
+            import faiss
+
+            faiss.omp_set_num_threads(threads)
+        vectors, meta = read_shard(path)
+        self.path = path
+        self.offset, self.total, self.bank_id = meta["offset"], meta["total"], meta["bank_id"]
+        # "auto" is resolved for the WHOLE bank by the caller, so every shard uses the same search
+        self.index = BankIndex(vectors, use_gpu=use_gpu, dtype=str(vectors.dtype),
+                               neighbour_search=neighbour_search, nprobe=nprobe)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "offset": self.offset, "size": len(self.index), "total": self.total,
+                "bank_id": self.bank_id, "dim": self.index.dim, "dtype": self.index.dtype}
+
+    def search(self, queries: np.ndarray, k: int, approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        dist, ids = self.index.search(queries, k, approximate=approximate)
+        return dist, ids + self.offset
+
+    def vectors(self, global_ids: np.ndarray) -> np.ndarray:
+        return self.index.vectors(np.asarray(global_ids) - self.offset)
+
+
+class ShardedBank:
+    """A bank over N Ray actors, one shard each. Use `ShardedBank.create(bank, directory, N)` to cut
+    and open a bank, `ShardedBank(paths)` to open shard files already written; `close()` (or a
+    with-block) stops the actors."""
+
+    def __init__(self, shard_paths: list[str | Path], *, neighbour_search: str = "exact", nprobe: int = 16,
+                 cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0, max_restarts: int = 3,
+                 batch_size: int = 16384):
+        import ray
+
+        from .runtime import ensure_ray
+
+        if not shard_paths:
+            raise ValueError("a sharded bank needs at least one shard file")
+        self._started_ray = ensure_ray()
+        self.paths = [str(p) for p in shard_paths]
+        self.batch_size = batch_size
+        remote = ray.remote(BankShard).options(
+            num_cpus=cpus_per_shard, num_gpus=gpus_per_shard,
+            max_restarts=max_restarts, max_task_retries=max_restarts)
+        threads = max(1, int(cpus_per_shard))
+        self.actors = [remote.remote(p, neighbour_search, nprobe, gpus_per_shard > 0, threads)
+                       for p in self.paths]
+        infos = self._gather([a.info.remote() for a in self.actors], "open")
+        self._check_shards(infos)
+        self.offsets = np.array([i["offset"] for i in infos] + [infos[0]["total"]], dtype=np.int64)
+        self.dim, self.dtype = infos[0]["dim"], infos[0]["dtype"]
+
+    @classmethod
+    def create(cls, bank: np.ndarray, directory: str | Path, num_shards: int,
+               sizes: list[int] | None = None, dtype: str = "float32", **kw) -> ShardedBank:
+        from ..ldknn.approx import resolve_neighbour_search
+
+        kw["neighbour_search"] = resolve_neighbour_search(kw.get("neighbour_search", "exact"), len(bank))
+        return cls(write_shards(bank, directory, num_shards, sizes, dtype), **kw)
+
+    def _check_shards(self, infos: list[dict]) -> None:
+        infos_sorted = sorted(zip(infos, self.paths), key=lambda t: t[0]["offset"])
+        if [p for _, p in infos_sorted] != self.paths:
+            raise ModelFileError(f"{self.paths}: shard files must be given in bank order")
+        expected = 0
+        for info, path in infos_sorted:
+            if info["bank_id"] != infos[0]["bank_id"] or info["total"] != infos[0]["total"]:
+                raise ModelFileError(f"{path}: belongs to another bank than {self.paths[0]}")
+            if info["offset"] != expected:
+                raise ModelFileError(f"{path}: starts at point {info['offset']}, expected {expected} "
+                                     "(a shard is missing or repeated)")
+            expected += info["size"]
+        if expected != infos[0]["total"]:
+            raise ModelFileError(f"{self.paths[-1]}: shards hold {expected} of {infos[0]['total']} points")
+
+    def _gather(self, refs: list, what: str, shards: list[int] | None = None) -> list:
+        """ray.get, turning an actor lost beyond its restarts into an error that names the shard."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        out = []
+        for shard, ref in zip(shards if shards is not None else range(len(refs)), refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as exc:
+                raise RebError(f"{self.paths[shard]}: bank shard {shard} failed during {what} and could not "
+                               f"be restarted; no scores were returned ({type(exc).__name__})") from exc
+        return out
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.actors)
+
+    def shard_pids(self) -> list[int]:
+        return [i["pid"] for i in self._gather([a.info.remote() for a in self.actors], "info")]
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
+               approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(dist2, ids) of the K nearest over all shards; batches are pipelined, one in flight ahead."""
+        import ray
+
+        queries = as_float32(queries)
+        k = min(k, len(self))
+        batch_size = batch_size or self.batch_size
+        dist = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        starts = list(range(0, len(queries), batch_size))
+
+        def submit(s):
+            q = ray.put(queries[s:s + batch_size])
+            return [a.search.remote(q, k, approximate) for a in self.actors]
+
+        pending = submit(starts[0]) if starts else None
+        for j, s in enumerate(tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2,
+                                   leave=False)):
+            ahead = submit(starts[j + 1]) if j + 1 < len(starts) else None
+            parts = self._gather(pending, "search")
+            dist[s:s + batch_size], ids[s:s + batch_size] = merge_nearest(parts, k)
+            pending = ahead
+        return dist, ids
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, ids, side="right") - 1
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 vectors by global id, fetched from the shards that hold them."""
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.ravel()
+        out = np.empty((len(flat), self.dim), np.float32)
+        owner = self.shard_of(flat)
+        shards = np.unique(owner).tolist()
+        refs = [self.actors[s].vectors.remote(flat[owner == s]) for s in shards]
+        for s, got in zip(shards, self._gather(refs, "vector lookup", shards)):
+            out[owner == s] = got
+        return out.reshape(*ids.shape, self.dim)
+
+    def search_bank_points(self, point_ids: np.ndarray, k: int,
+                           progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """K nearest OTHER bank points over the WHOLE bank, whichever shard each point lives on."""
+        point_ids = np.asarray(point_ids, dtype=np.int64)
+        if k >= len(self):
+            raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")
+        dist = np.empty((len(point_ids), k), np.float32)
+        ids = np.empty((len(point_ids), k), np.int64)
+        chunk = 4 * self.batch_size  # bounds the vectors fetched to the driver at once
+        starts = range(0, len(point_ids), chunk)
+        for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
+            p = point_ids[s:s + chunk]
+            d, i = self.search(self.vectors(p), k + 1, approximate=True)
+            dist[s:s + chunk], ids[s:s + chunk] = drop_self(d, i, p, k)
+        return dist, ids
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> ShardedBank:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,60 @@
+"""Approximate candidate search for the bank's self-search (the O(n^2) density build).
+
+Only the candidates are approximate: they are re-ranked with exact distances like the exact path's,
+so a density is exact whenever its K neighbours were found, and a miss can only make it larger
+(the true K nearest are the smallest). Recall against the exact search is what
+bench/density_cost.py measures; test patches are always searched exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+NEIGHBOUR_SEARCHES = ("auto", "exact", "ivf", "hnsw")
+# Below this many bank points the exact self-search is cheap enough (on 2 cores a 214k x 152 bank
+# takes ~4 min for the whole bank, and an evaluation needs only the points test patches land next
+# to); above it `auto` switches to IVF. See docs/RESULTS.md, "What the bank density costs".
+EXACT_UP_TO = 500_000
+
+
+def resolve_neighbour_search(kind: str, bank_size: int) -> str:
+    if kind not in NEIGHBOUR_SEARCHES:
+        raise ValueError(f"neighbour search must be one of {NEIGHBOUR_SEARCHES}, got {kind!r}")
+    if kind == "auto":
+        return "exact" if bank_size <= EXACT_UP_TO else "ivf"
+    return kind
+
+
+def ivf_lists(n: int) -> int:
+    """faiss's rule of thumb: about 4 sqrt(n) lists, each with at least ~39 training points."""
+    return int(max(1, min(4 * math.sqrt(n), n // 39)))
+
+
+def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 16, hnsw_m: int = 32,
+                      ef_search: int = 64, seed: int = 0, block: int = 131072) -> faiss.Index:
+    """An IVF-flat or HNSW-flat faiss index over `bank` (float32 or float16, added block by block)."""
+    n, d = bank.shape
+    if kind == "ivf":
+        nlist = ivf_lists(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        rng = np.random.default_rng(seed)
+        train = bank[np.sort(rng.choice(n, size=min(n, nlist * 64), replace=False))]
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+        index.nprobe = min(nprobe, nlist)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"unknown approximate search {kind!r}; use ivf or hnsw")
+    for s in range(0, n, block):
+        index.add(np.ascontiguousarray(bank[s:s + block], dtype=np.float32))
+    return index
+
+
+def recall_at_k(exact_ids: np.ndarray, found_ids: np.ndarray) -> float:
+    """Fraction of the exact K nearest (per row) that the approximate search also returned."""
+    hits = sum(len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(exact_ids, found_ids))
+    return hits / exact_ids.size

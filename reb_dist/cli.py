@@ -11,6 +11,7 @@ import json
 import shlex
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +98,8 @@ def cmd_fit(args, command_line: str) -> int:
     with tracker.run(cfg, "fit"):
         for category, path in paths.items():
             split = load_category(cfg.data, category)
-            detector = fit_detector(cfg, split)
-            detector.save(path)
+            with closing(fit_detector(cfg, split)) as detector:
+                detector.save(path)
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
             tracker.log_result(category, "fit", info)
@@ -119,18 +120,18 @@ def _output_files(output: str | None, categories: list[str], default_dir: Path, 
 
 def cmd_evaluate(args, command_line: str) -> int:
     from .detector import Detector
-    from .evaluation import categories_of, evaluate_category
+    from .evaluation import categories_of, evaluate_category, shard_dir
     from .tracking import Tracker
 
     cfg = load_config(args)
-    detector = Detector.load(args.model)
-    cfg.scoring, cfg.backbone = detector.scoring, detector.backbone_config
-    cfg.data.image_size = detector.image_size
     categories = categories_of(cfg.data)
     if len(categories) != 1:
         raise SystemExit(f"a model belongs to one category; choose one of {categories} with --categories")
+    detector = Detector.load(args.model, bank=cfg.bank, shard_dir=shard_dir(cfg, categories[0]))
+    cfg.scoring, cfg.backbone = detector.scoring, detector.backbone_config
+    cfg.data.image_size = detector.image_size
     tracker = Tracker(cfg.tracking)
-    with tracker.run(cfg, "evaluate"):
+    with closing(detector), tracker.run(cfg, "evaluate"):
         result = evaluate_category(cfg, categories[0], detector, [detector.default_method])
         rows = _rows([result])
         _report(rows, cfg, tracker, [result], command_line, "evaluate")

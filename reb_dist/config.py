@@ -57,6 +57,14 @@ class BankConfig:
     coreset_ratio: float = 1.0  # 1.0 keeps the whole bank (REB's default)
     coreset_projection_dim: int = 128
     seed: int = 0
+    dtype: str = "float32"  # float32 | float16 (half the memory; vectors rounded to half precision)
+    # how bank densities find each bank point's K neighbours: exact | ivf | hnsw | auto (by bank size)
+    neighbour_search: str = "exact"
+    nprobe: int = 16  # IVF lists visited per query
+    shards: int = 0  # 0: one in-process faiss index; N >= 1: N Ray actors, one shard each
+    shard_cpus: float = 1.0
+    shard_gpus: float = 0.0
+    shard_dir: str = ""  # where shard files live; empty: <output_dir>/bank_shards/<category>
 
 
 @dataclass

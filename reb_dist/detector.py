@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .anomaly_map import image_scores, pixel_maps
 from .backbones import Backbone, build_backbone
-from .config import BackboneConfig, ScoringConfig
+from .config import BackboneConfig, BankConfig, ScoringConfig
 from .errors import ModelFileError
 from .features import PatchFeatures, extract_features
 from .ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
@@ -57,8 +57,9 @@ class Timings:
 
 class Detector:
     def __init__(self, backbone: Backbone, backbone_config: BackboneConfig, scoring: ScoringConfig,
-                 image_size: int = 256):
+                 image_size: int = 256, bank_config: BankConfig | None = None):
         self.backbone = backbone
+        self.bank_config = bank_config or BankConfig()
         self.backbone_config = backbone_config
         self.scoring = scoring
         self.image_size = image_size
@@ -71,8 +72,9 @@ class Detector:
         self.timings = Timings()
 
     @classmethod
-    def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256) -> Detector:
-        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size)
+    def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256,
+                    bank: BankConfig | None = None) -> Detector:
+        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size, bank)
 
     # --- features
 
@@ -89,22 +91,44 @@ class Detector:
 
     # --- bank
 
-    def fit_features(self, train_features: np.ndarray, coreset_ratio: float = 1.0,
-                     projection_dim: int = 128, seed: int = 0) -> None:
-        """Build the memory bank from (N, h, w, D) training features."""
+    def fit_features(self, train_features: np.ndarray, shard_dir: str | Path | None = None) -> None:
+        """Build the memory bank from (N, h, w, D) training features (coreset as the bank config says)."""
+        b = self.bank_config
         bank = train_features.reshape(-1, train_features.shape[-1])
-        if coreset_ratio < 1.0:
+        if b.coreset_ratio < 1.0:
             start = time.perf_counter()
-            bank = bank[greedy_coreset(bank, coreset_ratio, projection_dim, seed, progress=True)]
+            bank = bank[greedy_coreset(bank, b.coreset_ratio, b.coreset_projection_dim, b.seed, progress=True)]
             self.timings.add("coreset", start)
-        self.set_bank(bank)
+        self.set_bank(bank, shard_dir=shard_dir)
 
-    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None) -> None:
+    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None,
+                 shard_dir: str | Path | None = None) -> None:
+        """Index `bank` in process, or over `bank_config.shards` Ray actors (shard files in shard_dir)."""
+        b = self.bank_config
+        self.close()
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        index = BankIndex(self.bank, use_gpu=self.device.type == "cuda")
+        if b.shards >= 1:
+            from .distributed.sharded_bank import ShardedBank
+
+            if not (shard_dir or b.shard_dir):
+                raise ValueError("a sharded bank needs a folder for its shard files (bank.shard_dir)")
+            start = time.perf_counter()
+            index = ShardedBank.create(self.bank, shard_dir or b.shard_dir, b.shards, dtype=b.dtype,
+                                       neighbour_search=b.neighbour_search, nprobe=b.nprobe,
+                                       cpus_per_shard=b.shard_cpus, gpus_per_shard=b.shard_gpus)
+            self.timings.add("shards", start)
+        else:
+            index = BankIndex(self.bank, use_gpu=self.device.type == "cuda", dtype=b.dtype,
+                              neighbour_search=b.neighbour_search, nprobe=b.nprobe)
         self.scorer = BankScorer(index)
         if density is not None:
             self.scorer.stats.preload_density(self.scoring.k, self.scoring.squared, density)
+
+    def close(self) -> None:
+        """Stop the shard actors of a sharded bank (nothing to do for an in-process one)."""
+        if self.scorer is not None and hasattr(self.scorer.index, "close"):
+            self.scorer.index.close()
+        self.scorer = None
 
     @property
     def default_method(self) -> ScoringMethod:
@@ -179,7 +203,9 @@ class Detector:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+    def load(cls, path: str | Path, device: str | None = None, bank: BankConfig | None = None,
+             shard_dir: str | Path | None = None) -> Detector:
+        """A saved model; `bank` settings (storage, shards) say how to hold its bank this time."""
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"{path}: model file not found")
@@ -197,19 +223,19 @@ class Detector:
             backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
             scoring = ScoringConfig(**json.loads(meta["scoring"]))
             image_size = int(meta["image_size"])
-            bank, density = tensors["bank"], tensors["density"]
+            bank_vectors, density = tensors["bank"], tensors["density"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
         if device is not None:
             backbone_cfg.device = device
-        detector = cls.from_config(backbone_cfg, scoring, image_size)
+        detector = cls.from_config(backbone_cfg, scoring, image_size, bank)
         if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
             raise ModelFileError(
                 f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "
                 f"{meta.get('backbone_fingerprint')} ({meta.get('backbone_weights')}), but the weights "
                 f"found now have fingerprint {detector.backbone.fingerprint} ({detector.backbone.weights_source})")
         try:
-            detector.set_bank(bank, density)
+            detector.set_bank(bank_vectors, density, shard_dir=shard_dir)
         except ValueError as exc:
             raise ModelFileError(f"{path}: {exc}") from exc
         return detector

@@ -7,7 +7,9 @@ distribute the same steps.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -68,11 +70,16 @@ def loader(samples, data: DataConfig, with_masks: bool = False) -> DataLoader:
                       batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False)
 
 
+def shard_dir(cfg: RunConfig, category: str) -> Path:
+    """Where a sharded bank's files go: bank.shard_dir/<category>, or under the run's output folder."""
+    return Path(cfg.bank.shard_dir or Path(cfg.output_dir) / "bank_shards") / category
+
+
 def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
-    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size)
+    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
     batches = loader(split.train, cfg.data)
     train = detector.extract(batches, total=len(batches), desc=f"{split.name} train features")
-    detector.fit_features(train, cfg.bank.coreset_ratio, cfg.bank.coreset_projection_dim, cfg.bank.seed)
+    detector.fit_features(train, shard_dir=shard_dir(cfg, split.name))
     return detector
 
 
@@ -82,7 +89,15 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
     start = time.perf_counter()
     split = load_category(cfg.data, category)
     load_s = time.perf_counter() - start
-    detector = detector or fit_detector(cfg, split)
+    if detector is not None:
+        return _score_test_set(cfg, category, split, detector, methods, examples, start, load_s)
+    with closing(fit_detector(cfg, split)) as fitted:  # ours, so we stop a sharded bank's actors
+        return _score_test_set(cfg, category, split, fitted, methods, examples, start, load_s)
+
+
+def _score_test_set(cfg: RunConfig, category: str, split: ClassSplit, detector: Detector,
+                    methods: list[ScoringMethod] | None, examples: int, start: float,
+                    load_s: float) -> CategoryResult:
     methods = methods or detector.methods()
 
     batches = loader(split.test, cfg.data, with_masks=True)

@@ -194,3 +194,35 @@ def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path)
     bad = _rewrite(path, tmp_path / "bad.safetensors", backbone='{"name": "efficientnet_lite0", "nope": 1}')
     with pytest.raises(ModelFileError, match=re.escape(str(bad))):
         Detector.load(bad, device="cpu")
+
+
+def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray, cfg, detector, test_features,
+                                                                        saved, tmp_path):
+    """Real Lite0 features of the sample bottles: 2 shard actors give the in-process scores."""
+    _, path = saved
+    methods = detector.methods()
+    want = detector.score_features(test_features, methods)
+    bank = RunConfig.load(None, BASE + ["bank.shards=2", "bank.shard_cpus=0.5"]).bank
+    sharded = Detector.load(path, device="cpu", bank=bank, shard_dir=tmp_path / "shards")
+    try:
+        assert type(sharded.scorer.index).__name__ == "ShardedBank"
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+            "bank.json", "shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
+        got = sharded.score_features(test_features, methods)
+    finally:
+        sharded.close()
+    for m in methods:
+        np.testing.assert_allclose(got[m].patch_maps, want[m].patch_maps, rtol=1e-4, atol=1e-3, err_msg=m.label)
+
+
+def test_float16_bank_keeps_the_sample_ranking(cfg, detector, test_features, split):
+    half = Detector(detector.backbone, detector.backbone_config, detector.scoring, 256,
+                    RunConfig.load(None, BASE + ["bank.dtype=float16"]).bank)
+    half.set_bank(detector.bank)
+    assert half.scorer.index.bank.dtype == np.float16
+    labels = np.array([s.label for s in split.test])
+    for method, scores in half.score_features(test_features, half.methods()).items():
+        full = detector.score_features(test_features, [method])[method]
+        # half precision moves scores a little, not the ranking of these images
+        assert roc_auc_score(labels, scores.image_scores) == roc_auc_score(labels, full.image_scores)
+        np.testing.assert_allclose(scores.image_scores, full.image_scores, rtol=0.02, atol=0.05)

@@ -28,7 +28,7 @@ class Backbone:
     model: nn.Module
     channels: tuple[int, int]
     weights_source: str  # "imagenet:<where>" or the path of a fine-tuned weights file
-    fingerprint: str  # sha256 of the state dict actually loaded
+    fingerprint: str  # sha256 of the weights the features come from (stages up to 3)
 
 
 class StageTaps(nn.Module):
@@ -233,7 +233,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = No
     model = StageTaps(net, stages).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Backbone(name, model, channels, source, state_dict_fingerprint(net.state_dict()))
+    return Backbone(name, model, channels, source, feature_fingerprint(name, net))
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,14 +243,26 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+# The head (and stage 4 for ResNets) is never used for features, so it may be absent from a weights file.
+_UNUSED = ("fc.", "classifier", "conv_head", "bn2.", "layer4.", "blocks.5", "blocks.6")
+
+
+def _used_for_features(name: str, key: str) -> bool:
+    if name.startswith("vgg"):
+        return key.startswith("features.") and int(key.split(".")[1]) <= 22
+    return not key.startswith(_UNUSED)
+
+
+def feature_fingerprint(name: str, net: nn.Module) -> str:
+    """Fingerprint of the weights the features come from; parts a weights file may leave at random
+    init (an ImageNet head a fine-tuned file lacks) would make it differ between two loads."""
+    return state_dict_fingerprint({k: v for k, v in net.state_dict().items() if _used_for_features(name, k)})
+
+
 def _load_strict_up_to_stage3(net: nn.Module, state: dict, name: str, source: str) -> None:
     result = net.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise BackboneError(f"{source}: keys that {name} does not have: {result.unexpected_keys[:5]}")
-    # The head (and stage 4 for ResNets) is never used for features, so it may be absent.
-    unused = ("fc.", "classifier", "conv_head", "bn2.", "layer4.", "blocks.5", "blocks.6")
-    missing = [k for k in result.missing_keys if not k.startswith(unused)]
-    if name.startswith("vgg"):
-        missing = [k for k in result.missing_keys if k.startswith("features.") and int(k.split(".")[1]) <= 22]
+    missing = [k for k in result.missing_keys if _used_for_features(name, k)]
     if missing:
         raise BackboneError(f"{source}: weights for {name} lack {len(missing)} tensors, e.g. {missing[:3]}")

@@ -21,6 +21,7 @@ from reb_dist.backbones import (
     _lite_to_timm_keys,
     available_backbones,
     build_backbone,
+    feature_fingerprint,
     state_dict_fingerprint,
 )
 from reb_dist.data import IMAGENET_MEAN, IMAGENET_STD, read_image
@@ -93,7 +94,9 @@ def test_lite0_packaged_weights_are_imagenet_weights(lite0_classifier, lite0):
     assert probs[list(ROUND_END_ON)].sum() > 0.2  # real: 0.29; random init: ~0.003
 
     # The backbone the detector uses carries exactly these (classifying) weights.
-    assert lite0.fingerprint == state_dict_fingerprint(net.state_dict())
+    assert lite0.fingerprint == feature_fingerprint("efficientnet_lite0", net)
+    for name, param in lite0.model.net.state_dict().items():
+        torch.testing.assert_close(param, net.state_dict()[name], rtol=0, atol=0, msg=name)
 
     # A randomly initialised network does not see a round object, and is not confident.
     import timm
@@ -147,6 +150,11 @@ def test_torchvision_without_weights_is_an_error_naming_the_cache_file(empty_hub
     assert "backbone.weights=" in str(exc.value)  # says how to pass a local file instead
 
 
+def resnet_stage3_fingerprint(state):
+    """What a ResNet backbone's fingerprint covers: everything up to layer3 (features never use layer4/fc)."""
+    return state_dict_fingerprint({k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))})
+
+
 def test_torchvision_uses_the_cache_file_when_present(empty_hub):
     torch.manual_seed(0)
     state = torchvision.models.resnet18(weights=None).state_dict()
@@ -155,7 +163,7 @@ def test_torchvision_uses_the_cache_file_when_present(empty_hub):
     torch.save(state, cache_file)
     bb = build_backbone("resnet18")
     assert bb.weights_source == f"imagenet:{cache_file}"
-    assert bb.fingerprint == state_dict_fingerprint(state)
+    assert bb.fingerprint == resnet_stage3_fingerprint(state)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +184,7 @@ def test_resnet18_from_a_local_file(tmp_path, resnet18_state, suffix):
     bb = build_backbone("resnet18", path)
     assert bb.weights_source == str(path)
     assert bb.channels == (128, 256)
-    assert bb.fingerprint == state_dict_fingerprint(resnet18_state)  # the file's weights, not a random init
+    assert bb.fingerprint == resnet_stage3_fingerprint(resnet18_state)  # the file's weights, not a random init
     with torch.no_grad():
         s2, s3 = bb.model(torch.zeros(1, 3, 256, 256))
     assert s2.shape == (1, 128, 32, 32)
@@ -190,6 +198,11 @@ def test_resnet18_fine_tuned_file_with_prefix_and_no_head(tmp_path, resnet18_sta
     torch.save({"state_dict": state}, path)
     bb = build_backbone("resnet18", path)
     torch.testing.assert_close(bb.model.net.layer3[1].conv2.weight, resnet18_state["layer3.1.conv2.weight"])
+    # layer4 and fc stay at random init, different at each build: the fingerprint must not see them,
+    # or a model fitted with these weights could not be loaded again
+    again = build_backbone("resnet18", path)
+    assert not torch.equal(again.model.net.fc.weight, bb.model.net.fc.weight)
+    assert again.fingerprint == bb.fingerprint
 
 
 def test_vgg11_bn_from_a_safetensors_file(tmp_path):

@@ -73,6 +73,17 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     tuned = build_backbone("efficientnet_lite0", weights=out)
     assert tuned.fingerprint != build_backbone("efficientnet_lite0").fingerprint  # it did train
 
+    # a finished run is not trained again: its backbone is only copied out
+    import reb_dist.finetune.driver as driver
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run started a trainer")
+
+    monkeypatch.setattr(driver, "_train", no_training)
+    out.unlink()
+    assert finetune(RunConfig.load(None, FINETUNE_SETTINGS + [storage]), "bottle", out).resumed_from_step == 4
+    assert build_backbone("efficientnet_lite0", weights=out).fingerprint == tuned.fingerprint
+
     # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN
     assert main(["benchmark", "--no-mlflow", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
                  "--set", f"backbone.finetuned={out}", "--set", "output_dir=bench"]) == 0

@@ -145,7 +145,8 @@ class ShardedBank:
         self.batch_size = batch_size
         remote = ray.remote(BankShard).options(
             num_cpus=cpus_per_shard, num_gpus=gpus_per_shard,
-            max_restarts=max_restarts, max_task_retries=max_restarts)
+            max_restarts=max_restarts, max_task_retries=max_restarts,
+            scheduling_strategy="SPREAD")  # on a cluster, shards (and their memory) go to different nodes
         threads = max(1, int(cpus_per_shard))
         self.actors = [remote.remote(p, neighbour_search, nprobe, gpus_per_shard > 0, threads)
                        for p in self.paths]

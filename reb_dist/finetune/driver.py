@@ -61,13 +61,8 @@ def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> floa
 
 
 def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) -> FinetuneResult:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from ..defectmaker import DefectMaker
-    from ..distributed.runtime import ensure_ray
     from ..evaluation import load_category
-    from .defect_stream import defect_dataset
 
     f = cfg.finetune
     split = load_category(cfg.data, category)
@@ -77,8 +72,36 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     name = run_name(cfg, category)
     run_dir = storage / name
     checkpoint_dir, start_step = latest_checkpoint(run_dir)
-    if start_step >= f.steps:
+    train_metrics = {}
+    if start_step < f.steps:
+        train_metrics = _train(cfg, name, storage, run_dir, checkpoint_dir, start_step, paths, class_names)
+    else:  # a finished run only has its backbone copied out: no Ray, no trainer
         print(f"{name}: already trained {start_step} steps")
+    final_dir, final_step = latest_checkpoint(run_dir)
+    if final_dir is None or final_step < f.steps:
+        raise RebError(f"{run_dir}: training stopped at step {final_step} of {f.steps}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".tmp", delete=False) as tmp:
+        shutil.copyfile(final_dir / BACKBONE_FILE, tmp.name)
+    Path(tmp.name).replace(output)
+    metrics = read_metrics(run_dir)
+    if tracker is not None:
+        for row in metrics:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    return FinetuneResult(output, run_dir, start_step, train_metrics or (metrics[-1] if metrics else {}))
+
+
+def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_dir: Path | None,
+           start_step: int, paths: list[str], class_names: list[str]) -> dict:
+    """Run (or resume) the TorchTrainer fed by the DefectMaker stream; the last reported metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..distributed.runtime import ensure_ray
+    from .defect_stream import defect_dataset
+
+    f = cfg.finetune
     started_ray = ensure_ray()
     try:
         import ray
@@ -115,25 +138,12 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=0)),
             datasets={"train": dataset})
-        result = trainer.fit()
+        return trainer.fit().metrics or {}
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    final_dir, final_step = latest_checkpoint(run_dir)
-    if final_dir is None or final_step < f.steps:
-        raise RebError(f"{run_dir}: training stopped at step {final_step} of {f.steps}")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".tmp", delete=False) as tmp:
-        shutil.copyfile(final_dir / BACKBONE_FILE, tmp.name)
-    Path(tmp.name).replace(output)
-    metrics = read_metrics(run_dir)
-    if tracker is not None:
-        for row in metrics:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-    return FinetuneResult(output, run_dir, start_step, result.metrics or (metrics[-1] if metrics else {}))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -117,12 +117,29 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Per-class K and alpha search on a validation split (Ray Tune + Optuna)."""
+
+    validation: str = "synthetic"  # synthetic (held-out normals + DefectMaker) | test (a seeded part of test)
+    fraction: float = 0.0  # 0: 0.1 of the training images (synthetic) / 0.3 of the test set (test)
+    k_min: int = 1
+    k_max: int = 64
+    alpha_min: float = 0.0
+    alpha_max: float = 2.0
+    trials: int = 40
+    concurrency: int = 0  # trials at once; 0: as many as the cluster has CPUs
+    seed: int = 0
+    storage_path: str = "outputs/ray"
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="backbone file (one category) or folder (default: "
                                           "<output_dir>/backbones/<category>-<task>.safetensors)")
 
+    p = sub.add_parser("tune", help="per-class LDKNN K and alpha on a validation split (Ray Tune + Optuna), "
+                                    "then test metrics of per-class vs global vs default settings")
+    _add_common(p)
+
     p = sub.add_parser("predict", help="score images with a saved model, write heatmap overlays")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-                "finetune": cmd_finetune, "predict": cmd_predict}[args.command](args, command_line)
+                "finetune": cmd_finetune, "tune": cmd_tune, "predict": cmd_predict}[args.command](args, command_line)
     except RebError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,6 +261,37 @@ def cmd_finetune(args, command_line: str) -> int:
                   f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
                   f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
             print(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
+    return 0
+
+
+def cmd_tune(args, command_line: str) -> int:
+    from .distributed.tuning import tune_classes
+    from .evaluation import categories_of
+    from .plots import results_table_markdown, results_table_text
+    from .tracking import Tracker
+
+    cfg = load_config(args)
+    start = time.perf_counter()
+    tracker = Tracker(cfg.tracking)
+    print(f"# {command_line}")
+    with tracker.run(cfg, "tune"):
+        selections, rows, glob = tune_classes(cfg, categories_of(cfg.data), tracker)
+        table = [{"category": r["category"], "variant": r["variant"], "k": r["k"], "alpha": f"{r['alpha']:.3f}",
+                  **{m: r["metrics"].get(m, float("nan")) for m in ("image_auroc", "pixel_auroc", "aupro")}}
+                 for r in rows]
+        columns = ["category", "variant", "k", "alpha", "image_auroc", "pixel_auroc", "aupro"]
+        print()
+        print(results_table_text(table, columns))
+        wall = time.perf_counter() - start
+        text = (results_table_markdown(table, columns) + f"\n\nValidation: {cfg.tune.validation}; global choice "
+                f"K={glob['k']}, alpha={glob['alpha']:.3f}.  \nCommand: `{command_line}`  \nWall time: {wall:.0f} s\n")
+        out = Path(cfg.output_dir) / "tune"
+        _write_text(out / "results.md", text)
+        cfg.dump(out / "config.yaml")
+        tracker.log_text(text, "tune_results.md")
+        for name in ("selection.json", "selection.csv", "splits.json"):
+            tracker.log_artifact(out / name)
+    print(f"\nwall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
     return 0
 
 

@@ -56,6 +56,24 @@ class Tracker:
                 mlflow.log_params({k: str(v) for k, v in extra_params.items()})
             mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()})
 
+    @contextlib.contextmanager
+    def child(self, name: str, tags: dict[str, str]):
+        """A nested run open for the block; yields its id (None when tracking is off)."""
+        if not self.enabled:
+            yield None
+            return
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True) as active:
+            mlflow.set_tags(tags)
+            yield active.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
             import mlflow

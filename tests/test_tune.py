@@ -1,0 +1,46 @@
+"""A tiny per-class K/alpha search with real Ray Tune + Optuna, real features and a real MLflow store."""
+
+import json
+
+import mlflow
+
+from reb_dist.cli import main
+from reb_dist.config import SAMPLE_DATA
+
+
+def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_run(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.k_max=12",
+                "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
+                "output_dir=out"]
+    assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
+
+    out = tmp_path / "out" / "tune"
+    selection = json.loads((out / "selection.json").read_text())
+    chosen = selection["per_class"]["bottle"]
+    assert 1 <= chosen["k"] <= 12 and 0.0 <= chosen["alpha"] <= 2.0 and chosen["trials"] == 3
+    assert (out / "selection.csv").read_text().splitlines()[1].startswith(f"bottle,{chosen['k']},")
+
+    split = json.loads((out / "splits.json").read_text())["bottle"]
+    validation, reported = set(split["validation"]), set(split["reported_test"])
+    assert validation and reported and not validation & reported
+    all_test = {str(p) for p in (SAMPLE_DATA / "bottle" / "test").rglob("*.png")}
+    assert validation | reported == all_test
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert {r["variant"] for r in rows} == {"default", "global", "per_class"}
+    assert all(r["test_images"] == len(reported) for r in rows)  # metrics on the reported part only
+    per_class = next(r for r in rows if r["variant"] == "per_class")
+    assert (per_class["k"], per_class["alpha"]) == (chosen["k"], chosen["alpha"])
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].data.params["tune.trials"] == "3"
+    class_run = next(r for r in runs if r.data.tags.get("kind") == "class")
+    assert class_run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert class_run.data.params["selected.k"] == str(chosen["k"])
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert len(trials) == 3 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
+    assert all("val_image_auroc" in r.data.metrics for r in trials)

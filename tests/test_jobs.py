@@ -1,0 +1,122 @@
+"""`ray job submit` of a sweep to a real local Ray cluster started by the test: stopped part way,
+resubmitted, every cell done exactly once, every MLflow run closed."""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster():
+    """A head node of our own (`ray start --block`, stopped by SIGTERM: `ray stop` would also stop
+    the Ray every other test shares). Token auth on, as Ray 2.60 requires for the job CLI."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield address, env
+    finally:
+        head.terminate()
+        head.wait(60)
+
+
+def job(address, env, command, *args) -> str:
+    out = subprocess.run(["ray", "job", command, "--address", address, *args], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout + out.stderr
+
+
+# how `ray job status` words the end states (Ray 2.60)
+END_STATES = {"STOPPED": "was stopped", "SUCCEEDED": "succeeded", "FAILED": "failed"}
+
+
+def wait_status(address, env, job_id, wanted, timeout=600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = job(address, env, "status", job_id)
+        for status in wanted:
+            if f"Job '{job_id}' {END_STATES[status]}" in text:
+                return status
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} not in {wanted} after {timeout} s:\n{job(address, env, 'logs', job_id)[-3000:]}")
+
+
+def test_sweep_job_is_stopped_resubmitted_and_runs_every_cell_once(cluster, tmp_path):
+    address, env = cluster
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("""
+name: jobtest
+max_concurrent: 1
+base: {backbone: {device: cpu}, data: {check_files: false}, scoring: {pixel_metrics: false}}
+grid:
+  datasets:
+    - {name: full, root: sample, categories: [bottle]}
+    - {name: shot8, root: sample, categories: [bottle], set: [data.few_shot=8]}
+    - {name: shot4, root: sample, categories: [bottle], set: [data.few_shot=4]}
+  methods: [ldknn, knn]
+""")
+    out = tmp_path / "out"
+    entry = ["--", sys.executable, str(REPO / "jobs" / "sweep.py"), "--sweep", str(sweep), "--out", str(out)]
+    first = job(address, env, "submit", "--no-wait", "--submission-id", "sweep-1", *entry)
+    assert "sweep-1" in first
+
+    done_log = out / "done.log"
+    deadline = time.time() + 600
+    while not (done_log.is_file() and done_log.read_text().strip()):
+        assert time.time() < deadline, job(address, env, "logs", "sweep-1")[-3000:]
+        time.sleep(0.5)
+    job(address, env, "stop", "sweep-1")
+    assert wait_status(address, env, "sweep-1", ["STOPPED", "SUCCEEDED", "FAILED"]) == "STOPPED"
+    after_stop = done_log.read_text().split()
+    assert 1 <= len(after_stop) < 3, "the stop must land part way for this test to mean anything"
+
+    job(address, env, "submit", "--submission-id", "sweep-2", *entry)  # blocks until it ends
+    assert wait_status(address, env, "sweep-2", ["SUCCEEDED", "FAILED", "STOPPED"]) == "SUCCEEDED"
+    logs = job(address, env, "logs", "sweep-2")
+    assert f"{len(after_stop)} done before" in logs
+
+    cells = ["full-bottle-efficientnet_lite0", "shot8-bottle-efficientnet_lite0", "shot4-bottle-efficientnet_lite0"]
+    assert sorted(done_log.read_text().split()) == sorted(cells)  # each exactly once, over both jobs
+    for cell in cells:
+        result = json.loads((out / "cells" / f"{cell}.json").read_text())
+        assert set(result["methods"]) == {"ldknn(k=9,alpha=1)", "knn(k=9)"}
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + 3 * 2
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("reb-dist-sweeps").experiment_id])
+    parents = sorted((r for r in runs if r.data.tags.get("kind") == "sweep"), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in parents] == ["FAILED", "FINISHED"]  # stopped, then completed
+    cell_runs = [r for r in runs if r.data.tags.get("kind") == "cell"]
+    assert all(r.info.status == "FINISHED" for r in cell_runs)
+    assert len(cell_runs) == 3 * 2  # one per (cell, method): none logged twice

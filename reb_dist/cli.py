@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then test metrics of per-class vs global vs default settings")
     _add_common(p)
 
+    p = sub.add_parser("report", help="compare backbones and methods across everything an MLflow store holds "
+                                      "(table, AUROC per class per backbone, K/alpha surface per class)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", action="append", help="only these experiments (repeatable; default: all)")
+    p.add_argument("--output", "-o", default="outputs/report")
+
     p = sub.add_parser("predict", help="score images with a saved model, write heatmap overlays")
     p.add_argument("--model", "-m", required=True)
     p.add_argument("images", nargs="+", help="image files or folders")
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-                "finetune": cmd_finetune, "tune": cmd_tune, "predict": cmd_predict}[args.command](args, command_line)
+                "finetune": cmd_finetune, "tune": cmd_tune, "report": cmd_report,
+                "predict": cmd_predict}[args.command](args, command_line)
     except RebError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -292,6 +299,17 @@ def cmd_tune(args, command_line: str) -> int:
         for name in ("selection.json", "selection.csv", "splits.json"):
             tracker.log_artifact(out / name)
     print(f"\nwall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
+    return 0
+
+
+def cmd_report(args, command_line: str) -> int:
+    from .report import collect, write_report
+
+    rows, trials = collect(args.tracking_uri, args.experiment)
+    if not rows and not trials:
+        raise SystemExit(f"{args.tracking_uri}: no finished result or trial runs to report")
+    for path in write_report(rows, trials, args.output):
+        print(path)
     return 0
 
 

@@ -44,3 +44,11 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
     assert len(trials) == 3 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
     assert all("val_image_auroc" in r.data.metrics for r in trials)
+
+    # the comparison report is built from the store alone
+    assert main(["report", "--tracking-uri", uri, "-o", "report"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    for variant in ("default", "global", "per_class"):
+        assert f"| bottle | efficientnet_lite0 | imagenet | ldknn[{variant}]" in report
+    assert (tmp_path / "report" / "k_alpha_bottle.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "auroc_by_class.png").is_file()

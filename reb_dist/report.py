@@ -1,0 +1,115 @@
+"""A comparison report built from an MLflow store: what every command and sweep logged, side by side.
+
+Result runs (tagged `category` and `method`; benchmark, tune and sweep runs all are) become one
+table row each, keyed by backbone and weights; the newest run wins where a (category, backbone,
+method) was measured more than once. Tune trial runs (tag kind=trial, params k and alpha) become a
+K/alpha scatter per class. Written: report.md, report.csv, auroc_by_class.png, k_alpha_<class>.png.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .plots import _save_figure
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def collect(uri: str, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(result rows, trial rows) from every FINISHED run of the given (default: all) experiments."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
+    results: dict[tuple, dict] = {}
+    trials = []
+    for run in client.search_runs([e.experiment_id for e in exps], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], max_results=50000):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if tags.get("kind") == "trial" and "k" in params:
+            trials.append({"category": tags.get("category", "?"), "k": int(params["k"]),
+                           "alpha": float(params["alpha"]), **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        elif "category" in tags and "method" in tags and "image_auroc" in metrics:
+            backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(client, tags)
+            weights = params.get("weights", "imagenet")
+            # a sweep's datasets can share category names (e.g. a full and a few-shot bank)
+            category = f"{tags['dataset']}/{tags['category']}" if tags.get("dataset") else tags["category"]
+            key = (category, backbone, weights, tags["method"])
+            results[key] = {"category": key[0], "backbone": key[1], "weights": key[2], "method": key[3],
+                            **{m: metrics[m] for m in METRICS if m in metrics}, "run_id": run.info.run_id}
+    return sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"])), trials
+
+
+def _parent_backbone(client, tags: dict) -> str:
+    parent = tags.get("mlflow.parentRunId")
+    if not parent:
+        return "?"
+    run = client.get_run(parent)
+    return run.data.tags.get("backbone") or run.data.params.get("backbone.name", "?")
+
+
+def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["category", "backbone", "weights", "method", *METRICS]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(METRICS)]
+    csv = [",".join(header)]
+    for r in rows:
+        vals = [r.get(m) for m in METRICS]
+        md.append("| " + " | ".join([r["category"], r["backbone"], Path(r["weights"]).name, r["method"]]
+                                    + ["-" if v is None else f"{100 * v:.1f}" for v in vals]) + " |")
+        csv.append(",".join([r["category"], r["backbone"], r["weights"], r["method"]]
+                            + ["" if v is None else f"{v:.6f}" for v in vals]))
+    written = [out / "report.md", out / "report.csv"]
+    written[0].write_text("\n".join(md) + "\n")
+    written[1].write_text("\n".join(csv) + "\n")
+    if rows:
+        written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
+    for category in sorted({t["category"] for t in trials}):
+        written.append(_k_alpha_surface([t for t in trials if t["category"] == category], category,
+                                        out / f"k_alpha_{category}.png"))
+    return written
+
+
+def _auroc_bars(rows: list[dict], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    categories = sorted({r["category"] for r in rows})
+    series = sorted({(r["backbone"], Path(r["weights"]).name, r["method"]) for r in rows})
+    fig = Figure(figsize=(max(6, 1.2 * len(categories) * max(1, len(series)) / 3), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        values = [next((r["image_auroc"] for r in rows if (r["category"], r["backbone"], Path(r["weights"]).name,
+                                                            r["method"]) == (c, *s)), np.nan) for c in categories]
+        ax.bar(np.arange(len(categories)) + i * width, 100 * np.array(values), width, label=" / ".join(s))
+    ax.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories)
+    ax.set_ylabel("image AUROC (%)")
+    low = np.nanmin([100 * r["image_auroc"] for r in rows])
+    ax.set_ylim(max(0, low - 5), 100.5)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("image AUROC per class: backbone / weights / method")
+    fig.tight_layout()
+    return _save_figure(fig, path, 120)
+
+
+def _k_alpha_surface(trials: list[dict], category: str, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.add_subplot()
+    values = [100 * t.get("val_image_auroc", np.nan) for t in trials]
+    points = ax.scatter([t["k"] for t in trials], [t["alpha"] for t in trials], c=values, cmap="viridis", s=40)
+    best = int(np.nanargmax(values))
+    ax.scatter([trials[best]["k"]], [trials[best]["alpha"]], marker="*", s=250, c="red", label="best")
+    fig.colorbar(points, ax=ax, label="validation image AUROC (%)")
+    ax.set_xlabel("K")
+    ax.set_ylabel("alpha")
+    ax.set_title(f"{category}: tune trials")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return _save_figure(fig, path, 120)

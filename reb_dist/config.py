@@ -88,6 +88,7 @@ class FinetuneConfig:
     images_per_step: int = 1008  # 48 base images x 7 variants x 3 accumulated batches
     micro_batch: int = 56  # images per forward pass on one worker (a multiple of the class count)
     freeze_steps: int = 40
+    bn_stats: str = "update"  # update (the authors: re-estimated on the SSL images) | frozen (keep ImageNet's)
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 3e-5

@@ -120,7 +120,7 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_d
         loop_config = {
             "backbone": cfg.backbone.name, "weights": cfg.backbone.weights, "class_names": class_names,
             "steps": f.steps, "images_per_step": f.images_per_step, "micro_batch": f.micro_batch,
-            "freeze_steps": f.freeze_steps, "lr": f.lr, "momentum": f.momentum,
+            "freeze_steps": f.freeze_steps, "bn_stats": f.bn_stats, "lr": f.lr, "momentum": f.momentum,
             "weight_decay": f.weight_decay, "loss": f.loss, "checkpoint_every": f.checkpoint_every,
             "seed": f.seed, "torch_threads": f.torch_threads, "fail_at_step": f.fail_at_step,
             "metrics_file": str(run_dir / METRICS_FILE),

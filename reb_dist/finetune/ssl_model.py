@@ -24,11 +24,20 @@ def trunk_forward(name: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
+# update: BatchNorm statistics re-estimated on the SSL images (the authors' training, PyTorch's default);
+# frozen: kept from the start weights. See docs/RESULTS.md, "Which layers fine-tuning moves".
+BN_STATS = ("update", "frozen")
+
+
 class SSLClassifier(nn.Module):
     """Backbone -> GAP -> MLP (512, 256; BN, ReLU) -> class logits, as the REB authors build it."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, hidden: tuple[int, ...] = (512, 256)):
+    def __init__(self, backbone: Backbone, num_classes: int, hidden: tuple[int, ...] = (512, 256),
+                 bn_stats: str = "update"):
         super().__init__()
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        self.bn_stats = bn_stats
         self.name = backbone.name
         self.net = backbone.model.net  # the full network behind the stage taps
         # The ImageNet classifier is replaced by our head; left in place, DDP would wait for its
@@ -46,6 +55,16 @@ class SSLClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(trunk_forward(self.name, self.net, x))
+
+    def train(self, mode: bool = True) -> SSLClassifier:
+        """bn_stats="frozen" keeps the backbone's BatchNorm layers in eval mode, so their running
+        statistics stay those of the start weights (their affine parameters still learn)."""
+        super().train(mode)
+        if mode and self.bn_stats == "frozen":
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def set_backbone_trainable(self, trainable: bool) -> None:
         """REB freezes the backbone for the first steps so the random head does not wreck it."""

@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     backbone = build_backbone(config["backbone"], config.get("weights"))
-    model = SSLClassifier(backbone, len(config["class_names"])).to(device)
+    model = SSLClassifier(backbone, len(config["class_names"]), bn_stats=config.get("bn_stats", "update")).to(device)
     for p in model.parameters():
         p.requires_grad_(True)
     backbone_params = list(model.net.parameters())

@@ -51,8 +51,12 @@ def cluster():
 
 
 def job(address, env, command, *args) -> str:
-    out = subprocess.run(["ray", "job", command, "--address", address, *args], env=env, capture_output=True,
-                         text=True)
+    for _ in range(60):  # the dashboard answers before its job agent is up: retry that case only
+        out = subprocess.run(["ray", "job", command, "--address", address, *args], env=env, capture_output=True,
+                             text=True)
+        if "No available agent" not in out.stderr + out.stdout:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout + out.stderr
 

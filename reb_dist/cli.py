@@ -376,9 +376,9 @@ def cmd_predict(args, command_line: str) -> int:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .plots import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (results, selections, cell files): never left half-written."""
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_png(array_uint8: np.ndarray, path: str | Path) -> Path:
     """Write an H×W or H×W×3/4 uint8 array as PNG, atomically (temp file + ``os.replace``)."""
     from PIL import Image

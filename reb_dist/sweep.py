@@ -105,9 +105,9 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(path)
+    from .plots import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1, default=float))
 
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None,

@@ -26,6 +26,7 @@ from ..detector import Detector
 from ..evaluation import load_category, loader
 from ..ldknn.selection import NeighbourTable, ldknn_maps, neighbour_table, patch_masks, validation_objective
 from ..metrics import evaluate
+from ..plots import write_text_atomic
 from ..validation import ValidationSet, make_split
 
 
@@ -182,19 +183,13 @@ def write_selection(out_dir: Path, selections: list[Selection], rows: list[dict]
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"per_class": {s.category: {"k": s.k, "alpha": s.alpha, **s.val_metrics, "trials": s.trials}
                              for s in selections}, "global": glob}
-    _atomic_write(out_dir / "selection.json", json.dumps(payload, indent=1))
+    write_text_atomic(out_dir / "selection.json", json.dumps(payload, indent=1))
     csv = ["category,k,alpha,val_image_auroc,val_pixel_auroc,trials"] + [
         f"{s.category},{s.k},{s.alpha:.4f},{s.val_metrics.get('val_image_auroc', float('nan')):.4f},"
         f"{s.val_metrics.get('val_pixel_auroc', float('nan')):.4f},{s.trials}" for s in selections]
-    _atomic_write(out_dir / "selection.csv", "\n".join(csv) + "\n")
-    _atomic_write(out_dir / "results.json", json.dumps({"results": rows}, indent=1))
-    _atomic_write(out_dir / "splits.json", json.dumps(splits, indent=1))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(out_dir / "selection.csv", "\n".join(csv) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps({"results": rows}, indent=1))
+    write_text_atomic(out_dir / "splits.json", json.dumps(splits, indent=1))
 
 
 def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[Selection], list[dict], dict]:

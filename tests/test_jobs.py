@@ -27,37 +27,55 @@ def free_port() -> int:
 @pytest.fixture
 def cluster():
     """A head node of our own (`ray start --block`, stopped by SIGTERM: `ray stop` would also stop
-    the Ray every other test shares). Token auth on, as Ray 2.60 requires for the job CLI."""
+    the Ray every other test shares). Token auth on, as Ray 2.60 requires for the job CLI. Every
+    port is a free one: the session's shared Ray already holds the fixed defaults (its dashboard
+    agent sits on 52365), and a second agent that cannot bind leaves the job API with no agent."""
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env["RAY_TMPDIR"] = temp  # the same folder for the CLI, and where agent_log() looks
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True,
+                             timeout=CLI_TIMEOUT).returncode != 0:
             assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
         yield address, env
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"{error}\n{agent_log(env)}") from error
     finally:
         head.terminate()
         head.wait(60)
 
 
-def job(address, env, command, *args) -> str:
+CLI_TIMEOUT = 120  # s for one `ray job` command: a hang fails the test with the agent's log, not at 600 s
+
+
+def agent_log(env) -> str:
+    """The tail of the head's dashboard agent log: it says why the job API has no agent."""
+    logs = sorted(Path(env["RAY_TMPDIR"]).glob("session_*/logs/dashboard_agent.log"))
+    return f"--- {logs[-1]}:\n{logs[-1].read_text()[-3000:]}" if logs else "no dashboard_agent.log"
+
+
+def job(address, env, command, *args, timeout=CLI_TIMEOUT) -> str:
     for _ in range(60):  # the dashboard answers before its job agent is up: retry that case only
-        out = subprocess.run(["ray", "job", command, "--address", address, *args], env=env, capture_output=True,
-                             text=True)
+        try:
+            out = subprocess.run(["ray", "job", command, "--address", address, *args], env=env,
+                                 capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as error:
+            raise AssertionError(f"`ray job {command}` hung for {timeout} s\n{agent_log(env)}") from error
         if "No available agent" not in out.stderr + out.stdout:
             break
         time.sleep(2)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:] + "\n" + agent_log(env)
     return out.stdout + out.stderr
 
 
@@ -105,7 +123,7 @@ grid:
     after_stop = done_log.read_text().split()
     assert 1 <= len(after_stop) < 3, "the stop must land part way for this test to mean anything"
 
-    job(address, env, "submit", "--submission-id", "sweep-2", *entry)  # blocks until it ends
+    job(address, env, "submit", "--submission-id", "sweep-2", *entry, timeout=600)  # blocks until it ends
     assert wait_status(address, env, "sweep-2", ["SUCCEEDED", "FAILED", "STOPPED"]) == "SUCCEEDED"
     logs = job(address, env, "logs", "sweep-2")
     assert f"{len(after_stop)} done before" in logs

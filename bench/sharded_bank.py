@@ -70,6 +70,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=9)
     p.add_argument("--shards", default="1,2", help="shard counts to compare with single-process faiss")
     p.add_argument("--approximate", default="ivf,hnsw")
+    p.add_argument("--recall-points", type=int, default=0,
+                   help="also measure the approximate paths on the WHOLE bank, for this many random bank "
+                        "points (exact whole-bank density would be O(n^2); a sample keeps it affordable)")
+    p.add_argument("--skip-subset", action="store_true", help="only the --recall-points section")
     p.add_argument("--cache", default="outputs/bench_cache")
     args = p.parse_args()
     cpus = os.cpu_count() or 1
@@ -91,6 +95,10 @@ def main() -> None:
         print(f"{name:<58} {value}", flush=True)
 
     print(f"command: .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    if args.recall_points:
+        whole_bank_recall(bank_all, args, row)
+    if args.skip_subset:
+        return
     print(f"{args.category}: bank {n} x {d} (of {len(bank_all)}), {len(queries)} queries, K={args.k}, "
           f"{cpus} CPUs, faiss {faiss.__version__}, torch {torch.__version__}")
     row("float32 GEMM, torch, 4096 x 4096 x 4096", f"{gemm_gflops(4096, 4096, 4096):.1f} GFLOP/s")
@@ -143,6 +151,28 @@ def main() -> None:
             f"{s:7.1f} s  speed-up {timed_single(rows) / s:4.1f}x  recall@{args.k} "
             f"{recall_at_k(exact[1], ai):.4f}  density rel. error median {np.median(rel):.1e}, "
             f"p99 {np.quantile(rel, 0.99):.1e}")
+
+
+def whole_bank_recall(bank: np.ndarray, args, row) -> None:
+    """Recall and density error of the approximate paths at the category's full bank size (where the
+    defaults by bank size matter), on a random sample of bank points; whole-bank times extrapolated."""
+    n = len(bank)
+    sample = np.sort(np.random.default_rng(1).choice(n, min(args.recall_points, n), replace=False))
+    scale = n / len(sample)
+    print(f"{args.category}: whole bank {n} x {bank.shape[1]}, {len(sample)} sampled bank points, K={args.k}")
+    (exact_d, exact_i), s = timed(lambda: BankIndex(bank).search_bank_points(sample, args.k))
+    row(f"whole bank, exact: {len(sample)} points",
+        f"{s:7.1f} s  (whole bank ~{s * scale / 60:.0f} min)")
+    exact_density = exact_d.mean(axis=1)
+    for kind in [x for x in args.approximate.split(",") if x]:
+        approx = BankIndex(bank, neighbour_search=kind)
+        (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
+        (ad, ai), s = timed(lambda: approx.search_bank_points(sample, args.k))
+        rel = (ad.mean(1) - exact_density) / exact_density
+        row(f"whole bank, {kind}: {len(sample)} points (build {s_build:.0f} s)",
+            f"{s:7.1f} s  (whole bank ~{(s_build + s * scale) / 60:.0f} min)  recall@{args.k} "
+            f"{recall_at_k(exact_i, ai):.4f}  density rel. error median {np.median(rel):.1e}, "
+            f"p99 {np.quantile(rel, 0.99):.1e}, max {rel.max():.1e}")
 
 
 def timed_single(rows: list[tuple[str, str]]) -> float:

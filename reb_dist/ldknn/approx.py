@@ -3,7 +3,7 @@
 Only the candidates are approximate: they are re-ranked with exact distances like the exact path's,
 so a density is exact whenever its K neighbours were found, and a miss can only make it larger
 (the true K nearest are the smallest). Recall against the exact search is what
-bench/density_cost.py measures; test patches are always searched exactly.
+bench/sharded_bank.py measures (docs/RESULTS.md section 3); test patches are always searched exactly.
 """
 
 from __future__ import annotations

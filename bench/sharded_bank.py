@@ -74,6 +74,7 @@ def main() -> None:
                    help="also measure the approximate paths on the WHOLE bank, for this many random bank "
                         "points (exact whole-bank density would be O(n^2); a sample keeps it affordable)")
     p.add_argument("--skip-subset", action="store_true", help="only the --recall-points section")
+    p.add_argument("--nprobe", default="16", help="IVF lists visited per query, comma-separated to compare")
     p.add_argument("--cache", default="outputs/bench_cache")
     args = p.parse_args()
     cpus = os.cpu_count() or 1
@@ -164,12 +165,15 @@ def whole_bank_recall(bank: np.ndarray, args, row) -> None:
     row(f"whole bank, exact: {len(sample)} points",
         f"{s:7.1f} s  (whole bank ~{s * scale / 60:.0f} min)")
     exact_density = exact_d.mean(axis=1)
-    for kind in [x for x in args.approximate.split(",") if x]:
-        approx = BankIndex(bank, neighbour_search=kind)
+    variants = [(kind, int(nprobe)) for kind in args.approximate.split(",") if kind
+                for nprobe in (args.nprobe.split(",") if kind == "ivf" else ["0"])]
+    for kind, nprobe in variants:
+        approx = BankIndex(bank, neighbour_search=kind, nprobe=nprobe or 16)
         (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
         (ad, ai), s = timed(lambda: approx.search_bank_points(sample, args.k))
         rel = (ad.mean(1) - exact_density) / exact_density
-        row(f"whole bank, {kind}: {len(sample)} points (build {s_build:.0f} s)",
+        name = f"{kind} nprobe={nprobe}" if kind == "ivf" else kind
+        row(f"whole bank, {name}: {len(sample)} points (build {s_build:.0f} s)",
             f"{s:7.1f} s  (whole bank ~{(s_build + s * scale) / 60:.0f} min)  recall@{args.k} "
             f"{recall_at_k(exact_i, ai):.4f}  density rel. error median {np.median(rel):.1e}, "
             f"p99 {np.quantile(rel, 0.99):.1e}, max {rel.max():.1e}")

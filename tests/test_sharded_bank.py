@@ -3,6 +3,7 @@ is restarted from its file; float16 storage and the approximate density path beh
 
 import threading
 
+import faiss
 import numpy as np
 import pytest
 import ray
@@ -10,7 +11,9 @@ import ray
 from reb_dist.distributed.sharded_bank import BankShard, ShardedBank, read_shard, shard_bounds, write_shards
 from reb_dist.errors import ModelFileError, RebError
 from reb_dist.ldknn import BankIndex, BankScorer, ScoringMethod
-from reb_dist.ldknn.approx import EXACT_UP_TO, recall_at_k, resolve_neighbour_search
+from reb_dist.ldknn import approx
+from reb_dist.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
+                                   scaled_nprobe)
 from reb_dist.ldknn.search import merge_nearest
 
 SIZES = {1: [2400], 2: [500, 1900], 3: [1100, 150, 1150]}  # uneven on purpose
@@ -154,3 +157,20 @@ def test_auto_neighbour_search_depends_on_bank_size():
     assert resolve_neighbour_search("auto", EXACT_UP_TO + 1) == "ivf"
     with pytest.raises(ValueError, match="neighbour search"):
         resolve_neighbour_search("lsh", 10)
+
+
+def test_ivf_visits_a_fixed_fraction_of_its_lists_unless_told():
+    bank = np.random.default_rng(0).standard_normal((10_000, 8)).astype(np.float32)
+    nlist = ivf_lists(len(bank))
+    assert faiss.extract_index_ivf(build_approximate(bank, "ivf")).nprobe == scaled_nprobe(nlist)
+    assert scaled_nprobe(100) == 16 and scaled_nprobe(3533) == 74  # 780k points: 3,533 lists
+    assert faiss.extract_index_ivf(build_approximate(bank, "ivf", nprobe=5)).nprobe == 5
+
+
+def test_auto_is_decided_by_the_whole_bank_not_by_each_shard(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(approx, "EXACT_UP_TO", 500)  # the bank below is 600 points, each shard 300
+    bank = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    with ShardedBank.create(bank, tmp_path, 2, cpus_per_shard=0.5) as sharded:
+        assert sharded.neighbour_search == "ivf"
+    with ShardedBank.create(bank, tmp_path / "exact", 2, neighbour_search="exact", cpus_per_shard=0.5) as sharded:
+        assert sharded.neighbour_search == "exact"

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from ..errors import ModelFileError, RebError
+from ..ldknn.approx import resolve_neighbour_search
 from ..ldknn.search import BankIndex, as_float32, check_bank, drop_self, merge_nearest
 
 SHARD_FORMAT = "reb-dist-bank-shard/1"
@@ -61,14 +62,15 @@ def write_shard(path: Path, vectors: np.ndarray, offset: int, total: int, bank_i
             os.unlink(tmp)
 
 
-def read_shard(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_shard(path: str | Path, with_vectors: bool = True) -> tuple[np.ndarray | None, dict]:
+    """(vectors, {offset, total, bank_id}); with_vectors=False reads only the header."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: bank shard file not found")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            vectors = f.get_tensor("vectors")
+            vectors = f.get_tensor("vectors") if with_vectors else None
     except Exception as exc:
         raise ModelFileError(f"{path}: not a bank shard file ({exc})") from exc
     if meta.get("format") != SHARD_FORMAT:
@@ -101,7 +103,7 @@ class BankShard:
     A plain class, so it also runs in-process; `ShardedBank` wraps it with `ray.remote`.
     """
 
-    def __init__(self, path: str, neighbour_search: str = "exact", nprobe: int = 16,
+    def __init__(self, path: str, neighbour_search: str = "auto", nprobe: int = 0,
                  use_gpu: bool = False, threads: int | None = None):
         if threads:  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; whole CPUs get their count
             import faiss
@@ -131,7 +133,7 @@ class ShardedBank:
     and open a bank, `ShardedBank(paths)` to open shard files already written; `close()` (or a
     with-block) stops the actors."""
 
-    def __init__(self, shard_paths: list[str | Path], *, neighbour_search: str = "exact", nprobe: int = 16,
+    def __init__(self, shard_paths: list[str | Path], *, neighbour_search: str = "auto", nprobe: int = 0,
                  cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0, max_restarts: int = 3,
                  batch_size: int = 16384):
         import ray
@@ -140,8 +142,11 @@ class ShardedBank:
 
         if not shard_paths:
             raise ValueError("a sharded bank needs at least one shard file")
-        self._started_ray = ensure_ray()
         self.paths = [str(p) for p in shard_paths]
+        # "auto" is decided by the WHOLE bank's size, so that every shard searches the same way
+        total = read_shard(self.paths[0], with_vectors=False)[1]["total"]
+        self.neighbour_search = neighbour_search = resolve_neighbour_search(neighbour_search, total)
+        self._started_ray = ensure_ray()
         self.batch_size = batch_size
         remote = ray.remote(BankShard).options(
             num_cpus=cpus_per_shard, num_gpus=gpus_per_shard,
@@ -158,9 +163,6 @@ class ShardedBank:
     @classmethod
     def create(cls, bank: np.ndarray, directory: str | Path, num_shards: int,
                sizes: list[int] | None = None, dtype: str = "float32", **kw) -> ShardedBank:
-        from ..ldknn.approx import resolve_neighbour_search
-
-        kw["neighbour_search"] = resolve_neighbour_search(kw.get("neighbour_search", "exact"), len(bank))
         return cls(write_shards(bank, directory, num_shards, sizes, dtype), **kw)
 
     def _check_shards(self, infos: list[dict]) -> None:

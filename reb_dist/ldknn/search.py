@@ -89,7 +89,7 @@ class BankIndex:
     """
 
     def __init__(self, bank: np.ndarray, use_gpu: bool = False, dtype: str = "float32",
-                 neighbour_search: str = "exact", nprobe: int = 16):
+                 neighbour_search: str = "auto", nprobe: int = 0):
         self.bank = check_bank(bank, dtype)
         self.dtype = dtype
         self.neighbour_search = resolve_neighbour_search(neighbour_search, len(self.bank))

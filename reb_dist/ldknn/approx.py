@@ -21,7 +21,7 @@ NEIGHBOUR_SEARCHES = ("auto", "exact", "ivf", "hnsw")
 EXACT_UP_TO = 1_000_000
 # IVF lists visited per query when nprobe=0 (auto): a fixed fraction of the lists, since recall at a
 # fixed nprobe falls as the bank (and so nlist = 4 sqrt(n)) grows. At 780k points (3,533 lists)
-# nprobe 16 / 32 / 64 / 128 gave recall@9 0.969 / 0.990 / 0.9975 / 0.9994; 1/48 of the lists is 73.
+# nprobe 16 / 32 / 64 / 128 gave recall@9 0.969 / 0.990 / 0.9975 / 0.9994; 1/48 of the lists is 74.
 NPROBE_FRACTION = 1 / 48
 
 

@@ -61,7 +61,8 @@ class BankConfig:
     # how bank densities find each bank point's K neighbours: exact | ivf | hnsw | auto (exact up to
     # 1M points, IVF above; see reb_dist/ldknn/approx.py)
     neighbour_search: str = "auto"
-    nprobe: int = 0  # IVF lists visited per query; 0: 1/48 of the lists (74 at 780k points; nprobe 64 measured recall@9 0.9975 there)
+    # IVF lists visited per query; 0: 1/48 of the lists (74 at 780k points, where 64 gave recall@9 0.9975)
+    nprobe: int = 0
     shards: int = 0  # 0: one in-process faiss index; N >= 1: N Ray actors, one shard each
     shard_cpus: float = 1.0
     shard_gpus: float = 0.0

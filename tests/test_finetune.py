@@ -8,6 +8,7 @@ import ray
 from reb_dist.backbones import build_backbone
 from reb_dist.config import SAMPLE_DATA, RunConfig
 from reb_dist.finetune.defect_stream import DefectBatchMaker, defect_dataset, defect_items
+from reb_dist.errors import RebError
 from reb_dist.finetune.driver import finetune, latest_checkpoint, read_metrics
 
 TRAIN = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))
@@ -84,6 +85,15 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     out.unlink()
     assert finetune(RunConfig.load(None, FINETUNE_SETTINGS + [storage]), "bottle", out).resumed_from_step == 4
     assert build_backbone("efficientnet_lite0", weights=out).fingerprint == tuned.fingerprint
+
+    # the same run name with a different training setting is refused, not silently reused
+    out.unlink()
+    with pytest.raises(RebError, match=r"finetune.bn_stats: 'update' -> 'frozen'.*finetune.run_name"):
+        finetune(RunConfig.load(None, FINETUNE_SETTINGS + [storage, "finetune.bn_stats=frozen"]), "bottle", out)
+    assert not out.exists()
+    # while a setting that only says where and how fast it trains may change
+    assert finetune(RunConfig.load(None, FINETUNE_SETTINGS + [storage, "finetune.checkpoint_every=1"]),
+                    "bottle", out).resumed_from_step == 4
 
     # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN
     assert main(["benchmark", "--no-mlflow", "--methods", "ldknn,knn", "--set", "data.few_shot=8",

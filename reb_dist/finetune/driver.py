@@ -19,6 +19,10 @@ from ..errors import RebError
 from .train_loop import BACKBONE_FILE, STATE_FILE, micro_batches_per_step, train_loop_per_worker
 
 METRICS_FILE = "metrics.jsonl"
+SETTINGS_FILE = "reb_settings.json"
+# settings that decide where and how fast a run trains, not what it learns: free to change on resume
+RESOURCE_SETTINGS = {"checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker", "data_workers", "data_cpus",
+                     "torch_threads", "storage_path", "run_name", "fail_at_step"}
 
 
 @dataclass
@@ -31,6 +35,31 @@ class FinetuneResult:
 
 def run_name(cfg: RunConfig, category: str) -> str:
     return cfg.finetune.run_name or f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"
+
+
+def run_settings(cfg: RunConfig, category: str) -> dict:
+    """What a run learns from: resuming with any of these changed would mix two experiments."""
+    learned = {k: v for k, v in vars(cfg.finetune).items() if k not in RESOURCE_SETTINGS}
+    return {"category": category, "image_size": cfg.data.image_size, "backbone": cfg.backbone.name,
+            "weights": cfg.backbone.weights, **{f"finetune.{k}": v for k, v in learned.items()}}
+
+
+def check_run_settings(run_dir: Path, settings: dict) -> None:
+    """Record a new run's settings; refuse to resume (or reuse) a run trained with other ones."""
+    from ..plots import write_text_atomic
+
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(settings, indent=1, default=str))
+        return
+    saved = json.loads(path.read_text())
+    changed = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(settings, default=str)).items()
+               if saved.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise RebError(f"{run_dir}: this run was trained with other settings ({listed}); resuming would mix "
+                       f"two experiments. Name a new run (--set finetune.run_name=...) or remove that folder.")
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
@@ -71,6 +100,7 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     storage = Path(f.storage_path).absolute()
     name = run_name(cfg, category)
     run_dir = storage / name
+    check_run_settings(run_dir, run_settings(cfg, category))
     checkpoint_dir, start_step = latest_checkpoint(run_dir)
     train_metrics = {}
     if start_step < f.steps:

@@ -14,10 +14,10 @@ import faiss
 import numpy as np
 
 NEIGHBOUR_SEARCHES = ("auto", "exact", "ivf", "hnsw")
-# Up to this many bank points `auto` stays exact: the exact density build runs at ~75% of the
-# machine's GEMM rate, an evaluation needs only the bank points test patches land next to (780k x 152
-# on 2 cores: 28 min), and IVF's recall at that size is 0.990-0.999, not 1. Above it, `auto` takes IVF
-# with nprobe scaled to the list count. Measured in docs/RESULTS.md section 3.
+# Up to this many bank points `auto` stays exact: the exact density build runs at 72-91% of the
+# machine's GEMM rate, an evaluation needs only the bank points test patches land next to (780k x
+# 152 on 2 cores: 15-28 min), and IVF's recall at that size is 0.990-0.999, not 1. Above it, `auto`
+# takes IVF with nprobe scaled to the list count. Measured in docs/RESULTS.md section 3.
 EXACT_UP_TO = 1_000_000
 # IVF lists visited per query when nprobe=0 (auto): a fixed fraction of the lists, since recall at a
 # fixed nprobe falls as the bank (and so nlist = 4 sqrt(n)) grows. At 780k points (3,533 lists)

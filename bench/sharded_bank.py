@@ -143,15 +143,33 @@ def main() -> None:
                 row(f"{num} Ray shard(s): test-patch queries",
                     f"{len(queries) / s:7.0f} queries/s  {query_flop / s / 1e9:6.1f} GFLOP/s")
 
-    for kind in [x for x in args.approximate.split(",") if x]:
-        approx = BankIndex(bank, neighbour_search=kind)
-        (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
-        (ad, ai), s = timed(lambda: approx.search_bank_points(everything, args.k))
-        rel = (ad.mean(1) - exact_density) / exact_density
-        row(f"{kind}: whole-bank density (build {s_build:.1f} s)",
-            f"{s:7.1f} s  speed-up {timed_single(rows) / s:4.1f}x  recall@{args.k} "
-            f"{recall_at_k(exact[1], ai):.4f}  density rel. error median {np.median(rel):.1e}, "
-            f"p99 {np.quantile(rel, 0.99):.1e}")
+    for kind, nprobe in approximate_variants(args):
+        s_build, s, found = measure_approximate(bank, everything, exact, kind, nprobe, args.k)
+        row(f"{variant_name(kind, nprobe)}: whole-bank density (build {s_build:.1f} s)",
+            f"{s:7.1f} s  speed-up {timed_single(rows) / s:4.1f}x  {found}")
+
+
+def approximate_variants(args) -> list[tuple[str, int]]:
+    """(kind, nprobe) pairs to measure: every --nprobe for IVF, one run for HNSW (nprobe unused)."""
+    return [(kind, int(nprobe)) for kind in args.approximate.split(",") if kind
+            for nprobe in (args.nprobe.split(",") if kind == "ivf" else ["0"])]
+
+
+def variant_name(kind: str, nprobe: int) -> str:
+    return f"{kind} nprobe={nprobe}" if kind == "ivf" else kind
+
+
+def measure_approximate(bank: np.ndarray, points: np.ndarray, exact: tuple[np.ndarray, np.ndarray], kind: str,
+                        nprobe: int, k: int) -> tuple[float, float, str]:
+    """(index build s, search s, recall and density-error text) of one approximate path for `points`,
+    against the exact (distances, ids) of the same points."""
+    approx = BankIndex(bank, neighbour_search=kind, nprobe=nprobe)
+    (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
+    (found_d, found_i), s = timed(lambda: approx.search_bank_points(points, k))
+    exact_density = exact[0].mean(axis=1)
+    rel = (found_d.mean(1) - exact_density) / exact_density
+    return s_build, s, (f"recall@{k} {recall_at_k(exact[1], found_i):.4f}  density rel. error median "
+                        f"{np.median(rel):.1e}, p99 {np.quantile(rel, 0.99):.1e}, max {rel.max():.1e}")
 
 
 def whole_bank_recall(bank: np.ndarray, args, row) -> None:
@@ -161,22 +179,13 @@ def whole_bank_recall(bank: np.ndarray, args, row) -> None:
     sample = np.sort(np.random.default_rng(1).choice(n, min(args.recall_points, n), replace=False))
     scale = n / len(sample)
     print(f"{args.category}: whole bank {n} x {bank.shape[1]}, {len(sample)} sampled bank points, K={args.k}")
-    (exact_d, exact_i), s = timed(lambda: BankIndex(bank).search_bank_points(sample, args.k))
+    exact, s = timed(lambda: BankIndex(bank).search_bank_points(sample, args.k))
     row(f"whole bank, exact: {len(sample)} points",
         f"{s:7.1f} s  (whole bank ~{s * scale / 60:.0f} min)")
-    exact_density = exact_d.mean(axis=1)
-    variants = [(kind, int(nprobe)) for kind in args.approximate.split(",") if kind
-                for nprobe in (args.nprobe.split(",") if kind == "ivf" else ["0"])]
-    for kind, nprobe in variants:
-        approx = BankIndex(bank, neighbour_search=kind, nprobe=nprobe or 16)
-        (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
-        (ad, ai), s = timed(lambda: approx.search_bank_points(sample, args.k))
-        rel = (ad.mean(1) - exact_density) / exact_density
-        name = f"{kind} nprobe={nprobe}" if kind == "ivf" else kind
-        row(f"whole bank, {name}: {len(sample)} points (build {s_build:.0f} s)",
-            f"{s:7.1f} s  (whole bank ~{(s_build + s * scale) / 60:.0f} min)  recall@{args.k} "
-            f"{recall_at_k(exact_i, ai):.4f}  density rel. error median {np.median(rel):.1e}, "
-            f"p99 {np.quantile(rel, 0.99):.1e}, max {rel.max():.1e}")
+    for kind, nprobe in approximate_variants(args):
+        s_build, s, found = measure_approximate(bank, sample, exact, kind, nprobe, args.k)
+        row(f"whole bank, {variant_name(kind, nprobe)}: {len(sample)} points (build {s_build:.0f} s)",
+            f"{s:7.1f} s  (whole bank ~{(s_build + s * scale) / 60:.0f} min)  {found}")
 
 
 def timed_single(rows: list[tuple[str, str]]) -> float:

@@ -29,8 +29,8 @@ def main() -> None:
 
     from reb_dist.config import RunConfig
     from reb_dist.distributed.runtime import ensure_ray
-    from reb_dist.evaluation import load_category
-    from reb_dist.finetune.defect_stream import DefectBatchMaker, defect_dataset, defect_items
+    from reb_dist.pipelines.evaluate import load_category
+    from reb_dist.distributed.defect_stream import DefectBatchMaker, defect_dataset, defect_items
 
     cfg = RunConfig.load(None, [f"data.root={args.root}", f"data.image_size={args.image_size}", *args.overrides])
     paths = [str(s.image_path) for s in load_category(cfg.data, args.category).train]
@@ -61,7 +61,7 @@ def main() -> None:
 
     # 3. end to end: DefectMaker stream -> 2-worker TorchTrainer, images per second of training
     if args.train_steps:
-        from reb_dist.finetune.driver import finetune, read_metrics
+        from reb_dist.distributed.finetune import finetune, read_metrics
 
         with tempfile.TemporaryDirectory() as tmp:
             tcfg = RunConfig.load(None, [

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from reb_dist.config import RunConfig
-from reb_dist.evaluation import fit_detector, load_category, loader
-from reb_dist.ldknn import BankStats
+from reb_dist.pipelines.evaluate import fit_detector, load_category, loader
+from reb_dist.core.ldknn import BankStats
 
 
 def main() -> None:

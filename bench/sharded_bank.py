@@ -25,9 +25,9 @@ import torch
 from reb_dist.config import RunConfig
 from reb_dist.distributed.runtime import ensure_ray
 from reb_dist.distributed.sharded_bank import ShardedBank
-from reb_dist.evaluation import fit_detector, load_category, loader
-from reb_dist.ldknn import BankIndex
-from reb_dist.ldknn.approx import recall_at_k
+from reb_dist.pipelines.evaluate import fit_detector, load_category, loader
+from reb_dist.core.ldknn import BankIndex
+from reb_dist.core.ldknn.approx import recall_at_k
 
 
 def features(args) -> tuple[np.ndarray, np.ndarray]:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from reb_dist.backbones import DEFAULT_BACKBONE, build_backbone, load_weights_file
-from reb_dist.data.dataset import ImageDataset
-from reb_dist.data.layouts import load_split
+from reb_dist.core.backbones import DEFAULT_BACKBONE, build_backbone, load_weights_file
+from reb_dist.io.data.dataset import ImageDataset
+from reb_dist.io.data.layouts import load_split
 
 RUNNING = ("running_mean", "running_var")
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from reb_dist.errors import RebError
-from reb_dist.sweep import Sweep, run_sweep
+from reb_dist.distributed.sweep import Sweep, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

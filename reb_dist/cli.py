@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig
-from .errors import RebError
+from reb_dist.config import RunConfig
+from reb_dist.errors import RebError
 
 RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_fit(args, command_line: str) -> int:
-    from .evaluation import categories_of, fit_detector, load_category
-    from .tracking import Tracker
+    from reb_dist.pipelines.evaluate import categories_of, fit_detector, load_category
+    from reb_dist.io.tracking import Tracker
 
     cfg = load_config(args)
     paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "models", "")
@@ -130,9 +130,9 @@ def _output_files(output: str | None, categories: list[str], default_dir: Path, 
 
 
 def cmd_evaluate(args, command_line: str) -> int:
-    from .detector import Detector
-    from .evaluation import categories_of, evaluate_category, shard_dir
-    from .tracking import Tracker
+    from reb_dist.core.detector import Detector
+    from reb_dist.pipelines.evaluate import categories_of, evaluate_category, shard_dir
+    from reb_dist.io.tracking import Tracker
 
     cfg = load_config(args)
     categories = categories_of(cfg.data)
@@ -150,8 +150,8 @@ def cmd_evaluate(args, command_line: str) -> int:
 
 
 def cmd_benchmark(args, command_line: str) -> int:
-    from .evaluation import categories_of, evaluate_category
-    from .tracking import Tracker
+    from reb_dist.pipelines.evaluate import categories_of, evaluate_category
+    from reb_dist.io.tracking import Tracker
 
     cfg = load_config(args)
     start = time.perf_counter()
@@ -195,7 +195,7 @@ def _rows(results) -> list[dict]:
 
 
 def _report(rows, cfg: RunConfig, tracker, results, command_line: str, name: str, wall: float | None = None):
-    from .plots import results_table_markdown, results_table_text
+    from reb_dist.reporting.plots import results_table_markdown, results_table_text
 
     out = Path(cfg.output_dir) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -221,9 +221,9 @@ def _report(rows, cfg: RunConfig, tracker, results, command_line: str, name: str
 
 def _plots(result, cfg: RunConfig, out: Path) -> list[Path]:
     """ROC curves of every method, and a heatmap gallery of the first method."""
-    from .data import read_image, read_mask
-    from .data.dataset import resize_mask
-    from .plots import heatmap_grid, plot_roc_curves
+    from reb_dist.io.data import read_image, read_mask
+    from reb_dist.io.data.dataset import resize_mask
+    from reb_dist.reporting.plots import heatmap_grid, plot_roc_curves
     from PIL import Image
 
     name = f"{result.category}{'_' + result.variant if result.variant else ''}"
@@ -248,9 +248,9 @@ def _plots(result, cfg: RunConfig, out: Path) -> list[Path]:
 
 
 def cmd_finetune(args, command_line: str) -> int:
-    from .evaluation import categories_of
-    from .finetune.driver import finetune
-    from .tracking import Tracker
+    from reb_dist.pipelines.evaluate import categories_of
+    from reb_dist.distributed.finetune import finetune
+    from reb_dist.io.tracking import Tracker
 
     cfg = load_config(args)
     paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "backbones",
@@ -272,10 +272,10 @@ def cmd_finetune(args, command_line: str) -> int:
 
 
 def cmd_tune(args, command_line: str) -> int:
-    from .distributed.tuning import tune_classes
-    from .evaluation import categories_of
-    from .plots import results_table_markdown, results_table_text
-    from .tracking import Tracker
+    from reb_dist.distributed.tuning import tune_classes
+    from reb_dist.pipelines.evaluate import categories_of
+    from reb_dist.reporting.plots import results_table_markdown, results_table_text
+    from reb_dist.io.tracking import Tracker
 
     cfg = load_config(args)
     start = time.perf_counter()
@@ -303,7 +303,7 @@ def cmd_tune(args, command_line: str) -> int:
 
 
 def cmd_report(args, command_line: str) -> int:
-    from .report import collect, write_report
+    from reb_dist.reporting.report import collect, write_report
 
     rows, trials = collect(args.tracking_uri, args.experiment)
     if not rows and not trials:
@@ -315,10 +315,10 @@ def cmd_report(args, command_line: str) -> int:
 
 def _defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4) -> Path:
     """What the SSL task trains on: every class for a few training images of the category."""
-    from .data import read_image
-    from .defectmaker import DefectMaker
-    from .evaluation import load_category
-    from .plots import defect_gallery
+    from reb_dist.io.data import read_image
+    from reb_dist.core.defectmaker import DefectMaker
+    from reb_dist.pipelines.evaluate import load_category
+    from reb_dist.reporting.plots import defect_gallery
 
     f = cfg.finetune
     maker = DefectMaker(task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency)
@@ -336,10 +336,10 @@ def _defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4
 def cmd_predict(args, command_line: str) -> int:
     from PIL import Image
 
-    from .data import is_image_file, read_image
-    from .data.dataset import preprocess
-    from .detector import Detector
-    from .plots import heatmap_overlay, save_png
+    from reb_dist.io.data import is_image_file, read_image
+    from reb_dist.io.data.dataset import preprocess
+    from reb_dist.core.detector import Detector
+    from reb_dist.reporting.plots import heatmap_overlay, save_png
 
     detector = Detector.load(args.model, args.device)
     paths = []
@@ -376,7 +376,7 @@ def cmd_predict(args, command_line: str) -> int:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from .plots import write_text_atomic
+    from reb_dist.reporting.plots import write_text_atomic
 
     write_text_atomic(path, text)
 

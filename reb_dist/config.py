@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from reb_dist.errors import ConfigError
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_bottle_256"
 

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from reb_dist.backbones import (
+from reb_dist.core.backbones import (
     _lite_packaged_weights,
     _lite_to_timm_keys,
     available_backbones,
@@ -24,7 +24,7 @@ from reb_dist.backbones import (
     feature_fingerprint,
     state_dict_fingerprint,
 )
-from reb_dist.data import IMAGENET_MEAN, IMAGENET_STD, read_image
+from reb_dist.io.data import IMAGENET_MEAN, IMAGENET_STD, read_image
 from reb_dist.errors import BackboneError
 
 SAMPLE_PHOTO = (Path(__file__).resolve().parents[1] / "reb_dist" / "sample_data" / "mvtec_bottle_256"

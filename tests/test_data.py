@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import reb_dist
-from reb_dist.data import (
+from reb_dist.io.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataset,

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 import reb_dist
-from reb_dist.defectmaker import (
+from reb_dist.core.defectmaker import (
     FILLS,
     SHAPES,
     DefectMaker,
@@ -35,7 +35,7 @@ from reb_dist.defectmaker import (
     spectral_residual_saliency,
     synthesize,
 )
-from reb_dist.defectmaker.maker import CLUMP_WEIGHT_RANGE, SOLID_WEIGHT_RANGE, fuse_radii
+from reb_dist.core.defectmaker.maker import CLUMP_WEIGHT_RANGE, SOLID_WEIGHT_RANGE, fuse_radii
 
 GOOD = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_bottle_256" / "bottle" / "train" / "good"
 IMAGE_PATH = GOOD / "000.png"
@@ -255,7 +255,7 @@ def test_samples_are_identical_in_a_fresh_process():
     here = _digest(dm.sample_all(RGB, 42, SOURCE))
     code = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import test_defectmaker as t; "
-        "from reb_dist.defectmaker import DefectMaker; "
+        "from reb_dist.core.defectmaker import DefectMaker; "
         "print(t._digest(DefectMaker().sample_all(t.RGB, 42, t.SOURCE)))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True,

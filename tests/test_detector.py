@@ -15,9 +15,9 @@ from safetensors.numpy import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from reb_dist.config import RunConfig
-from reb_dist.detector import MODEL_FORMAT, Detector
+from reb_dist.core.detector import MODEL_FORMAT, Detector
 from reb_dist.errors import ModelFileError
-from reb_dist.evaluation import evaluate_category, fit_detector, load_category, loader
+from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category, loader
 
 BASE = ["data.categories=[bottle]", "backbone.device=cpu", "tracking.enabled=false",
         "scoring.methods=[ldknn,knn,nn1]"]

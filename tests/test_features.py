@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reb_dist.backbones import build_backbone
-from reb_dist.features import PatchFeatures, aggregate_adaptive, aggregate_avgpool, extract_features
+from reb_dist.core.backbones import build_backbone
+from reb_dist.core.features import PatchFeatures, aggregate_adaptive, aggregate_avgpool, extract_features
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import torch
 import pytest
 import ray
 
-from reb_dist.backbones import build_backbone
+from reb_dist.core.backbones import build_backbone
 from reb_dist.config import SAMPLE_DATA, RunConfig
-from reb_dist.finetune.defect_stream import DefectBatchMaker, defect_dataset, defect_items
+from reb_dist.distributed.defect_stream import DefectBatchMaker, defect_dataset, defect_items
 from reb_dist.errors import RebError
-from reb_dist.finetune.driver import finetune, latest_checkpoint, read_metrics
+from reb_dist.distributed.finetune import finetune, latest_checkpoint, read_metrics
 
 TRAIN = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))
 
@@ -76,7 +76,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     assert tuned.fingerprint != build_backbone("efficientnet_lite0").fingerprint  # it did train
 
     # a finished run is not trained again: its backbone is only copied out
-    import reb_dist.finetune.driver as driver
+    import reb_dist.distributed.finetune as driver
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run started a trainer")
@@ -108,7 +108,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
 
 def test_frozen_bn_stats_keep_the_start_statistics_while_weights_learn():
     """bn_stats=frozen: a training step moves the weights, not the backbone's running statistics."""
-    from reb_dist.finetune.ssl_model import SSLClassifier
+    from reb_dist.core.ssl_model import SSLClassifier
 
     backbone = build_backbone("efficientnet_lite0")
     images, labels = torch.randn(8, 3, 64, 64), torch.arange(8) % 7

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reb_dist.ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
+from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
 
 
 def brute_force_distances(a, b):

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from reb_dist import metrics as M
+from reb_dist.core import metrics as M
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

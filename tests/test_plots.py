@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reb_dist import plots as P
+from reb_dist.reporting import plots as P
 
 
 def _png(path: Path) -> np.ndarray:

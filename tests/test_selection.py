@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from reb_dist.anomaly_map import image_scores
+from reb_dist.core.anomaly_map import image_scores
 from reb_dist.config import SAMPLE_DATA
-from reb_dist.data import load_split
-from reb_dist.ldknn import BankIndex, BankScorer, ScoringMethod
-from reb_dist.ldknn.selection import ldknn_maps, neighbour_table, patch_masks, validation_objective
-from reb_dist.validation import holdout_test_split, make_split, synthetic_split
+from reb_dist.io.data import load_split
+from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
+from reb_dist.core.ldknn.selection import ldknn_maps, neighbour_table, patch_masks, validation_objective
+from reb_dist.pipelines.validation import holdout_test_split, make_split, synthetic_split
 
 @pytest.fixture(scope="module")
 def ci_split():

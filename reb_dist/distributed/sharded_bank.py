@@ -6,7 +6,7 @@ metadata) and is held by one actor. An actor that dies (killed, out of memory, i
 restarted by Ray from its file and the call it was answering is retried; when restarts run out the
 search raises, so no partial or silently wrong scores come back.
 
-`ShardedBank` has the interface of `reb_dist.ldknn.BankIndex` (`__len__`, `search`,
+`ShardedBank` has the interface of `reb_dist.core.ldknn.BankIndex` (`__len__`, `search`,
 `search_bank_points`, `vectors`), so `BankScorer`, `BankStats` and the detector use it unchanged.
 """
 
@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from ..errors import ModelFileError, RebError
-from ..ldknn.approx import resolve_neighbour_search
-from ..ldknn.search import BankIndex, as_float32, check_bank, drop_self, merge_nearest
+from reb_dist.errors import ModelFileError, RebError
+from reb_dist.core.ldknn.approx import resolve_neighbour_search
+from reb_dist.core.ldknn.search import BankIndex, as_float32, check_bank, drop_self, merge_nearest
 
 SHARD_FORMAT = "reb-dist-bank-shard/1"
 
@@ -138,7 +138,7 @@ class ShardedBank:
                  batch_size: int = 16384):
         import ray
 
-        from .runtime import ensure_ray
+        from reb_dist.distributed.runtime import ensure_ray
 
         if not shard_paths:
             raise ValueError("a sharded bank needs at least one shard file")

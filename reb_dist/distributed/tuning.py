@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..anomaly_map import image_scores
-from ..config import RunConfig
-from ..data.dataset import preprocess
-from ..detector import Detector
-from ..evaluation import load_category, loader
-from ..ldknn.selection import NeighbourTable, ldknn_maps, neighbour_table, patch_masks, validation_objective
-from ..metrics import evaluate
-from ..plots import write_text_atomic
-from ..validation import ValidationSet, make_split
+from reb_dist.core.anomaly_map import image_scores
+from reb_dist.config import RunConfig
+from reb_dist.io.data.dataset import preprocess
+from reb_dist.core.detector import Detector
+from reb_dist.pipelines.evaluate import load_category, loader
+from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, neighbour_table, patch_masks, validation_objective
+from reb_dist.core.metrics import evaluate
+from reb_dist.reporting.plots import write_text_atomic
+from reb_dist.pipelines.validation import ValidationSet, make_split
 
 
 @dataclass
@@ -169,7 +169,7 @@ def global_choice(cfg: RunConfig, all_tables: list[ClassTables]) -> tuple[int, f
 
 def reported_metrics(cfg: RunConfig, c: ClassTables, k: int, alpha: float) -> dict[str, float]:
     """Metrics on the reported test images only, for one (K, alpha)."""
-    from ..anomaly_map import pixel_maps
+    from reb_dist.core.anomaly_map import pixel_maps
 
     maps = ldknn_maps(c.test, k, alpha, cfg.scoring.squared)
     scores = image_scores(maps, cfg.scoring.image_score)
@@ -198,7 +198,7 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
 
     Returns (selections, result rows, global choice) and writes them under <output_dir>/tune/.
     """
-    from .runtime import ensure_ray
+    from reb_dist.distributed.runtime import ensure_ray
 
     if cfg.scoring.k > cfg.tune.k_max:
         raise ValueError(f"scoring.k={cfg.scoring.k} (the default compared against) exceeds tune.k_max={cfg.tune.k_max}")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones import build_backbone
-from ..data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from .ssl_model import SSLClassifier
+from reb_dist.core.backbones import build_backbone
+from reb_dist.io.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from reb_dist.core.ssl_model import SSLClassifier
 
 STATE_FILE = "train_state.pt"
 BACKBONE_FILE = "backbone.safetensors"

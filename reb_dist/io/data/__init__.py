@@ -1,7 +1,7 @@
 """Datasets: reading images and masks, folder layouts, and the torch Dataset."""
 
-from reb_dist.data.dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, few_shot, preprocess, resize_mask
-from reb_dist.data.images import (
+from reb_dist.io.data.dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, few_shot, preprocess, resize_mask
+from reb_dist.io.data.images import (
     IMAGE_EXTENSIONS,
     image_size,
     is_image_file,
@@ -10,7 +10,7 @@ from reb_dist.data.images import (
     read_image,
     read_mask,
 )
-from reb_dist.data.layouts import (
+from reb_dist.io.data.layouts import (
     LAYOUTS,
     btad,
     check_split,
@@ -21,7 +21,7 @@ from reb_dist.data.layouts import (
     mvtec_ad,
     mvtec_loco,
 )
-from reb_dist.data.samples import NORMAL, ClassSplit, Sample
+from reb_dist.io.data.samples import NORMAL, ClassSplit, Sample
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUTS", "NORMAL",

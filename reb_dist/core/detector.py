@@ -1,7 +1,7 @@
 """A fitted memory-bank detector: backbone + patch features + bank (+ densities), saved safely.
 
 `Detector` glues the pure pieces together for one category: it extracts features, builds the bank
-(optionally a coreset), scores patches with any method of `reb_dist.ldknn`, and turns patch scores
+(optionally a coreset), scores patches with any method of `reb_dist.core.ldknn`, and turns patch scores
 into image scores and pixel maps. The saved file is safetensors (tensors + JSON metadata, no
 pickle); the backbone is referenced by name and weights fingerprint and checked when loaded.
 """
@@ -21,13 +21,13 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .anomaly_map import image_scores, pixel_maps
-from .backbones import Backbone, build_backbone
-from .config import BackboneConfig, BankConfig, ScoringConfig
-from .errors import ModelFileError
-from .features import PatchFeatures, extract_features
-from .ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
+from reb_dist import __version__
+from reb_dist.core.anomaly_map import image_scores, pixel_maps
+from reb_dist.core.backbones import Backbone, build_backbone
+from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
+from reb_dist.errors import ModelFileError
+from reb_dist.core.features import PatchFeatures, extract_features
+from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
 
 MODEL_FORMAT = "reb-dist-model/1"
 
@@ -108,7 +108,7 @@ class Detector:
         self.close()
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         if b.shards >= 1:
-            from .distributed.sharded_bank import ShardedBank
+            from reb_dist.distributed.sharded_bank import ShardedBank
 
             if not (shard_dir or b.shard_dir):
                 raise ValueError("a sharded bank needs a folder for its shard files (bank.shard_dir)")

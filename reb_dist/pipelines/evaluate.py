@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .config import DataConfig, RunConfig
-from .data import ClassSplit, ImageDataset, check_split, few_shot, list_categories, load_split
-from .detector import Detector
-from .ldknn import ScoringMethod
-from .metrics import evaluate
+from reb_dist.config import DataConfig, RunConfig
+from reb_dist.io.data import ClassSplit, ImageDataset, check_split, few_shot, list_categories, load_split
+from reb_dist.core.detector import Detector
+from reb_dist.core.ldknn import ScoringMethod
+from reb_dist.core.metrics import evaluate
 
 
 @dataclass

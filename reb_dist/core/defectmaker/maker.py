@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from reb_dist.defectmaker.fills import (
+from reb_dist.core.defectmaker.fills import (
     JITTER_STRENGTH,
     apply_jitter,
     as_rgb,
@@ -33,8 +33,8 @@ from reb_dist.defectmaker.fills import (
     resize,
     to_gray,
 )
-from reb_dist.defectmaker.fusing import BLUR_RADIUS, BLUR_SIGMA, ERODE_RADIUS, composite, soften
-from reb_dist.defectmaker.saliency import (
+from reb_dist.core.defectmaker.fusing import BLUR_RADIUS, BLUR_SIGMA, ERODE_RADIUS, composite, soften
+from reb_dist.core.defectmaker.saliency import (
     DEFAULT_THRESHOLD,
     load_saliency_folder,
     resize_map,
@@ -42,7 +42,7 @@ from reb_dist.defectmaker.saliency import (
     saliency_region,
     spectral_residual_saliency,
 )
-from reb_dist.defectmaker.shapes import MIN_PIXELS, SHAPES, Centre, size_scale
+from reb_dist.core.defectmaker.shapes import MIN_PIXELS, SHAPES, Centre, size_scale
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from reb_dist.metrics import auroc, roc_curve
+from reb_dist.core.metrics import auroc, roc_curve
 
 _MAX_CURVE_POINTS = 4000  # plotted ROC points; 10M-pixel curves are thinned to this
 

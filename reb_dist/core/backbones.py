@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BackboneError
+from reb_dist.errors import BackboneError
 
 
 @dataclass

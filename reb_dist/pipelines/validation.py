@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import ClassSplit
-from .data.images import read_image
-from .data.samples import Sample
-from .defectmaker import DefectMaker
+from reb_dist.io.data import ClassSplit
+from reb_dist.io.data.images import read_image
+from reb_dist.io.data.samples import Sample
+from reb_dist.core.defectmaker import DefectMaker
 
 KINDS = ("synthetic", "test")
 

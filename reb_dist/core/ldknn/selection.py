@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .bank_stats import to_distance
+from reb_dist.core.ldknn.bank_stats import to_distance
 
 
 @dataclass

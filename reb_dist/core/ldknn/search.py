@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .approx import build_approximate, resolve_neighbour_search
+from reb_dist.core.ldknn.approx import build_approximate, resolve_neighbour_search
 
 EXTRA_CANDIDATES = 8
 STORAGE_DTYPES = ("float32", "float16")

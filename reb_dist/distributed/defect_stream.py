@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.images import read_image
+from reb_dist.io.data.images import read_image
 
 
 def sample_seed(run_seed: int, index: int) -> int:
@@ -43,7 +43,7 @@ class DefectBatchMaker:
     """A Ray Data actor: rows of (path, source, seed) -> every class variant of each base image."""
 
     def __init__(self, task: str, image_size: int, blend_prob: float, saliency: str):
-        from ..defectmaker import DefectMaker
+        from reb_dist.core.defectmaker import DefectMaker
 
         self.maker = DefectMaker(task=task, image_size=image_size, blend_prob=blend_prob, saliency=saliency)
         self.image_size = image_size

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import _save_figure
+from reb_dist.reporting.plots import _save_figure
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .bank_stats import BankStats, to_distance
-from .search import BankIndex
+from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
+from reb_dist.core.ldknn.search import BankIndex
 
 METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof")
 

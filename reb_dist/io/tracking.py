@@ -13,7 +13,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .config import RunConfig, TrackingConfig
+from reb_dist.config import RunConfig, TrackingConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from reb_dist.data.images import read_image, read_mask
-from reb_dist.data.samples import Sample
+from reb_dist.io.data.images import read_image, read_mask
+from reb_dist.io.data.samples import Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones import Backbone
+from reb_dist.core.backbones import Backbone
 
 
 def trunk_forward(name: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from reb_dist.defectmaker.fills import as_rgb, luma_x1000
+from reb_dist.core.defectmaker.fills import as_rgb, luma_x1000
 
 WORK_SIZE = 64  # the spectral residual works on a 64x64 grey image, as in Hou & Zhang
 SR_BLUR_SIGMA = 3.0  # smoothing of the residual map, px at 64

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .search import BankIndex
+from reb_dist.core.ldknn.search import BankIndex
 
 
 def to_distance(dist2: np.ndarray, squared: bool) -> np.ndarray:

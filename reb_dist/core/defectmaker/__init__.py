@@ -6,7 +6,7 @@ shapes (where), fills (what), fusing (how it is merged), saliency (where it may 
 maker (the classes of a task and the per-sample recipe).
 """
 
-from reb_dist.defectmaker.fills import (
+from reb_dist.core.defectmaker.fills import (
     FILLS,
     as_rgb,
     color_jitter,
@@ -15,8 +15,8 @@ from reb_dist.defectmaker.fills import (
     random_noise,
     to_gray,
 )
-from reb_dist.defectmaker.fusing import blend, composite, paste, soften
-from reb_dist.defectmaker.maker import (
+from reb_dist.core.defectmaker.fusing import blend, composite, paste, soften
+from reb_dist.core.defectmaker.maker import (
     TASKS,
     DefectClass,
     DefectMaker,
@@ -25,7 +25,7 @@ from reb_dist.defectmaker.maker import (
     dihedral,
     synthesize,
 )
-from reb_dist.defectmaker.saliency import (
+from reb_dist.core.defectmaker.saliency import (
     border_contrast,
     find_saliency_file,
     load_saliency_folder,
@@ -34,7 +34,7 @@ from reb_dist.defectmaker.saliency import (
     spectral_residual,
     spectral_residual_saliency,
 )
-from reb_dist.defectmaker.shapes import (
+from reb_dist.core.defectmaker.shapes import (
     SHAPES,
     bezier,
     bezier_clump,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from reb_dist.data.images import image_size, is_skipped_file, list_images, read_image, read_mask
-from reb_dist.data.samples import NORMAL, ClassSplit, Sample
+from reb_dist.io.data.images import image_size, is_skipped_file, list_images, read_image, read_mask
+from reb_dist.io.data.samples import NORMAL, ClassSplit, Sample
 from reb_dist.errors import DatasetError
 
 # A subfolder of a dataset root is a category of a layout if it has this training folder.

@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig
-from ..errors import RebError
-from .train_loop import BACKBONE_FILE, STATE_FILE, micro_batches_per_step, train_loop_per_worker
+from reb_dist.config import RunConfig
+from reb_dist.errors import RebError
+from reb_dist.distributed.train_loop import BACKBONE_FILE, STATE_FILE, micro_batches_per_step, train_loop_per_worker
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "reb_settings.json"
@@ -46,7 +46,7 @@ def run_settings(cfg: RunConfig, category: str) -> dict:
 
 def check_run_settings(run_dir: Path, settings: dict) -> None:
     """Record a new run's settings; refuse to resume (or reuse) a run trained with other ones."""
-    from ..plots import write_text_atomic
+    from reb_dist.reporting.plots import write_text_atomic
 
     path = run_dir / SETTINGS_FILE
     if not path.is_file():
@@ -90,8 +90,8 @@ def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> floa
 
 
 def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) -> FinetuneResult:
-    from ..defectmaker import DefectMaker
-    from ..evaluation import load_category
+    from reb_dist.core.defectmaker import DefectMaker
+    from reb_dist.pipelines.evaluate import load_category
 
     f = cfg.finetune
     split = load_category(cfg.data, category)
@@ -128,8 +128,8 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_d
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..distributed.runtime import ensure_ray
-    from .defect_stream import defect_dataset
+    from reb_dist.distributed.runtime import ensure_ray
+    from reb_dist.distributed.defect_stream import defect_dataset
 
     f = cfg.finetune
     started_ray = ensure_ray()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig
-from .errors import ConfigError
+from reb_dist.config import RunConfig
+from reb_dist.errors import ConfigError
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Sweep:
         return sweep
 
     def cell_config(self, cell: Cell, out_dir: str | Path) -> RunConfig:
-        from .config import _set_dotted
+        from reb_dist.config import _set_dotted
 
         values = json.loads(json.dumps(self.base))
         for item in cell.overrides:
@@ -95,7 +95,7 @@ class Sweep:
 
 def run_cell(cfg: RunConfig, category: str) -> dict:
     """Evaluate one cell (a Ray task body; also callable in-process)."""
-    from .evaluation import evaluate_category
+    from reb_dist.pipelines.evaluate import evaluate_category
 
     start = time.perf_counter()
     result = evaluate_category(cfg, category)
@@ -105,7 +105,7 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from .plots import write_text_atomic
+    from reb_dist.reporting.plots import write_text_atomic
 
     write_text_atomic(path, json.dumps(payload, indent=1, default=float))
 
@@ -116,7 +116,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     import ray
     from tqdm.auto import tqdm
 
-    from .distributed.runtime import ensure_ray
+    from reb_dist.distributed.runtime import ensure_ray
 
     out = Path(out_dir).absolute()
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def _log_cell(mlflow_run, cell: Cell, result: dict) -> None:
     """One FINISHED nested run per method of the cell, logged in one batch each."""
     from mlflow.entities import Metric, Param
 
-    from .tracking import _metric_name
+    from reb_dist.io.tracking import _metric_name
 
     client, parent, exp_id, sweep_name = mlflow_run
     now = int(time.time() * 1000)

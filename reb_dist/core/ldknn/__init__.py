@@ -1,0 +1,9 @@
+"""Memory-bank anomaly scoring (pure: numpy + faiss, no Ray, no files)."""
+
+from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
+from reb_dist.core.ldknn.coreset import greedy_coreset
+from reb_dist.core.ldknn.scorers import METHODS, BankScorer, ScoringMethod, parse_method
+from reb_dist.core.ldknn.search import BankIndex
+
+__all__ = ["METHODS", "BankIndex", "BankScorer", "BankStats", "ScoringMethod", "greedy_coreset",
+           "parse_method", "to_distance"]

@@ -20,35 +20,10 @@ SIZES = {1: [2400], 2: [500, 1900], 3: [1100, 150, 1150]}  # uneven on purpose
 TOL = dict(rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def bank_and_queries():
-    rng = np.random.default_rng(7)
-    # clusters of very different spread, so densities differ and neighbours cross shard borders
-    centres = rng.normal(0, 4, (12, 24))
-    spread = rng.uniform(0.05, 1.5, 12)
-    labels = rng.integers(0, 12, 2400)
-    bank = (centres[labels] + rng.normal(0, 1, (2400, 24)) * spread[labels, None]).astype(np.float32)
-    queries = (centres[rng.integers(0, 12, 700)] + rng.normal(0, 1.2, (700, 24))).astype(np.float32)
-    return bank, queries
 
 
-def test_shard_bounds_cover_the_bank_once():
-    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    assert shard_bounds(10, 2, [1, 9]) == [(0, 1), (1, 10)]
-    with pytest.raises(ValueError, match="do not split"):
-        shard_bounds(10, 2, [5, 4])
-    with pytest.raises(ValueError, match="cannot split"):
-        shard_bounds(2, 3)
 
 
-def test_per_shard_results_merged_by_global_minimum_equal_one_index(bank_and_queries, tmp_path):
-    """The merge itself, in one process: no Ray needed to check the arithmetic."""
-    bank, queries = bank_and_queries
-    single = BankIndex(bank).search(queries, 9)
-    shards = [BankShard(str(p)) for p in write_shards(bank, tmp_path, 3, SIZES[3])]
-    merged = merge_nearest([s.search(queries, 9) for s in shards], 9)
-    np.testing.assert_array_equal(merged[1], single[1])
-    np.testing.assert_allclose(merged[0], single[0], **TOL)
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
@@ -125,46 +100,12 @@ def test_shard_files_are_checked(local_ray, bank_and_queries, tmp_path):
     assert not list((tmp_path / "a").glob("*.tmp"))  # written atomically
 
 
-def test_float16_bank_halves_storage_and_searches_its_rounded_vectors(bank_and_queries, tmp_path):
-    bank, queries = bank_and_queries
-    half = BankIndex(bank, dtype="float16")
-    assert half.bank.nbytes * 2 == bank.nbytes
-    rounded = BankIndex(bank.astype(np.float16).astype(np.float32))
-    dist, ids = half.search(queries, 9)
-    np.testing.assert_array_equal(ids, rounded.search(queries, 9)[1])
-    np.testing.assert_allclose(dist, rounded.search(queries, 9)[0], **TOL)
-    path = write_shards(bank, tmp_path, 1, dtype="float16")[0]
-    assert read_shard(path)[0].dtype == np.float16
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_density_path_has_high_recall_and_never_underestimates(bank_and_queries, kind):
-    bank, _ = bank_and_queries
-    exact = BankIndex(bank)
-    approx = BankIndex(bank, neighbour_search=kind)
-    points = np.arange(0, len(bank), 3)
-    exact_d, exact_i = exact.search_bank_points(points, 9)
-    found_d, found_i = approx.search_bank_points(points, 9)
-    assert recall_at_k(exact_i, found_i) > 0.9
-    # candidates are re-ranked exactly, so a missed neighbour can only make a distance larger
-    assert (found_d.mean(1) >= exact_d.mean(1) - 1e-4).all()
-    # and test patches are still searched exactly
-    np.testing.assert_array_equal(approx.search(bank[:50], 3)[1], exact.search(bank[:50], 3)[1])
 
 
-def test_auto_neighbour_search_depends_on_bank_size():
-    assert resolve_neighbour_search("auto", EXACT_UP_TO) == "exact"
-    assert resolve_neighbour_search("auto", EXACT_UP_TO + 1) == "ivf"
-    with pytest.raises(ValueError, match="neighbour search"):
-        resolve_neighbour_search("lsh", 10)
 
 
-def test_ivf_visits_a_fixed_fraction_of_its_lists_unless_told():
-    bank = np.random.default_rng(0).standard_normal((10_000, 8)).astype(np.float32)
-    nlist = ivf_lists(len(bank))
-    assert faiss.extract_index_ivf(build_approximate(bank, "ivf")).nprobe == scaled_nprobe(nlist)
-    assert scaled_nprobe(100) == 16 and scaled_nprobe(3533) == 74  # 780k points: 3,533 lists
-    assert faiss.extract_index_ivf(build_approximate(bank, "ivf", nprobe=5)).nprobe == 5
 
 
 def test_auto_is_decided_by_the_whole_bank_not_by_each_shard(local_ray, tmp_path, monkeypatch):

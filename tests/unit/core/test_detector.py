@@ -15,44 +15,22 @@ from safetensors.numpy import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from reb_dist.config import RunConfig
+from tests.conftest import BOTTLE
 from reb_dist.core.detector import MODEL_FORMAT, Detector
 from reb_dist.errors import ModelFileError
 from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category, loader
 
-BASE = ["data.categories=[bottle]", "backbone.device=cpu", "tracking.enabled=false",
-        "scoring.methods=[ldknn,knn,nn1]"]
 DEFECTS = ("broken_large", "broken_small", "contamination")
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    cfg = RunConfig.load(None, BASE)
-    assert cfg.data.root == "sample" and cfg.data.resolved_root().name == "mvtec_bottle_256"
-    return cfg
 
 
-@pytest.fixture(scope="module")
-def split(cfg):
-    split = load_category(cfg.data, "bottle")
-    assert len(split.train) == 16 and len(split.test) == 15
-    return split
 
 
-@pytest.fixture(scope="module")
-def detector(cfg, split):
-    return fit_detector(cfg, split)
 
 
-@pytest.fixture(scope="module")
-def test_features(detector, split, cfg):
-    return detector.extract(loader(split.test, cfg.data))
 
 
-@pytest.fixture(scope="module")
-def saved(detector, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    path = detector.save(folder / "m.safetensors")
-    return folder, path
 
 
 def test_fit_builds_the_full_bank(detector, test_features):
@@ -169,7 +147,7 @@ def test_truncated_corrupt_or_missing_model_file(saved, tmp_path):
 
 def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_features):
     # 4 training images (4096 patches) keep the greedy loop short; the full 16384 takes ~10 s
-    cfg = RunConfig.load(None, BASE + ["data.few_shot=4", "bank.coreset_ratio=0.25"])
+    cfg = RunConfig.load(None, BOTTLE + ["data.few_shot=4", "bank.coreset_ratio=0.25"])
     small = fit_detector(cfg, load_category(cfg.data, "bottle"))
     assert small.bank.shape == (1024, 152)  # round(0.25 * 4 * 32 * 32)
 
@@ -196,28 +174,11 @@ def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path)
         Detector.load(bad, device="cpu")
 
 
-def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray, cfg, detector, test_features,
-                                                                        saved, tmp_path):
-    """Real Lite0 features of the sample bottles: 2 shard actors give the in-process scores."""
-    _, path = saved
-    methods = detector.methods()
-    want = detector.score_features(test_features, methods)
-    bank = RunConfig.load(None, BASE + ["bank.shards=2", "bank.shard_cpus=0.5"]).bank
-    sharded = Detector.load(path, device="cpu", bank=bank, shard_dir=tmp_path / "shards")
-    try:
-        assert type(sharded.scorer.index).__name__ == "ShardedBank"
-        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
-            "bank.json", "shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
-        got = sharded.score_features(test_features, methods)
-    finally:
-        sharded.close()
-    for m in methods:
-        np.testing.assert_allclose(got[m].patch_maps, want[m].patch_maps, rtol=1e-4, atol=1e-3, err_msg=m.label)
 
 
 def test_float16_bank_keeps_the_sample_ranking(cfg, detector, test_features, split):
     half = Detector(detector.backbone, detector.backbone_config, detector.scoring, 256,
-                    RunConfig.load(None, BASE + ["bank.dtype=float16"]).bank)
+                    RunConfig.load(None, BOTTLE + ["bank.dtype=float16"]).bank)
     half.set_bank(detector.bank)
     assert half.scorer.index.bank.dtype == np.float16
     labels = np.array([s.label for s in split.test])

@@ -1,0 +1,34 @@
+"""A saved model served from sharded Ray actors scores as in process."""
+
+from __future__ import annotations
+import json
+import re
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from sklearn.metrics import roc_auc_score
+from reb_dist.config import RunConfig
+from tests.conftest import BOTTLE
+from reb_dist.core.detector import MODEL_FORMAT, Detector
+from reb_dist.errors import ModelFileError
+from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category, loader
+
+
+def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray, cfg, detector, test_features,
+                                                                        saved, tmp_path):
+    """Real Lite0 features of the sample bottles: 2 shard actors give the in-process scores."""
+    _, path = saved
+    methods = detector.methods()
+    want = detector.score_features(test_features, methods)
+    bank = RunConfig.load(None, BOTTLE + ["bank.shards=2", "bank.shard_cpus=0.5"]).bank
+    sharded = Detector.load(path, device="cpu", bank=bank, shard_dir=tmp_path / "shards")
+    try:
+        assert type(sharded.scorer.index).__name__ == "ShardedBank"
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+            "bank.json", "shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
+        got = sharded.score_features(test_features, methods)
+    finally:
+        sharded.close()
+    for m in methods:
+        np.testing.assert_allclose(got[m].patch_maps, want[m].patch_maps, rtol=1e-4, atol=1e-3, err_msg=m.label)

@@ -1,0 +1,75 @@
+"""Bank search without Ray: per-shard merge, float16 storage, approximate density candidates."""
+
+import threading
+import faiss
+import numpy as np
+import pytest
+import ray
+from reb_dist.distributed.sharded_bank import BankShard, ShardedBank, read_shard, shard_bounds, write_shards
+from reb_dist.errors import ModelFileError, RebError
+from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
+from reb_dist.core.ldknn import approx
+from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
+                                   scaled_nprobe)
+from reb_dist.core.ldknn.search import merge_nearest
+
+
+def test_shard_bounds_cover_the_bank_once():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(10, 2, [1, 9]) == [(0, 1), (1, 10)]
+    with pytest.raises(ValueError, match="do not split"):
+        shard_bounds(10, 2, [5, 4])
+    with pytest.raises(ValueError, match="cannot split"):
+        shard_bounds(2, 3)
+
+
+def test_per_shard_results_merged_by_global_minimum_equal_one_index(bank_and_queries, tmp_path):
+    """The merge itself, in one process: no Ray needed to check the arithmetic."""
+    bank, queries = bank_and_queries
+    single = BankIndex(bank).search(queries, 9)
+    shards = [BankShard(str(p)) for p in write_shards(bank, tmp_path, 3, SIZES[3])]
+    merged = merge_nearest([s.search(queries, 9) for s in shards], 9)
+    np.testing.assert_array_equal(merged[1], single[1])
+    np.testing.assert_allclose(merged[0], single[0], **TOL)
+
+
+def test_float16_bank_halves_storage_and_searches_its_rounded_vectors(bank_and_queries, tmp_path):
+    bank, queries = bank_and_queries
+    half = BankIndex(bank, dtype="float16")
+    assert half.bank.nbytes * 2 == bank.nbytes
+    rounded = BankIndex(bank.astype(np.float16).astype(np.float32))
+    dist, ids = half.search(queries, 9)
+    np.testing.assert_array_equal(ids, rounded.search(queries, 9)[1])
+    np.testing.assert_allclose(dist, rounded.search(queries, 9)[0], **TOL)
+    path = write_shards(bank, tmp_path, 1, dtype="float16")[0]
+    assert read_shard(path)[0].dtype == np.float16
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_density_path_has_high_recall_and_never_underestimates(bank_and_queries, kind):
+    bank, _ = bank_and_queries
+    exact = BankIndex(bank)
+    approx = BankIndex(bank, neighbour_search=kind)
+    points = np.arange(0, len(bank), 3)
+    exact_d, exact_i = exact.search_bank_points(points, 9)
+    found_d, found_i = approx.search_bank_points(points, 9)
+    assert recall_at_k(exact_i, found_i) > 0.9
+    # candidates are re-ranked exactly, so a missed neighbour can only make a distance larger
+    assert (found_d.mean(1) >= exact_d.mean(1) - 1e-4).all()
+    # and test patches are still searched exactly
+    np.testing.assert_array_equal(approx.search(bank[:50], 3)[1], exact.search(bank[:50], 3)[1])
+
+
+def test_auto_neighbour_search_depends_on_bank_size():
+    assert resolve_neighbour_search("auto", EXACT_UP_TO) == "exact"
+    assert resolve_neighbour_search("auto", EXACT_UP_TO + 1) == "ivf"
+    with pytest.raises(ValueError, match="neighbour search"):
+        resolve_neighbour_search("lsh", 10)
+
+
+def test_ivf_visits_a_fixed_fraction_of_its_lists_unless_told():
+    bank = np.random.default_rng(0).standard_normal((10_000, 8)).astype(np.float32)
+    nlist = ivf_lists(len(bank))
+    assert faiss.extract_index_ivf(build_approximate(bank, "ivf")).nprobe == scaled_nprobe(nlist)
+    assert scaled_nprobe(100) == 16 and scaled_nprobe(3533) == 74  # 780k points: 3,533 lists
+    assert faiss.extract_index_ivf(build_approximate(bank, "ivf", nprobe=5)).nprobe == 5

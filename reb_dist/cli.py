@@ -7,19 +7,12 @@ overrides; the resolved settings are printed, saved beside the outputs and logge
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-import time
-from contextlib import closing
 from pathlib import Path
-
-import numpy as np
 
 from reb_dist.config import RunConfig
 from reb_dist.errors import RebError
-
-RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -77,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> RunConfig:
+    """The run's settings: --config file, then --set overrides, then the shortcut flags."""
     overrides = list(args.overrides)
     for flag, key in (("root", "data.root"), ("categories", "data.categories"),
                       ("methods", "scoring.methods"), ("backbone", "backbone.name")):
@@ -88,6 +82,7 @@ def load_config(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (printed)."""
     args = build_parser().parse_args(argv)
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
@@ -100,212 +95,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_fit(args, command_line: str) -> int:
-    from reb_dist.pipelines.evaluate import categories_of, fit_detector, load_category
-    from reb_dist.io.tracking import Tracker
+    from reb_dist.pipelines.runs import fit
 
-    cfg = load_config(args)
-    paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "models", "")
-    tracker = Tracker(cfg.tracking)
-    with tracker.run(cfg, "fit"):
-        for category, path in paths.items():
-            split = load_category(cfg.data, category)
-            with closing(fit_detector(cfg, split)) as detector:
-                detector.save(path)
-            info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
-                    **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
-            tracker.log_result(category, "fit", info)
-            print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
-                  f"(+ densities K={cfg.scoring.k}) saved to {path}")
+    fit(load_config(args), args.output)
     return 0
 
 
-def _output_files(output: str | None, categories: list[str], default_dir: Path, suffix: str) -> dict[str, Path]:
-    """One .safetensors file per category: `output` itself for one category, else inside `output`."""
-    if output and output.endswith(".safetensors"):
-        if len(categories) != 1:
-            raise SystemExit(f"--output {output} is one file but there are {len(categories)} categories")
-        return {categories[0]: Path(output)}
-    folder = Path(output) if output else default_dir
-    return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
-
-
 def cmd_evaluate(args, command_line: str) -> int:
-    from reb_dist.core.detector import Detector
-    from reb_dist.pipelines.evaluate import categories_of, evaluate_category, shard_dir
-    from reb_dist.io.tracking import Tracker
+    from reb_dist.pipelines.runs import evaluate
 
-    cfg = load_config(args)
-    categories = categories_of(cfg.data)
-    if len(categories) != 1:
-        raise SystemExit(f"a model belongs to one category; choose one of {categories} with --categories")
-    detector = Detector.load(args.model, bank=cfg.bank, shard_dir=shard_dir(cfg, categories[0]))
-    cfg.scoring, cfg.backbone = detector.scoring, detector.backbone_config
-    cfg.data.image_size = detector.image_size
-    tracker = Tracker(cfg.tracking)
-    with closing(detector), tracker.run(cfg, "evaluate"):
-        result = evaluate_category(cfg, categories[0], detector, [detector.default_method])
-        rows = _rows([result])
-        _report(rows, cfg, tracker, [result], command_line, "evaluate")
+    evaluate(load_config(args), args.model, command_line)
     return 0
 
 
 def cmd_benchmark(args, command_line: str) -> int:
-    from reb_dist.pipelines.evaluate import categories_of, evaluate_category
-    from reb_dist.io.tracking import Tracker
+    from reb_dist.pipelines.runs import benchmark
 
-    cfg = load_config(args)
-    start = time.perf_counter()
-    tracker = Tracker(cfg.tracking)
-    print(f"# {command_line}")
-    results = []
-    with tracker.run(cfg, "benchmark"):
-        for category in categories_of(cfg.data):
-            variants = [("", cfg)]
-            if cfg.backbone.finetuned:
-                tuned = RunConfig.from_dict(cfg.to_dict())
-                tuned.backbone.weights = cfg.backbone.finetuned.format(category=category)
-                variants.append(("defectmaker", tuned))
-            for variant, run_cfg in variants:
-                result = evaluate_category(run_cfg, category, examples=cfg.tracking.heatmap_examples)
-                result.variant = variant
-                results.append(result)
-                for m in result.methods:
-                    tracker.log_result(category, result.label(m.method), m.metrics,
-                                       {"k": m.method.k, "alpha": m.method.alpha,
-                                        "weights": run_cfg.backbone.weights or "imagenet"})
-                print(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
-                      f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
-                      f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})",
-                      flush=True)
-        rows = _rows(results)
-        _report(rows, cfg, tracker, results, command_line, "benchmark",
-                wall=time.perf_counter() - start)
+    benchmark(load_config(args), command_line)
     return 0
 
 
-def _rows(results) -> list[dict]:
-    rows = []
-    for r in results:
-        for m in r.methods:
-            seconds = r.timings.get("search", 0) + r.timings.get(f"score:{m.method.label}", 0)
-            rows.append({"category": r.category, "method": r.label(m.method),
-                         **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
-                         "seconds": int(round(seconds))})
-    return rows
-
-
-def _report(rows, cfg: RunConfig, tracker, results, command_line: str, name: str, wall: float | None = None):
-    from reb_dist.reporting.plots import results_table_markdown, results_table_text
-
-    out = Path(cfg.output_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    print()
-    print(results_table_text(rows, RESULT_COLUMNS))
-    markdown = results_table_markdown(rows, RESULT_COLUMNS)
-    footer = f"\n\nCommand: `{command_line}`" + (f"  \nWall time: {wall:.0f} s" if wall else "") + "\n"
-    _write_text(out / "results.md", markdown + footer)
-    _write_text(out / "results.json", json.dumps(
-        {"command": command_line, "wall_seconds": wall, "config": cfg.to_dict(),
-         "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,
-                      "timings": r.timings, "bank_size": r.bank_size} for r in results for m in r.methods]},
-        indent=2, default=float))
-    cfg.dump(out / "config.yaml")
-    tracker.log_text(markdown + footer, f"{name}_results.md")
-    tracker.log_table(rows, f"{name}_results.json")
-    for r in results:
-        for path in _plots(r, cfg, out):
-            tracker.log_artifact(path, "plots")
-    if wall is not None:
-        print(f"\nwall time {wall:.0f} s; results in {out}/results.md")
-
-
-def _plots(result, cfg: RunConfig, out: Path) -> list[Path]:
-    """ROC curves of every method, and a heatmap gallery of the first method."""
-    from reb_dist.io.data import read_image, read_mask
-    from reb_dist.io.data.dataset import resize_mask
-    from reb_dist.reporting.plots import heatmap_grid, plot_roc_curves
-    from PIL import Image
-
-    name = f"{result.category}{'_' + result.variant if result.variant else ''}"
-    paths = [plot_roc_curves({result.label(m.method): (result.labels, m.image_scores) for m in result.methods},
-                             out / f"roc_{name}.png", title=f"{name}: image ROC")]
-    first = result.methods[0]
-    if first.examples:
-        size = cfg.data.image_size
-        items = []
-        for i, pixel_map in first.examples:
-            sample = result.split.test[i]
-            image = np.asarray(Image.fromarray(read_image(sample.image_path)).resize((size, size), Image.BICUBIC))
-            mask = None
-            if sample.mask_path is not None:
-                mask = resize_mask(read_mask(sample.mask_path), size)[0].numpy() > 0.5
-            items.append((f"{sample.defect_type} {sample.image_path.stem} "
-                          f"{first.image_scores[i]:.3g}", image, pixel_map, mask))
-        maps = np.stack([m for _, m in first.examples])
-        paths.append(heatmap_grid(items, out / f"heatmaps_{name}.png",
-                                  vmin=float(maps.min()), vmax=float(maps.max())))
-    return paths
-
-
 def cmd_finetune(args, command_line: str) -> int:
+    from reb_dist.distributed.finetune import finetune_categories
     from reb_dist.pipelines.evaluate import categories_of
-    from reb_dist.distributed.finetune import finetune
-    from reb_dist.io.tracking import Tracker
+    from reb_dist.pipelines.runs import output_files
 
     cfg = load_config(args)
-    paths = _output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "backbones",
-                          f"-{cfg.finetune.task}")
-    tracker = Tracker(cfg.tracking)
-    for category, path in paths.items():
-        cfg.tracking.run_name = f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"
-        with tracker.run(cfg, "finetune"):
-            out = Path(cfg.output_dir) / "finetune" / category
-            tracker.log_artifact(_defect_gallery(cfg, category, out / "defect_gallery.png"), "plots")
-            start = time.perf_counter()
-            result = finetune(cfg, category, path, tracker)
-            tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
-            print(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
-                  f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
-                  f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
-            print(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
+    finetune_categories(cfg, output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "backbones",
+                                          f"-{cfg.finetune.task}"))
     return 0
 
 
 def cmd_tune(args, command_line: str) -> int:
-    from reb_dist.distributed.tuning import tune_classes
+    from reb_dist.distributed.tuning import run_tune
     from reb_dist.pipelines.evaluate import categories_of
-    from reb_dist.reporting.plots import results_table_markdown, results_table_text
-    from reb_dist.io.tracking import Tracker
 
-    cfg = load_config(args)
-    start = time.perf_counter()
-    tracker = Tracker(cfg.tracking)
     print(f"# {command_line}")
-    with tracker.run(cfg, "tune"):
-        selections, rows, glob = tune_classes(cfg, categories_of(cfg.data), tracker)
-        table = [{"category": r["category"], "variant": r["variant"], "k": r["k"], "alpha": f"{r['alpha']:.3f}",
-                  **{m: r["metrics"].get(m, float("nan")) for m in ("image_auroc", "pixel_auroc", "aupro")}}
-                 for r in rows]
-        columns = ["category", "variant", "k", "alpha", "image_auroc", "pixel_auroc", "aupro"]
-        print()
-        print(results_table_text(table, columns))
-        wall = time.perf_counter() - start
-        text = (results_table_markdown(table, columns) + f"\n\nValidation: {cfg.tune.validation}; global choice "
-                f"K={glob['k']}, alpha={glob['alpha']:.3f}.  \nCommand: `{command_line}`  \nWall time: {wall:.0f} s\n")
-        out = Path(cfg.output_dir) / "tune"
-        _write_text(out / "results.md", text)
-        cfg.dump(out / "config.yaml")
-        tracker.log_text(text, "tune_results.md")
-        for name in ("selection.json", "selection.csv", "splits.json"):
-            tracker.log_artifact(out / name)
-    print(f"\nwall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
+    cfg = load_config(args)
+    run_tune(cfg, categories_of(cfg.data), command_line)
     return 0
 
 
 def cmd_report(args, command_line: str) -> int:
-    from reb_dist.reporting.report import collect, write_report
+    from reb_dist.reporting.report import collect_results, write_report
 
-    rows, trials = collect(args.tracking_uri, args.experiment)
+    rows, trials = collect_results(args.tracking_uri, args.experiment)
     if not rows and not trials:
         raise SystemExit(f"{args.tracking_uri}: no finished result or trial runs to report")
     for path in write_report(rows, trials, args.output):
@@ -313,72 +147,13 @@ def cmd_report(args, command_line: str) -> int:
     return 0
 
 
-def _defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4) -> Path:
-    """What the SSL task trains on: every class for a few training images of the category."""
-    from reb_dist.io.data import read_image
-    from reb_dist.core.defectmaker import DefectMaker
-    from reb_dist.pipelines.evaluate import load_category
-    from reb_dist.reporting.plots import defect_gallery
-
-    f = cfg.finetune
-    maker = DefectMaker(task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency)
-    train = load_category(cfg.data, category).train
-    rows = []
-    for i in range(min(n_images, len(train))):
-        source = read_image(train[(i + 1) % len(train)].image_path)
-        samples = maker.sample_all(read_image(train[i].image_path), f.seed + i, source_image=source,
-                                   image_path=train[i].image_path)
-        rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return defect_gallery(rows, path)
-
-
 def cmd_predict(args, command_line: str) -> int:
-    from PIL import Image
+    from reb_dist.pipelines.runs import predict_images
 
-    from reb_dist.io.data import is_image_file, read_image
-    from reb_dist.io.data.dataset import preprocess
-    from reb_dist.core.detector import Detector
-    from reb_dist.reporting.plots import heatmap_overlay, save_png
-
-    detector = Detector.load(args.model, args.device)
-    paths = []
-    for item in map(Path, args.images):
-        paths += sorted(p for p in item.rglob("*") if is_image_file(p)) if item.is_dir() else [item]
-    if not paths:
-        raise SystemExit("no images found in " + " ".join(args.images))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    method = detector.default_method
-    size = detector.image_size
-    import torch
-
-    records = []  # (path, original image, image score, pixel map)
-    for s in range(0, len(paths), 16):
-        chunk = paths[s:s + 16]
-        images = [read_image(p) for p in chunk]
-        batch = torch.stack([preprocess(im, size) for im in images])
-        scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
-        records += zip(chunk, images, scores.image_scores, detector.pixel_maps(scores.patch_maps))
-    # One colour scale for every overlay of the run, so heatmaps compare across images.
-    vmin = min(float(m.min()) for *_, m in records)
-    vmax = max(float(m.max()) for *_, m in records)
-    lines = ["image,score" + (",anomalous" if args.threshold is not None else "")]
-    for p, image, score, pixel_map in records:
-        full = np.asarray(Image.fromarray(pixel_map).resize(image.shape[1::-1], Image.BILINEAR))
-        save_png(heatmap_overlay(image, full, vmin=vmin, vmax=vmax), out / f"{p.stem}_heatmap.png")
-        flag = f",{int(score >= args.threshold)}" if args.threshold is not None else ""
-        lines.append(f"{p},{score:.6g}{flag}")
-    _write_text(out / "scores.csv", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"{len(paths)} heatmap overlays written to {out}")
+    predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
+    print((Path(args.output) / "scores.csv").read_text(), end="")
+    print(f"{len(predictions)} heatmap overlays written to {args.output}")
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    from reb_dist.reporting.plots import write_text_atomic
-
-    write_text_atomic(path, text)
 
 
 if __name__ == "__main__":

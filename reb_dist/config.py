@@ -164,7 +164,7 @@ class RunConfig:
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: must hold a mapping of sections, not {type(values).__name__}")
         for item in overrides:
-            _set_dotted(values, item)
+            apply_override(values, item)
         return cls.from_dict(values, str(path) if path else "settings")
 
     def to_dict(self) -> dict:
@@ -182,10 +182,14 @@ class RunConfig:
         return out
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the settings as YAML (loadable with `RunConfig.load`), atomically."""
+        from reb_dist.io.atomic import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _set_dotted(values: dict, item: str) -> None:
+def apply_override(values: dict, item: str) -> None:
+    """Apply one "section.key=value" override to a settings mapping in place (value parsed as YAML)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected section.key=value")

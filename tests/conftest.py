@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from reb_dist.config import RunConfig
+from reb_dist.io.model_file import save_model
 
 RAY_TESTS = Path(__file__).parent / "ray"
 # the sample bottles on CPU, every method: what the detector-level tests share
@@ -72,7 +73,7 @@ def test_features(detector, split, cfg):
 @pytest.fixture(scope="module")
 def saved(detector, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    path = detector.save(folder / "m.safetensors")
+    path = save_model(detector, folder / "m.safetensors")
     return folder, path
 
 

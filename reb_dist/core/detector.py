@@ -1,38 +1,30 @@
-"""A fitted memory-bank detector: backbone + patch features + bank (+ densities), saved safely.
+"""A memory-bank detector: backbone + patch features + bank (+ densities) + scorers.
 
 `Detector` glues the pure pieces together for one category: it extracts features, builds the bank
-(optionally a coreset), scores patches with any method of `reb_dist.core.ldknn`, and turns patch scores
-into image scores and pixel maps. The saved file is safetensors (tensors + JSON metadata, no
-pickle); the backbone is referenced by name and weights fingerprint and checked when loaded.
+(optionally a coreset), indexes it with the index factory it was given (in process by default; the
+pipelines inject a sharded bank on Ray actors), scores patches with any method of
+`reb_dist.core.ldknn`, and turns patch scores into image scores and pixel maps. Saving and loading
+are `reb_dist.io.model_file`'s job.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from reb_dist import __version__
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone, build_backbone
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
-from reb_dist.errors import ModelFileError
 from reb_dist.core.features import PatchFeatures, extract_features
-from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod, greedy_coreset, parse_method
-
-MODEL_FORMAT = "reb-dist-model/1"
-
+from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, greedy_coreset, parse_method
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when torch sees a GPU, else CPU; any other name as torch spells it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -49,15 +41,36 @@ class Scores:
 
 @dataclass
 class Timings:
+    """Seconds spent per stage (features, coreset, index, search, score:<method>, ...), summed."""
+
     seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, name: str, start: float) -> None:
+        """Add the time since `start` (a perf_counter value) to stage `name`."""
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def in_process_index(bank_config: BankConfig, use_gpu: bool = False) -> IndexFactory:
+    """The default index factory: one faiss `BankIndex` in this process, as `bank_config` says."""
+    return lambda bank: BankIndex(bank, use_gpu=use_gpu, dtype=bank_config.dtype,
+                                  neighbour_search=bank_config.neighbour_search, nprobe=bank_config.nprobe)
+
+
 class Detector:
+    """One category's detector: extract features, fit a bank, score images.
+
+    Args:
+        backbone: the ImageNet CNN (with its 2nd and 3rd stage taps) features come from.
+        backbone_config: how features are aggregated and on which device they are computed.
+        scoring: methods, K, alpha, image score and blur the detector scores with.
+        image_size: the square size images are resized to.
+        bank_config: coreset and index settings of the bank.
+        index_factory: builds the bank's `Index` (default: `in_process_index(bank_config)`).
+    """
+
     def __init__(self, backbone: Backbone, backbone_config: BackboneConfig, scoring: ScoringConfig,
-                 image_size: int = 256, bank_config: BankConfig | None = None):
+                 image_size: int = 256, bank_config: BankConfig | None = None,
+                 index_factory: IndexFactory | None = None):
         self.backbone = backbone
         self.bank_config = bank_config or BankConfig()
         self.backbone_config = backbone_config
@@ -67,14 +80,22 @@ class Detector:
         self.features = PatchFeatures(backbone.model, backbone_config.aggregation,
                                       backbone_config.layer_dim, backbone_config.target_dim)
         self.features.to(self.device).eval()
+        self.index_factory = index_factory or in_process_index(self.bank_config, self.device.type == "cuda")
         self.bank: np.ndarray | None = None
         self.scorer: BankScorer | None = None
         self.timings = Timings()
 
     @classmethod
     def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256,
-                    bank: BankConfig | None = None) -> Detector:
-        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size, bank)
+                    bank: BankConfig | None = None, index_factory: IndexFactory | None = None) -> Detector:
+        """A detector with the configured backbone and its weights (ImageNet or a weights file)."""
+        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size, bank,
+                   index_factory)
+
+    @property
+    def index(self) -> Index | None:
+        """The bank's index (None before a bank is set)."""
+        return self.scorer.index if self.scorer is not None else None
 
     # --- features
 
@@ -91,7 +112,7 @@ class Detector:
 
     # --- bank
 
-    def fit_features(self, train_features: np.ndarray, shard_dir: str | Path | None = None) -> None:
+    def fit_features(self, train_features: np.ndarray) -> None:
         """Build the memory bank from (N, h, w, D) training features (coreset as the bank config says)."""
         b = self.bank_config
         bank = train_features.reshape(-1, train_features.shape[-1])
@@ -99,42 +120,31 @@ class Detector:
             start = time.perf_counter()
             bank = bank[greedy_coreset(bank, b.coreset_ratio, b.coreset_projection_dim, b.seed, progress=True)]
             self.timings.add("coreset", start)
-        self.set_bank(bank, shard_dir=shard_dir)
+        self.set_bank(bank)
 
-    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None,
-                 shard_dir: str | Path | None = None) -> None:
-        """Index `bank` in process, or over `bank_config.shards` Ray actors (shard files in shard_dir)."""
-        b = self.bank_config
+    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None) -> None:
+        """Index `bank` (n, D) with the index factory; `density` (n,) preloads known densities."""
         self.close()
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if b.shards >= 1:
-            from reb_dist.distributed.sharded_bank import ShardedBank
-
-            if not (shard_dir or b.shard_dir):
-                raise ValueError("a sharded bank needs a folder for its shard files (bank.shard_dir)")
-            start = time.perf_counter()
-            index = ShardedBank.create(self.bank, shard_dir or b.shard_dir, b.shards, dtype=b.dtype,
-                                       neighbour_search=b.neighbour_search, nprobe=b.nprobe,
-                                       cpus_per_shard=b.shard_cpus, gpus_per_shard=b.shard_gpus)
-            self.timings.add("shards", start)
-        else:
-            index = BankIndex(self.bank, use_gpu=self.device.type == "cuda", dtype=b.dtype,
-                              neighbour_search=b.neighbour_search, nprobe=b.nprobe)
-        self.scorer = BankScorer(index)
+        start = time.perf_counter()
+        self.scorer = BankScorer(self.index_factory(self.bank))
+        self.timings.add("index", start)
         if density is not None:
             self.scorer.stats.preload_density(self.scoring.k, self.scoring.squared, density)
 
     def close(self) -> None:
-        """Stop the shard actors of a sharded bank (nothing to do for an in-process one)."""
-        if self.scorer is not None and hasattr(self.scorer.index, "close"):
+        """Release the bank's index (stops a sharded bank's actors; nothing to do in process)."""
+        if self.scorer is not None:
             self.scorer.index.close()
         self.scorer = None
 
     @property
     def default_method(self) -> ScoringMethod:
+        """The first configured method: what `evaluate` and `predict` score with."""
         return parse_method(self.scoring.methods[0], self.scoring.k, self.scoring.alpha, self.scoring.squared)
 
     def methods(self, specs: list[str] | None = None) -> list[ScoringMethod]:
+        """Method specs (default: the configured ones) parsed with the detector's K, alpha and metric."""
         s = self.scoring
         return [parse_method(m, s.k, s.alpha, s.squared) for m in (specs or s.methods)]
 
@@ -171,71 +181,5 @@ class Detector:
         return {m: out[m] for m in methods}
 
     def pixel_maps(self, patch_maps: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
+        """(N, h, w) patch maps -> (N, H, W) blurred pixel maps at `size` (default: the image size)."""
         return pixel_maps(patch_maps, size or self.image_size, self.scoring.sigma)
-
-    # --- persistence
-
-    def save(self, path: str | Path, density: np.ndarray | None = None) -> Path:
-        """Write bank, densities and settings to a .safetensors file, atomically."""
-        if self.bank is None:
-            raise RuntimeError("nothing to save: the detector has no memory bank")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if density is None:
-            density = self.compute_density()
-        metadata = {
-            "format": MODEL_FORMAT,
-            "reb_dist_version": __version__,
-            "backbone": json.dumps(self.backbone_config.__dict__),
-            "backbone_weights": self.backbone.weights_source,
-            "backbone_fingerprint": self.backbone.fingerprint,
-            "scoring": json.dumps(self.scoring.__dict__),
-            "image_size": str(self.image_size),
-        }
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", prefix=path.name, dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"bank": self.bank, "density": np.asarray(density, np.float32)}, tmp, metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | None = None, bank: BankConfig | None = None,
-             shard_dir: str | Path | None = None) -> Detector:
-        """A saved model; `bank` settings (storage, shards) say how to hold its bank this time."""
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: model file not found")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise ModelFileError(f"{path}: not a reb-dist model file ({exc})") from exc
-        if meta.get("format") != MODEL_FORMAT:
-            raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
-        try:
-            backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
-            scoring = ScoringConfig(**json.loads(meta["scoring"]))
-            image_size = int(meta["image_size"])
-            bank_vectors, density = tensors["bank"], tensors["density"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
-        if device is not None:
-            backbone_cfg.device = device
-        detector = cls.from_config(backbone_cfg, scoring, image_size, bank)
-        if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
-            raise ModelFileError(
-                f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "
-                f"{meta.get('backbone_fingerprint')} ({meta.get('backbone_weights')}), but the weights "
-                f"found now have fingerprint {detector.backbone.fingerprint} ({detector.backbone.weights_source})")
-        try:
-            detector.set_bank(bank_vectors, density, shard_dir=shard_dir)
-        except ValueError as exc:
-            raise ModelFileError(f"{path}: {exc}") from exc
-        return detector

@@ -66,10 +66,6 @@ class SSLClassifier(nn.Module):
                     m.eval()
         return self
 
-    def set_backbone_trainable(self, trainable: bool) -> None:
-        """REB freezes the backbone for the first steps so the random head does not wreck it."""
-        for p in self.net.parameters():
-            p.requires_grad_(trainable)
-
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone's weights under its own key names (what `backbone.weights=` loads), on CPU."""
         return {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from reb_dist.config import RunConfig
+from reb_dist.distributed.train_loop import (BACKBONE_FILE, STATE_FILE, TrainLoopSettings, micro_batches_per_step,
+                                             train_loop_per_worker)
 from reb_dist.errors import RebError
-from reb_dist.distributed.train_loop import BACKBONE_FILE, STATE_FILE, micro_batches_per_step, train_loop_per_worker
+from reb_dist.io.atomic import copy_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "reb_settings.json"
@@ -27,6 +28,8 @@ RESOURCE_SETTINGS = {"checkpoint_every", "num_workers", "use_gpu", "cpus_per_wor
 
 @dataclass
 class FinetuneResult:
+    """Where the fine-tuned backbone went, the run's folder, the step it resumed from, its last metrics."""
+
     backbone_path: Path
     run_dir: Path
     resumed_from_step: int
@@ -34,6 +37,7 @@ class FinetuneResult:
 
 
 def run_name(cfg: RunConfig, category: str) -> str:
+    """finetune.run_name, else finetune-<category>-<backbone>-<task>."""
     return cfg.finetune.run_name or f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"
 
 
@@ -46,8 +50,6 @@ def run_settings(cfg: RunConfig, category: str) -> dict:
 
 def check_run_settings(run_dir: Path, settings: dict) -> None:
     """Record a new run's settings; refuse to resume (or reuse) a run trained with other ones."""
-    from reb_dist.reporting.plots import write_text_atomic
-
     path = run_dir / SETTINGS_FILE
     if not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,20 @@ def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> floa
 
 
 def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) -> FinetuneResult:
+    """Fine-tune (or resume, or reuse a finished run) and write the backbone to `output`.
+
+    Args:
+        cfg: the run's settings (data, backbone, finetune).
+        category: the class whose training images DefectMaker turns into the SSL task.
+        output: the backbone .safetensors file to write (atomically).
+        tracker: per-step metrics go to this run's MLflow tracker, if given.
+
+    Returns:
+        What was written and how the run went.
+
+    Raises:
+        RebError: the named run was trained with other settings, or stopped before its last step.
+    """
     from reb_dist.core.defectmaker import DefectMaker
     from reb_dist.pipelines.evaluate import load_category
 
@@ -110,11 +126,7 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     final_dir, final_step = latest_checkpoint(run_dir)
     if final_dir is None or final_step < f.steps:
         raise RebError(f"{run_dir}: training stopped at step {final_step} of {f.steps}")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, suffix=".tmp", delete=False) as tmp:
-        shutil.copyfile(final_dir / BACKBONE_FILE, tmp.name)
-    Path(tmp.name).replace(output)
+    output = copy_atomic(final_dir / BACKBONE_FILE, output)
     metrics = read_metrics(run_dir)
     if tracker is not None:
         for row in metrics:
@@ -147,20 +159,11 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_d
             paths, math.ceil(start_step * per_step), math.ceil(max(remaining, 1) * per_step) + 2 * workers * 8,
             task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency,
             run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
-        loop_config = {
-            "backbone": cfg.backbone.name, "weights": cfg.backbone.weights, "class_names": class_names,
-            "steps": f.steps, "images_per_step": f.images_per_step, "micro_batch": f.micro_batch,
-            "freeze_steps": f.freeze_steps, "bn_stats": f.bn_stats, "lr": f.lr, "momentum": f.momentum,
-            "weight_decay": f.weight_decay, "loss": f.loss, "checkpoint_every": f.checkpoint_every,
-            "seed": f.seed, "torch_threads": f.torch_threads, "fail_at_step": f.fail_at_step,
-            "metrics_file": str(run_dir / METRICS_FILE),
-            # Ray Train V2 restores a run of the same name by itself; this covers a run folder that
-            # was copied or whose Ray snapshot is gone.
-            "resume_from": str(checkpoint_dir) if checkpoint_dir else None,
-        }
+        settings = TrainLoopSettings(f, cfg.backbone.name, cfg.backbone.weights, tuple(class_names),
+                                     str(run_dir / METRICS_FILE), str(checkpoint_dir) if checkpoint_dir else None)
         resources = {"CPU": f.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_config,
+            train_loop_per_worker, train_loop_config={"settings": settings},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
@@ -187,3 +190,51 @@ def read_metrics(run_dir: Path) -> list[dict]:
             row = json.loads(line)
             by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+def defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4) -> Path:
+    """What the SSL task trains on: every class for a few training images of the category, as a PNG."""
+    from reb_dist.core.defectmaker import DefectMaker
+    from reb_dist.io.data import read_image
+    from reb_dist.pipelines.evaluate import load_category
+    from reb_dist.reporting.plots import defect_gallery as draw_gallery
+
+    f = cfg.finetune
+    maker = DefectMaker(task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency)
+    train = load_category(cfg.data, category).train
+    rows = []
+    for i in range(min(n_images, len(train))):
+        source = read_image(train[(i + 1) % len(train)].image_path)
+        samples = maker.sample_all(read_image(train[i].image_path), f.seed + i, source_image=source,
+                                   image_path=train[i].image_path)
+        rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
+    return draw_gallery(rows, path)
+
+
+def finetune_categories(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, FinetuneResult]:
+    """`reb finetune`: one MLflow run and one fine-tuned backbone file per category.
+
+    Args:
+        cfg: the run's settings.
+        outputs: category -> backbone file to write.
+
+    Returns:
+        category -> its fine-tuning result.
+    """
+    from reb_dist.io.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking)
+    results = {}
+    for category, path in outputs.items():
+        with tracker.run(cfg, "finetune", run_name=f"finetune-{category}-{cfg.backbone.name}-{cfg.finetune.task}"):
+            out = Path(cfg.output_dir) / "finetune" / category
+            tracker.log_artifact(defect_gallery(cfg, category, out / "defect_gallery.png"), "plots")
+            start = time.perf_counter()
+            result = finetune(cfg, category, path, tracker)
+            tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
+            print(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
+                  f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
+                  f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
+            print(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
+        results[category] = result
+    return results

@@ -13,20 +13,24 @@ next submission.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from reb_dist.config import RunConfig
+from reb_dist.config import RunConfig, apply_override
 from reb_dist.errors import ConfigError
+from reb_dist.io.atomic import write_text_atomic
+from reb_dist.io.tracking import SweepLog
+from reb_dist.reporting.tables import results_table_markdown, to_csv
 
 
 @dataclass
 class Cell:
+    """One (dataset, category, backbone) of a sweep; its methods share one bank and one search."""
+
     dataset: str
     root: str
     layout: str
@@ -36,11 +40,14 @@ class Cell:
 
     @property
     def id(self) -> str:
+        """Unique in a sweep: names the cell's result file and MLflow runs."""
         return f"{self.dataset}-{self.category}-{self.backbone}"
 
 
 @dataclass
 class Sweep:
+    """A sweep file: base settings, a grid of cells, methods, and how many cells run at once."""
+
     name: str
     base: dict
     cells: list[Cell]
@@ -51,6 +58,7 @@ class Sweep:
 
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
+        """Read and check a sweep YAML (every cell's settings are built once, so a bad one fails here)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: sweep file not found")
@@ -79,22 +87,21 @@ class Sweep:
         return sweep
 
     def cell_config(self, cell: Cell, out_dir: str | Path) -> RunConfig:
-        from reb_dist.config import _set_dotted
-
+        """The cell's settings: base, the dataset's `set:` list, then what the cell itself fixes."""
         values = json.loads(json.dumps(self.base))
         for item in cell.overrides:
-            _set_dotted(values, item)
-        cfg = RunConfig.from_dict(values, f"sweep {self.name}: {cell.id}")
-        cfg.data.root, cfg.data.layout, cfg.data.categories = cell.root, cell.layout, [cell.category]
-        cfg.backbone.name = cell.backbone
-        cfg.scoring.methods = list(self.methods)
-        cfg.output_dir = str(Path(out_dir) / "cells" / cell.id)
-        cfg.tracking.enabled = False  # the driver logs; workers never open the store
-        return cfg
+            apply_override(values, item)
+        data = values.setdefault("data", {})
+        data.update(root=cell.root, layout=cell.layout, categories=[cell.category])
+        values.setdefault("backbone", {})["name"] = cell.backbone
+        values.setdefault("scoring", {})["methods"] = list(self.methods)
+        values["output_dir"] = str(Path(out_dir) / "cells" / cell.id)
+        values.setdefault("tracking", {})["enabled"] = False  # the driver logs; workers never open the store
+        return RunConfig.from_dict(values, f"sweep {self.name}: {cell.id}")
 
 
 def run_cell(cfg: RunConfig, category: str) -> dict:
-    """Evaluate one cell (a Ray task body; also callable in-process)."""
+    """Evaluate one cell (a Ray task body; also callable in-process); a JSON-able summary."""
     from reb_dist.pipelines.evaluate import evaluate_category
 
     start = time.perf_counter()
@@ -102,12 +109,6 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
     return {"category": category, "backbone": cfg.backbone.name, "bank_size": result.bank_size,
             "seconds": time.perf_counter() - start, "timings": result.timings,
             "methods": {m.method.label: m.metrics for m in result.methods}}
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    from reb_dist.reporting.plots import write_text_atomic
-
-    write_text_atomic(path, json.dumps(payload, indent=1, default=float))
 
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None,
@@ -123,7 +124,9 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     done = {c.id for c in sweep.cells if (out / "cells" / f"{c.id}.json").is_file()}
     todo = [c for c in sweep.cells if c.id not in done]
     print(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(done)} done before, {len(todo)} to run -> {out}")
-    mlflow_run = _open_parent_run(sweep, out, tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment)
+    log = SweepLog(tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment, sweep.name,
+                   {"name": sweep.name, "base": sweep.base, "methods": sweep.methods,
+                    "cells": [asdict(c) for c in sweep.cells]}, str(out))
     # `ray job stop` sends SIGTERM: turn it into an exception so the MLflow run ends FAILED
     previous = signal.signal(signal.SIGTERM, _raise_system_exit)
     started = ensure_ray()
@@ -138,19 +141,20 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
                 pending[task.remote(sweep.cell_config(cell, out), cell.category)] = cell
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
-            result = {"cell": cell.__dict__, **ray.get(ready[0])}
-            _log_cell(mlflow_run, cell, result)
-            _write_json(out / "cells" / f"{cell.id}.json", result)
+            result = {"cell": asdict(cell), **ray.get(ready[0])}
+            log.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
+                         {"backbone.name": cell.backbone, "bank_size": result["bank_size"]}, result["methods"])
+            write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
             with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
                 fh.write(f"{cell.id}\n")
             bar.update()
         bar.close()
         results = {c.id: json.loads((out / "cells" / f"{c.id}.json").read_text()) for c in sweep.cells}
         _write_summary(sweep, out, results)
-        _close_parent_run(mlflow_run, "FINISHED")
+        log.close("FINISHED")
         return results
     except BaseException:
-        _close_parent_run(mlflow_run, "FAILED")
+        log.close("FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -162,57 +166,12 @@ def _raise_system_exit(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")
 
 
-def _open_parent_run(sweep: Sweep, out: Path, uri: str, experiment: str):
-    """(client, run id) of this submission's parent run; closes runs a killed submission left open."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    stale = client.search_runs([exp_id], f"tags.sweep = '{sweep.name}' and attributes.status = 'RUNNING'")
-    for run in stale:
-        client.set_terminated(run.info.run_id, "FAILED")
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep.name}",
-                            tags={"sweep": sweep.name, "kind": "sweep", "output": str(out)})
-    client.log_text(run.info.run_id, yaml.safe_dump({"name": sweep.name, "base": sweep.base,
-                                                     "methods": sweep.methods,
-                                                     "cells": [c.__dict__ for c in sweep.cells]}), "sweep.yaml")
-    return client, run.info.run_id, exp_id, sweep.name
-
-
-def _log_cell(mlflow_run, cell: Cell, result: dict) -> None:
-    """One FINISHED nested run per method of the cell, logged in one batch each."""
-    from mlflow.entities import Metric, Param
-
-    from reb_dist.io.tracking import _metric_name
-
-    client, parent, exp_id, sweep_name = mlflow_run
-    now = int(time.time() * 1000)
-    for method, metrics in result["methods"].items():
-        run = client.create_run(exp_id, run_name=f"{cell.id}/{method}", tags={
-            "mlflow.parentRunId": parent, "sweep": sweep_name, "kind": "cell", "dataset": cell.dataset,
-            "category": cell.category, "backbone": cell.backbone, "method": method})
-        client.log_batch(run.info.run_id,
-                         metrics=[Metric(_metric_name(k), float(v), now, 0) for k, v in metrics.items()],
-                         params=[Param("backbone.name", cell.backbone), Param("method", method),
-                                 Param("bank_size", str(result["bank_size"]))])
-        client.set_terminated(run.info.run_id, "FINISHED")
-
-
-def _close_parent_run(mlflow_run, status: str) -> None:
-    client, parent, _, _ = mlflow_run
-    client.set_terminated(parent, status)
-
-
 def _write_summary(sweep: Sweep, out: Path, results: dict[str, dict]) -> None:
-    lines = ["| dataset | category | backbone | method | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---:|---:|---:|"]
-    csv = ["dataset,category,backbone,method,image_auroc,pixel_auroc,aupro"]
-    for cell in sweep.cells:
-        for method, m in results[cell.id]["methods"].items():
-            vals = [m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")]
-            lines.append(f"| {cell.dataset} | {cell.category} | {cell.backbone} | {method} | "
-                         + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
-            csv.append(f"{cell.dataset},{cell.category},{cell.backbone},{method}," + ",".join(f"{v:.6f}" for v in vals))
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.csv").write_text("\n".join(csv) + "\n")
+    """summary.md and summary.csv: one row per (cell, method)."""
+    rows = [{"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone, "method": method,
+             **{k: m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+            for cell in sweep.cells for method, m in results[cell.id]["methods"].items()]
+    columns = ["dataset", "category", "backbone", "method", "image_auroc", "pixel_auroc", "aupro"]
+    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns))
+    write_text_atomic(out / "summary.csv", to_csv([{k: (f"{v:.6f}" if isinstance(v, float) else v)
+                                                     for k, v in r.items()} for r in rows], columns))

@@ -12,18 +12,34 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reb_dist.config import FinetuneConfig
 from reb_dist.core.backbones import build_backbone
 from reb_dist.io.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from reb_dist.core.ssl_model import SSLClassifier
 
 STATE_FILE = "train_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainLoopSettings:
+    """What every Ray Train worker needs: the typed fine-tuning settings and the run's facts."""
+
+    finetune: FinetuneConfig
+    backbone: str  # registry name
+    weights: str | None  # start weights (None: ImageNet)
+    class_names: tuple[str, ...]
+    metrics_file: str | None = None  # rank 0 appends one JSON line per step
+    # Ray Train V2 restores a run of the same name by itself; this covers a run folder that was
+    # copied or whose Ray snapshot is gone.
+    resume_from: str | None = None
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -51,29 +67,32 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tens
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function; `config["settings"]` is a `TrainLoopSettings`."""
     import ray.train
     import ray.train.torch
 
+    settings: TrainLoopSettings = config["settings"]
+    f = settings.finetune
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
-    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    torch.manual_seed(f.seed + rank)
+    torch.set_num_threads(max(1, f.torch_threads))
     device = ray.train.torch.get_device()
 
-    backbone = build_backbone(config["backbone"], config.get("weights"))
-    model = SSLClassifier(backbone, len(config["class_names"]), bn_stats=config.get("bn_stats", "update")).to(device)
+    backbone = build_backbone(settings.backbone, settings.weights)
+    model = SSLClassifier(backbone, len(settings.class_names), bn_stats=f.bn_stats).to(device)
     for p in model.parameters():
         p.requires_grad_(True)
     backbone_params = list(model.net.parameters())
     head_params = list(model.head.parameters())
     optimizer = torch.optim.SGD(
         [{"params": backbone_params, "name": "backbone"}, {"params": head_params, "name": "head"}],
-        lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+        lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    if checkpoint is None and settings.resume_from:
+        checkpoint = ray.train.Checkpoint(settings.resume_from)
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
@@ -82,20 +101,20 @@ def train_loop_per_worker(config: dict) -> None:
         start_step = int(state["step"])
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
 
-    steps, freeze = config["steps"], config["freeze_steps"]
-    micro = config["micro_batch"]
-    micro_per_step = micro_batches_per_step(config["images_per_step"], micro, world)
+    steps, freeze = f.steps, f.freeze_steps
+    micro = f.micro_batch
+    micro_per_step = micro_batches_per_step(f.images_per_step, micro, world)
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(batch_size=micro, drop_last=True,
                                        dtypes={"image": torch.uint8, "label": torch.int64, "index": torch.int64})
     batch_iter = iter(batches)
-    n_classes = len(config["class_names"])
+    n_classes = len(settings.class_names)
     ddp_model.train()
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         frozen = step < freeze
         for group in optimizer.param_groups:
-            lr = cosine_lr(step, steps, config["lr"])
+            lr = cosine_lr(step, steps, f.lr)
             group["lr"] = 0.0 if (frozen and group["name"] == "backbone") else lr
         optimizer.zero_grad(set_to_none=True)
         correct = np.zeros(n_classes)
@@ -110,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             images = normalise(batch["image"].to(device))
             labels = batch["label"].to(device)
             logits = ddp_model(images)
-            loss = loss_fn(logits, labels, config["loss"])
+            loss = loss_fn(logits, labels, f.loss)
             (loss / micro_per_step).backward()
             loss_sum += float(loss) * len(labels)
             n_images += len(labels)
@@ -126,15 +145,15 @@ def train_loop_per_worker(config: dict) -> None:
         done = step + 1
         metrics = {"step": done, "loss": loss_sum / max(n_images, 1),
                    "accuracy": float(correct.sum() / max(seen.sum(), 1)),
-                   "lr": cosine_lr(step, steps, config["lr"]), "backbone_frozen": float(frozen),
+                   "lr": cosine_lr(step, steps, f.lr), "backbone_frozen": float(frozen),
                    "images_per_second_worker": n_images / (time.perf_counter() - t0)}
         metrics.update({f"accuracy/{name}": float(correct[i] / seen[i])
-                        for i, name in enumerate(config["class_names"]) if seen[i]})
-        if rank == 0 and config.get("metrics_file"):  # the full history, for MLflow and plots
-            Path(config["metrics_file"]).parent.mkdir(parents=True, exist_ok=True)
-            with open(config["metrics_file"], "a") as fh:
+                        for i, name in enumerate(settings.class_names) if seen[i]})
+        if rank == 0 and settings.metrics_file:  # the full history, for MLflow and plots
+            Path(settings.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(settings.metrics_file, "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
-        is_checkpoint = done % config["checkpoint_every"] == 0 or done == steps
+        is_checkpoint = done % f.checkpoint_every == 0 or done == steps
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
@@ -144,10 +163,10 @@ def train_loop_per_worker(config: dict) -> None:
                     from safetensors.torch import save_file
 
                     save_file(model.backbone_state_dict(), str(Path(tmp) / BACKBONE_FILE),
-                              {"backbone": config["backbone"], "step": str(done)})
+                              {"backbone": settings.backbone, "step": str(done)})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(metrics, checkpoint=ckpt)
-        elif done % config.get("report_every", 1) == 0:
+        else:
             ray.train.report(metrics)
-        if config.get("fail_at_step") == done:
+        if f.fail_at_step == done:
             raise RuntimeError(f"interrupted on purpose after step {done} (fail_at_step)")

@@ -1,8 +1,10 @@
-"""MLflow: the one place that knows run names, params, metrics and artefacts.
+"""MLflow: the one module that imports it (besides Ray Tune's MLflow callback in
+reb_dist.distributed.tuning).
 
 A command opens one parent run (its settings as params); each (category, method) result is a
 nested run tagged with category, method and backbone, so runs compare side by side in the MLflow UI
-(e.g. filter `tags.method = 'ldknn(k=9,alpha=1)'`, group by `params.backbone.name`).
+(e.g. filter `tags.method = 'ldknn(k=9,alpha=1)'`, group by `params.backbone.name`). Sweeps log
+from their driver through `SweepLog`; `collect_results` reads everything back for `reb report`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
-from pathlib import Path
+import time
+
+import yaml
 
 from reb_dist.config import RunConfig, TrackingConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+REPORT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 class Tracker:
-    """No-op when tracking is disabled, so callers never branch on it."""
+    """A command's MLflow runs; every method is a no-op when tracking is disabled, so callers never
+    branch on it.
+
+    Args:
+        cfg: the tracking settings (store URI, experiment, run name, on/off).
+    """
 
     def __init__(self, cfg: TrackingConfig):
         self.cfg = cfg
@@ -27,7 +36,11 @@ class Tracker:
         self.run_id: str | None = None
 
     @contextlib.contextmanager
-    def run(self, config: RunConfig, command: str):
+    def run(self, config: RunConfig, command: str, run_name: str | None = None):
+        """The command's parent run, open for the block: settings as params, config.yaml as artefact.
+
+        The run is named `run_name`, else tracking.run_name, else "<command>-<backbone>".
+        """
         if not self.enabled:
             yield self
             return
@@ -35,12 +48,12 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.cfg.uri)
         mlflow.set_experiment(self.cfg.experiment)
-        name = self.cfg.run_name or f"{command}-{config.backbone.name}"
+        name = run_name or self.cfg.run_name or f"{command}-{config.backbone.name}"
         with mlflow.start_run(run_name=name) as active:
             self.run_id = active.info.run_id
             mlflow.set_tags({"command": command, "backbone": config.backbone.name})
             mlflow.log_params(config.flat())
-            mlflow.log_text(_yaml(config), "config.yaml")
+            mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             yield self
 
     def log_result(self, category: str, method_label: str, metrics: dict[str, float],
@@ -54,7 +67,7 @@ class Tracker:
             mlflow.set_tags({"category": category, "method": method_label})
             if extra_params:
                 mlflow.log_params({k: str(v) for k, v in extra_params.items()})
-            mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()})
+            mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict[str, str]):
@@ -69,43 +82,134 @@ class Tracker:
             yield active.info.run_id
 
     def log_params(self, params: dict) -> None:
+        """Params of the active run, values as text."""
         if self.enabled:
             import mlflow
 
             mlflow.log_params({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics of the active run (names made MLflow-safe), at `step` if given."""
         if self.enabled:
             import mlflow
 
-            mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=step)
+            mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()}, step=step)
 
-    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+    def log_artifact(self, path, folder: str | None = None) -> None:
+        """A file as an artefact of the active run, under `folder` if given."""
         if self.enabled:
             import mlflow
 
             mlflow.log_artifact(str(path), folder)
 
     def log_text(self, text: str, name: str) -> None:
+        """Text as an artefact file `name` of the active run."""
         if self.enabled:
             import mlflow
 
             mlflow.log_text(text, name)
 
     def log_table(self, rows: list[dict], name: str) -> None:
+        """Rows of a table as an MLflow table artefact `name` (.json)."""
         if self.enabled and rows:
             import mlflow
 
             mlflow.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, name)
 
 
-def _metric_name(key: str) -> str:
-    """MLflow metric names allow alphanumerics and `_ - . : /` and spaces; anything else becomes '_'."""
+def metric_name(key: str) -> str:
+    """A metric name MLflow accepts. MLflow metric names allow alphanumerics and `_ - . : /` and spaces; anything else becomes '_'."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
-def _yaml(config: RunConfig) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        config.dump(path)
-        return path.read_text()
+class SweepLog:
+    """A sweep submission's MLflow runs, written from the driver only (parallel writers race on a
+    sqlite store): one parent run, one FINISHED nested run per (cell, method), logged in one batch.
+
+    Opening closes, as FAILED, runs of the same sweep that a killed submission left RUNNING.
+
+    Args:
+        uri: the MLflow tracking URI.
+        experiment: the experiment name (created if missing).
+        sweep: the sweep's name (tag `sweep`).
+        spec: the sweep's settings, logged as sweep.yaml.
+        output: the sweep's output folder (tag `output`).
+    """
+
+    def __init__(self, uri: str, experiment: str, sweep: str, spec: dict, output: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.sweep = sweep
+        stale = self.client.search_runs([self.experiment_id],
+                                        f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'")
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep-{sweep}",
+                                     tags={"sweep": sweep, "kind": "sweep", "output": output})
+        self.run_id = run.info.run_id
+        self.client.log_text(self.run_id, yaml.safe_dump(spec), "sweep.yaml")
+
+    def log_cell(self, cell_id: str, tags: dict[str, str], params: dict[str, str],
+                 methods: dict[str, dict[str, float]]) -> None:
+        """One FINISHED nested run per method of a cell, tagged `tags` + method, with `params`."""
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        for method, metrics in methods.items():
+            run = self.client.create_run(self.experiment_id, run_name=f"{cell_id}/{method}", tags={
+                "mlflow.parentRunId": self.run_id, "sweep": self.sweep, "kind": "cell", **tags, "method": method})
+            self.client.log_batch(run.info.run_id,
+                                  metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()],
+                                  params=[Param(k, str(v)) for k, v in {**params, "method": method}.items()])
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+
+    def close(self, status: str) -> None:
+        """End the parent run as FINISHED or FAILED."""
+        self.client.set_terminated(self.run_id, status)
+
+
+def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Every FINISHED result and tune-trial run of an MLflow store, for `reb report`.
+
+    Result runs (tagged `category` and `method`) become one row each, keyed by (category, backbone,
+    weights, method), the newest run winning; tune trial runs (tag kind=trial) become trial rows.
+
+    Args:
+        uri: the MLflow tracking URI.
+        experiments: only these experiment names (default: all).
+
+    Returns:
+        (result rows, trial rows), as plain dicts.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
+    results: dict[tuple, dict] = {}
+    trials = []
+    for run in client.search_runs([e.experiment_id for e in exps], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"], max_results=50000):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if tags.get("kind") == "trial" and "k" in params:
+            trials.append({"category": tags.get("category", "?"), "k": int(params["k"]),
+                           "alpha": float(params["alpha"]), **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        elif "category" in tags and "method" in tags and "image_auroc" in metrics:
+            backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(client, tags)
+            weights = params.get("weights", "imagenet")
+            # a sweep's datasets can share category names (e.g. a full and a few-shot bank)
+            category = f"{tags['dataset']}/{tags['category']}" if tags.get("dataset") else tags["category"]
+            key = (category, backbone, weights, tags["method"])
+            results[key] = {"category": key[0], "backbone": key[1], "weights": key[2], "method": key[3],
+                            **{m: metrics[m] for m in REPORT_METRICS if m in metrics}, "run_id": run.info.run_id}
+    return sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"])), trials
+
+
+def _parent_backbone(client, tags: dict) -> str:
+    parent = tags.get("mlflow.parentRunId")
+    if not parent:
+        return "?"
+    run = client.get_run(parent)
+    return run.data.tags.get("backbone") or run.data.params.get("backbone.name", "?")

@@ -1,7 +1,8 @@
-"""Evaluate one or more scoring methods on one category: one feature pass, one bank, one search.
+"""Fit a detector on a category and score its test set with one or more methods: one feature pass,
+one bank, one search for all methods.
 
-This is the single-process path every command uses (fit, evaluate, benchmark); the Ray layers
-distribute the same steps.
+This is the single-process path every command uses (fit, evaluate, benchmark, sweep cells); the
+Ray layers distribute the same steps.
 """
 
 from __future__ import annotations
@@ -9,20 +10,22 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
 from reb_dist.config import DataConfig, RunConfig
-from reb_dist.io.data import ClassSplit, ImageDataset, check_split, few_shot, list_categories, load_split
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.metrics import evaluate
+from reb_dist.io.data import ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split
+from reb_dist.pipelines.bank import index_factory, shard_folder
 
 
 @dataclass
 class MethodResult:
+    """One method's test-set result: metrics, image scores and a few pixel maps for galleries."""
+
     method: ScoringMethod
     metrics: dict[str, float]
     image_scores: np.ndarray
@@ -31,6 +34,8 @@ class MethodResult:
 
 @dataclass
 class CategoryResult:
+    """Every method's result on one category's test set, with what it cost."""
+
     category: str
     split: ClassSplit
     labels: np.ndarray
@@ -39,13 +44,16 @@ class CategoryResult:
     timings: dict[str, float]
     bank_size: int
     feature_dim: int
+    image_size: int = 256
     variant: str = ""  # "" for the configured weights, "defectmaker" for the fine-tuned ones
 
     def label(self, method: ScoringMethod) -> str:
+        """The method's name in tables: prefixed by the variant ("defectmaker+knn(k=9)")."""
         return f"{self.variant}+{method.label}" if self.variant else method.label
 
 
 def categories_of(data: DataConfig) -> list[str]:
+    """The categories a run covers: data.categories, else every category found under the root."""
     if data.layout == "folder":  # one custom set; its name is the category
         return data.categories[:1] or [data.resolved_root().name]
     return data.categories or list_categories(data.layout, data.resolved_root())
@@ -65,42 +73,17 @@ def load_category(data: DataConfig, category: str) -> ClassSplit:
     return split
 
 
-def loader(samples, data: DataConfig, with_masks: bool = False) -> DataLoader:
-    return DataLoader(ImageDataset(samples, data.image_size, with_masks=with_masks),
+def loader(samples: list[Sample], data: DataConfig, with_masks: bool = False,
+           image_size: int | None = None) -> DataLoader:
+    """Batches of preprocessed images (and masks) in the given order, at `image_size` or data.image_size."""
+    return DataLoader(ImageDataset(samples, image_size or data.image_size, with_masks=with_masks),
                       batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False)
 
 
-def shard_dir(cfg: RunConfig, category: str) -> Path:
-    """Where a sharded bank's files go: bank.shard_dir/<category>, or under the run's output folder."""
-    return Path(cfg.bank.shard_dir or Path(cfg.output_dir) / "bank_shards") / category
-
-
-def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
-    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
-    batches = loader(split.train, cfg.data)
-    train = detector.extract(batches, total=len(batches), desc=f"{split.name} train features")
-    detector.fit_features(train, shard_dir=shard_dir(cfg, split.name))
-    return detector
-
-
-def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None = None,
-                      methods: list[ScoringMethod] | None = None, examples: int = 0) -> CategoryResult:
-    """Fit (unless a fitted detector is given), score the test set with every method, compute metrics."""
-    start = time.perf_counter()
-    split = load_category(cfg.data, category)
-    load_s = time.perf_counter() - start
-    if detector is not None:
-        return _score_test_set(cfg, category, split, detector, methods, examples, start, load_s)
-    with closing(fit_detector(cfg, split)) as fitted:  # ours, so we stop a sharded bank's actors
-        return _score_test_set(cfg, category, split, fitted, methods, examples, start, load_s)
-
-
-def _score_test_set(cfg: RunConfig, category: str, split: ClassSplit, detector: Detector,
-                    methods: list[ScoringMethod] | None, examples: int, start: float,
-                    load_s: float) -> CategoryResult:
-    methods = methods or detector.methods()
-
-    batches = loader(split.test, cfg.data, with_masks=True)
+def extract_with_masks(detector: Detector, samples: list[Sample], data: DataConfig,
+                       desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """(N, h, w, D) features and (N, H, W) bool masks of samples (all-False where there is none)."""
+    batches = loader(samples, data, with_masks=True, image_size=detector.image_size)
     masks = []
 
     def images_and_masks():
@@ -108,21 +91,67 @@ def _score_test_set(cfg: RunConfig, category: str, split: ClassSplit, detector: 
             masks.append(batch["mask"][:, 0].numpy() > 0.5)
             yield batch
 
-    test = detector.extract(images_and_masks(), total=len(batches), desc=f"{category} test features")
-    masks = np.concatenate(masks)
+    features = detector.extract(images_and_masks(), total=len(batches), desc=desc)
+    return features, np.concatenate(masks)
+
+
+def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
+    """A detector fitted on the split's training images, its bank held as `cfg.bank` says."""
+    shards = shard_folder(cfg.bank, cfg.output_dir, split.name)
+    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
+                                    index_factory(cfg.bank, shards))
+    batches = loader(split.train, cfg.data)
+    detector.fit_features(detector.extract(batches, total=len(batches), desc=f"{split.name} train features"))
+    return detector
+
+
+def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None = None,
+                      methods: list[ScoringMethod] | None = None, examples: int = 0) -> CategoryResult:
+    """Fit (unless a fitted detector is given), score the test set with every method, compute metrics.
+
+    Args:
+        cfg: the run's settings (data always; backbone, scoring and bank when fitting here).
+        category: the category to evaluate.
+        detector: a fitted detector (e.g. a loaded model): its own image size and scoring are used.
+        methods: what to score with (default: the detector's configured methods).
+        examples: how many test images keep their pixel maps for heatmap galleries.
+
+    Returns:
+        The category's result; a detector fitted here is closed again (its shard actors stopped).
+    """
+    start = time.perf_counter()
+    split = load_category(cfg.data, category)
+    load_s = time.perf_counter() - start
+    if detector is not None:
+        return score_test_set(detector, split, cfg.data, methods, examples, start, load_s)
+    with closing(fit_detector(cfg, split)) as fitted:
+        return score_test_set(fitted, split, cfg.data, methods, examples, start, load_s)
+
+
+def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
+                   methods: list[ScoringMethod] | None = None, examples: int = 0,
+                   start: float | None = None, load_s: float = 0.0) -> CategoryResult:
+    """Score a split's test images with a fitted detector and compute every metric.
+
+    Pixel metrics (over normal images and anomalous ones with a mask) are computed when the split has
+    masks and the detector's `scoring.pixel_metrics` is on.
+    """
+    start = time.perf_counter() if start is None else start
+    methods = methods or detector.methods()
+    test, masks = extract_with_masks(detector, split.test, data, desc=f"{split.name} test features")
     labels = np.array([s.label for s in split.test])
     types = [s.defect_type for s in split.test]
     groups = [s.group for s in split.test]
-    pixel = cfg.scoring.pixel_metrics and split.has_masks
+    pixel = detector.scoring.pixel_metrics and split.has_masks
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in split.test])
-    example_ids = _example_indices(labels, examples)
+    example_ids = example_indices(labels, examples)
 
     results = []
     for method, scores in detector.score_features(test, methods).items():
         t0 = time.perf_counter()
         maps = detector.pixel_maps(scores.patch_maps) if pixel or example_ids else None
         metrics = evaluate(labels, scores.image_scores, types, groups=groups)
-        if pixel:  # over normal images and anomalous ones that have a mask
+        if pixel:
             keep = np.flatnonzero(has_mask)
             pixel_metrics = evaluate(labels[keep], scores.image_scores[keep], [types[i] for i in keep],
                                      masks[keep], maps[keep], [groups[i] for i in keep])
@@ -130,13 +159,12 @@ def _score_test_set(cfg: RunConfig, category: str, split: ClassSplit, detector: 
         detector.timings.add("metrics", t0)
         results.append(MethodResult(method, metrics, scores.image_scores,
                                     [(i, maps[i]) for i in example_ids] if maps is not None else []))
-    timings = {"load_and_check": load_s, **detector.timings.seconds,
-               "total": time.perf_counter() - start}
-    return CategoryResult(category, split, labels, types, results, timings,
-                          len(detector.bank), detector.bank.shape[1])
+    timings = {"load_and_check": load_s, **detector.timings.seconds, "total": time.perf_counter() - start}
+    return CategoryResult(split.name, split, labels, types, results, timings, len(detector.bank),
+                          detector.bank.shape[1], detector.image_size)
 
 
-def _example_indices(labels: np.ndarray, n: int) -> list[int]:
+def example_indices(labels: np.ndarray, n: int) -> list[int]:
     """Up to n test images for heatmap galleries: mostly anomalous, a few normal, spread evenly."""
     if n <= 0:
         return []
@@ -145,4 +173,3 @@ def _example_indices(labels: np.ndarray, n: int) -> list[int]:
     n_bad = min(len(bad), n - n_good)
     pick = lambda ids, m: ids[np.linspace(0, len(ids) - 1, m).round().astype(int)] if m else ids[:0]
     return sorted(set(pick(bad, n_bad).tolist() + pick(good, n_good).tolist()))
-

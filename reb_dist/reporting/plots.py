@@ -1,17 +1,15 @@
-"""Figures and tables for reports: ROC curves, heatmap overlays, example grids, result tables.
+"""Figures: ROC curves, heatmap overlays, heatmap and defect galleries.
 
 Figures use ``matplotlib.figure.Figure`` directly (never pyplot), so nothing depends on a GUI
 backend or on global pyplot state, and rendering is safe in worker processes and threads.
-Every file is written atomically: a crashed or killed job never leaves a half-written PNG that
+Every file is written atomically (reb_dist.io.atomic): a crashed or killed job never leaves a half-written PNG that
 an artifact uploader (MLflow) would pick up.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +17,9 @@ import numpy as np
 from scipy import ndimage
 
 from reb_dist.core.metrics import auroc, roc_curve
+from reb_dist.io.atomic import write_atomic
 
 _MAX_CURVE_POINTS = 4000  # plotted ROC points; 10M-pixel curves are thinned to this
-
-
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name rather than mkstemp: mkstemp files are mode 0600, which would make the PNG
-    # unreadable to other users (e.g. an MLflow server); a plain create honours the umask.
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (results, selections, cell files): never left half-written."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_png(array_uint8: np.ndarray, path: str | Path) -> Path:
@@ -52,11 +30,12 @@ def save_png(array_uint8: np.ndarray, path: str | Path) -> Path:
     if arr.dtype != np.uint8:
         raise ValueError(f"save_png expects uint8, got {arr.dtype}")
     img = Image.fromarray(np.ascontiguousarray(arr))
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def _save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+def save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib Figure as PNG at `dpi`, atomically; returns `path`."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, n: int = _MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +73,7 @@ def plot_roc_curves(
     if curves:
         ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -178,7 +157,7 @@ def heatmap_grid(
         ax.set_title(str(title), fontsize="small")
     sm = ScalarMappable(norm=Normalize(vmin, vmax), cmap=colormaps["jet"])
     fig.colorbar(sm, ax=axes, shrink=0.8, label="anomaly score")
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def defect_gallery(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]], path: str | Path,
@@ -198,70 +177,4 @@ def defect_gallery(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]],
             axes[r, c].imshow(heatmap_overlay(image, np.zeros(m.shape), mask=m if m.any() else None, alpha=0.0))
             if r == 0:
                 axes[r, c].set_title(title, fontsize="x-small")
-    return _save_figure(fig, path, dpi)
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _cells(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None, float_fmt: str, scale: float
-) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Formatted cell strings and, per column, whether it is numeric (right-aligned)."""
-    if columns is None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    numeric = [True] * len(columns)
-    body = []
-    for r in rows:
-        line = []
-        for j, c in enumerate(columns):
-            v = r.get(c)
-            if isinstance(v, (float, np.floating)):
-                line.append("-" if math.isnan(v) else float_fmt.format(float(v) * scale))
-            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-                line.append(str(v))
-            elif v is None:
-                line.append("-")
-            else:
-                line.append(str(v))
-                numeric[j] = False
-        body.append(line)
-    return list(columns), body, numeric
-
-
-def results_table_markdown(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    float_fmt: str = "{:.1f}",
-    scale: float = 100,
-) -> str:
-    """GitHub markdown table; floats are multiplied by ``scale`` (metrics as %), ints kept as is.
-
-    Missing or NaN values show as "-"; numeric columns are right-aligned. ``columns`` defaults
-    to every key in order of first appearance.
-    """
-    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
-
-    def fmt(line: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", r"\|") for c in line) + " |"
-
-    align = "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"
-    lines = [fmt(cols), align, *map(fmt, body)]
-    return "\n".join(lines) + "\n"
-
-
-def results_table_text(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    float_fmt: str = "{:.1f}",
-    scale: float = 100,
-) -> str:
-    """Plain, space-aligned table for terminals and logs (same formatting as the markdown one)."""
-    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
-    widths = [max(len(x) for x in col) for col in zip(cols, *body)]
-
-    def fmt(line: list[str]) -> str:
-        return "  ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(line, widths, numeric)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(cols), rule, *map(fmt, body)]) + "\n"
+    return save_figure(fig, path, dpi)

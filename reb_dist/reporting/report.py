@@ -8,51 +8,28 @@ K/alpha scatter per class. Written: report.md, report.csv, auroc_by_class.png, k
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from reb_dist.reporting.plots import _save_figure
+from reb_dist.io.atomic import write_text_atomic
+from reb_dist.io.tracking import REPORT_METRICS as METRICS
+from reb_dist.io.tracking import collect_results
+from reb_dist.reporting.plots import save_figure
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
-
-
-def collect(uri: str, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """(result rows, trial rows) from every FINISHED run of the given (default: all) experiments."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
-    results: dict[tuple, dict] = {}
-    trials = []
-    for run in client.search_runs([e.experiment_id for e in exps], "attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time ASC"], max_results=50000):
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if tags.get("kind") == "trial" and "k" in params:
-            trials.append({"category": tags.get("category", "?"), "k": int(params["k"]),
-                           "alpha": float(params["alpha"]), **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-        elif "category" in tags and "method" in tags and "image_auroc" in metrics:
-            backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(client, tags)
-            weights = params.get("weights", "imagenet")
-            # a sweep's datasets can share category names (e.g. a full and a few-shot bank)
-            category = f"{tags['dataset']}/{tags['category']}" if tags.get("dataset") else tags["category"]
-            key = (category, backbone, weights, tags["method"])
-            results[key] = {"category": key[0], "backbone": key[1], "weights": key[2], "method": key[3],
-                            **{m: metrics[m] for m in METRICS if m in metrics}, "run_id": run.info.run_id}
-    return sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"])), trials
-
-
-def _parent_backbone(client, tags: dict) -> str:
-    parent = tags.get("mlflow.parentRunId")
-    if not parent:
-        return "?"
-    run = client.get_run(parent)
-    return run.data.tags.get("backbone") or run.data.params.get("backbone.name", "?")
+__all__ = ["collect_results", "write_report"]
 
 
 def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[Path]:
+    """report.md / report.csv of `rows`, AUROC bars per class, a K/alpha scatter per tuned class.
+
+    Args:
+        rows, trials: what `collect_results` returned.
+        out: the folder to write to.
+
+    Returns:
+        The files written.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = ["category", "backbone", "weights", "method", *METRICS]
@@ -65,8 +42,8 @@ def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[
         csv.append(",".join([r["category"], r["backbone"], r["weights"], r["method"]]
                             + ["" if v is None else f"{v:.6f}" for v in vals]))
     written = [out / "report.md", out / "report.csv"]
-    written[0].write_text("\n".join(md) + "\n")
-    written[1].write_text("\n".join(csv) + "\n")
+    write_text_atomic(written[0], "\n".join(md) + "\n")
+    write_text_atomic(written[1], "\n".join(csv) + "\n")
     if rows:
         written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
     for category in sorted({t["category"] for t in trials}):
@@ -94,7 +71,7 @@ def _auroc_bars(rows: list[dict], path: Path) -> Path:
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("image AUROC per class: backbone / weights / method")
     fig.tight_layout()
-    return _save_figure(fig, path, 120)
+    return save_figure(fig, path, 120)
 
 
 def _k_alpha_surface(trials: list[dict], category: str, path: Path) -> Path:
@@ -112,4 +89,4 @@ def _k_alpha_surface(trials: list[dict], category: str, path: Path) -> Path:
     ax.set_title(f"{category}: tune trials")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    return _save_figure(fig, path, 120)
+    return save_figure(fig, path, 120)

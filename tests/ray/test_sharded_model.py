@@ -1,18 +1,11 @@
 """A saved model served from sharded Ray actors scores as in process."""
 
 from __future__ import annotations
-import json
-import re
 import numpy as np
-import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
-from sklearn.metrics import roc_auc_score
 from reb_dist.config import RunConfig
 from tests.conftest import BOTTLE
-from reb_dist.core.detector import MODEL_FORMAT, Detector
-from reb_dist.errors import ModelFileError
-from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category, loader
+from reb_dist.io.model_file import load_model
+from reb_dist.pipelines.bank import index_factory
 
 
 def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray, cfg, detector, test_features,
@@ -22,7 +15,7 @@ def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray
     methods = detector.methods()
     want = detector.score_features(test_features, methods)
     bank = RunConfig.load(None, BOTTLE + ["bank.shards=2", "bank.shard_cpus=0.5"]).bank
-    sharded = Detector.load(path, device="cpu", bank=bank, shard_dir=tmp_path / "shards")
+    sharded = load_model(path, device="cpu", bank=bank, index_factory=index_factory(bank, tmp_path / "shards"))
     try:
         assert type(sharded.scorer.index).__name__ == "ShardedBank"
         assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [

@@ -3,7 +3,8 @@
 from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
 from reb_dist.core.ldknn.coreset import greedy_coreset
 from reb_dist.core.ldknn.scorers import METHODS, BankScorer, ScoringMethod, parse_method
+from reb_dist.core.ldknn.index import Index, IndexFactory
 from reb_dist.core.ldknn.search import BankIndex
 
-__all__ = ["METHODS", "BankIndex", "BankScorer", "BankStats", "ScoringMethod", "greedy_coreset",
+__all__ = ["METHODS", "BankIndex", "Index", "IndexFactory", "BankScorer", "BankStats", "ScoringMethod", "greedy_coreset",
            "parse_method", "to_distance"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reb_dist.core.ldknn.search import BankIndex
+from reb_dist.core.ldknn.index import Index
 
 
 def to_distance(dist2: np.ndarray, squared: bool) -> np.ndarray:
@@ -18,7 +18,7 @@ def to_distance(dist2: np.ndarray, squared: bool) -> np.ndarray:
 
 
 class BankStats:
-    def __init__(self, index: BankIndex):
+    def __init__(self, index: Index):
         self.index = index
         self._dist2: dict[int, np.ndarray] = {}  # K -> (n, K) squared distances, NaN = not computed
         self._ids: dict[int, np.ndarray] = {}

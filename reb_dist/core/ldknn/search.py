@@ -1,8 +1,8 @@
 """Exact nearest-neighbour search on a memory bank with faiss (flat L2, squared distances).
 
 `BankIndex` is the one in-process index. The sharded bank (reb_dist.distributed.sharded_bank: one
-index per Ray actor, merged by global minimum) offers the same four methods, `__len__`, `search`,
-`search_bank_points` and `vectors`, so scorers do not care which one they get. The pure helpers
+index per Ray actor, merged by global minimum) implements the same `Index` protocol
+(reb_dist.core.ldknn.index), so scorers do not care which one they get. The pure helpers
 below (`merge_nearest`, `drop_self`, `exact_rerank`) are shared by both, which is what makes a
 sharded result equal to a single-index one.
 """
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from reb_dist.core.ldknn.approx import build_approximate, resolve_neighbour_search
 
 EXTRA_CANDIDATES = 8
+SEARCH_BATCH = 16384  # queries per faiss call: bounded memory, visible progress
 STORAGE_DTYPES = ("float32", "float16")
 # float16 banks are searched block by block, each block upcast to float32 for faiss's BLAS kernel
 FLOAT16_BLOCK = 131072
@@ -106,6 +107,9 @@ class BankIndex:
     def __len__(self) -> int:
         return len(self.bank)
 
+    def close(self) -> None:
+        """Nothing to release: the index lives in this process (part of the `Index` protocol)."""
+
     @property
     def dim(self) -> int:
         return self.bank.shape[1]
@@ -114,13 +118,14 @@ class BankIndex:
         """float32 vectors of bank points by id (any shape of ids)."""
         return self.bank[ids].astype(np.float32, copy=False)
 
-    def search(self, queries: np.ndarray, k: int, batch_size: int = 16384, progress: str | None = None,
+    def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
                approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(dist2, ids), each (m, k). Batched so that memory stays bounded and progress shows.
 
         approximate=True takes the candidates from the bank's approximate index (when it has one).
         """
         queries = as_float32(queries)
+        batch_size = batch_size or SEARCH_BATCH
         k = min(k, len(self))
         # faiss ranks with rounding error; a few spare candidates, re-ranked exactly, make the
         # chosen K neighbours the true ones (and the same in any batch or shard)

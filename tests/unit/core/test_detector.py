@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from reb_dist.config import RunConfig
 from tests.conftest import BOTTLE
-from reb_dist.core.detector import MODEL_FORMAT, Detector
+from reb_dist.core.detector import Detector
+from reb_dist.io.model_file import MODEL_FORMAT, load_model, save_model
 from reb_dist.errors import ModelFileError
 from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category, loader
 
@@ -72,7 +73,7 @@ def test_save_load_round_trip(cfg, detector, test_features, saved):
     assert json.loads(meta["scoring"])["k"] == cfg.scoring.k
     assert meta["image_size"] == "256"
 
-    loaded = Detector.load(path, device="cpu")
+    loaded = load_model(path, device="cpu")
     assert loaded.backbone.fingerprint == detector.backbone.fingerprint
     np.testing.assert_array_equal(loaded.bank, detector.bank)
 
@@ -113,7 +114,7 @@ def test_model_with_another_backbone_fingerprint_is_refused(saved, tmp_path, det
     _, path = saved
     tampered = _rewrite(path, tmp_path / "tampered.safetensors", backbone_fingerprint="deadbeefdeadbeef")
     with pytest.raises(ModelFileError) as exc:
-        Detector.load(tampered, device="cpu")
+        load_model(tampered, device="cpu")
     message = str(exc.value)
     assert str(tampered) in message
     assert "deadbeefdeadbeef" in message  # the fingerprint the model was fitted with
@@ -124,7 +125,7 @@ def test_model_of_another_format_is_refused(saved, tmp_path):
     _, path = saved
     other = _rewrite(path, tmp_path / "other.safetensors", format="something-else/2")
     with pytest.raises(ModelFileError, match="format"):
-        Detector.load(other, device="cpu")
+        load_model(other, device="cpu")
 
 
 def test_truncated_corrupt_or_missing_model_file(saved, tmp_path):
@@ -133,16 +134,16 @@ def test_truncated_corrupt_or_missing_model_file(saved, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match=re.escape(str(truncated))):
-        Detector.load(truncated, device="cpu")
+        load_model(truncated, device="cpu")
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a model" * 10)
     with pytest.raises(ModelFileError, match=re.escape(str(garbage))):
-        Detector.load(garbage, device="cpu")
+        load_model(garbage, device="cpu")
 
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(ModelFileError, match=re.escape(str(missing))):
-        Detector.load(missing, device="cpu")
+        load_model(missing, device="cpu")
 
 
 def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_features):
@@ -171,7 +172,7 @@ def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path)
     _, path = saved
     bad = _rewrite(path, tmp_path / "bad.safetensors", backbone='{"name": "efficientnet_lite0", "nope": 1}')
     with pytest.raises(ModelFileError, match=re.escape(str(bad))):
-        Detector.load(bad, device="cpu")
+        load_model(bad, device="cpu")
 
 
 

@@ -1,17 +1,18 @@
 """Bank search without Ray: per-shard merge, float16 storage, approximate density candidates."""
 
-import threading
 import faiss
 import numpy as np
 import pytest
-import ray
-from reb_dist.distributed.sharded_bank import BankShard, ShardedBank, read_shard, shard_bounds, write_shards
-from reb_dist.errors import ModelFileError, RebError
-from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
+from reb_dist.distributed.sharded_bank import BankShard
+from reb_dist.io.shard_file import read_shard, shard_bounds, write_shards
+from reb_dist.core.ldknn import BankIndex
 from reb_dist.core.ldknn import approx
 from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
                                    scaled_nprobe)
 from reb_dist.core.ldknn.search import merge_nearest
+
+SIZES = {3: [1100, 150, 1150]}  # uneven on purpose
+TOL = dict(rtol=1e-5, atol=1e-4)
 
 
 def test_shard_bounds_cover_the_bank_once():

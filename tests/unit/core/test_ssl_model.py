@@ -1,14 +1,7 @@
 """The self-supervised classifier REB fine-tunes (pure torch)."""
 
-import numpy as np
 import torch
-import pytest
-import ray
 from reb_dist.core.backbones import build_backbone
-from reb_dist.config import SAMPLE_DATA, RunConfig
-from reb_dist.distributed.defect_stream import DefectBatchMaker, defect_dataset, defect_items
-from reb_dist.errors import RebError
-from reb_dist.distributed.finetune import finetune, latest_checkpoint, read_metrics
 
 
 def test_frozen_bn_stats_keep_the_start_statistics_while_weights_learn():
@@ -19,7 +12,8 @@ def test_frozen_bn_stats_keep_the_start_statistics_while_weights_learn():
     images, labels = torch.randn(8, 3, 64, 64), torch.arange(8) % 7
     for bn_stats, stats_move in (("update", True), ("frozen", False)):
         model = SSLClassifier(build_backbone("efficientnet_lite0"), 7, bn_stats=bn_stats).train()
-        model.set_backbone_trainable(True)  # as the training loop does after the frozen warm-up
+        for p in model.parameters():  # as the training loop does: build_backbone returns it frozen
+            p.requires_grad_(True)
         before = {k: v.clone() for k, v in model.net.state_dict().items()}
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.nn.functional.cross_entropy(model(images), labels).backward()

@@ -1,0 +1,102 @@
+"""Model files: a fitted detector's bank, densities and settings in one .safetensors file.
+
+safetensors holds tensors plus JSON metadata and never unpickles anything. The backbone is not
+stored: it is named, with the fingerprint of its weights, and checked when the model is loaded, so
+a model never silently runs with other weights than it was fitted with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from reb_dist import __version__
+from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
+from reb_dist.core.detector import Detector
+from reb_dist.core.ldknn import IndexFactory
+from reb_dist.errors import ModelFileError
+from reb_dist.io.atomic import write_atomic
+
+MODEL_FORMAT = "reb-dist-model/1"
+
+
+def save_model(detector: Detector, path: str | Path, density: np.ndarray | None = None) -> Path:
+    """Write a fitted detector's bank, densities and settings to `path` atomically.
+
+    Args:
+        detector: a detector with a bank.
+        path: the .safetensors file to write.
+        density: every bank point's density for the detector's K; computed when not given.
+
+    Returns:
+        `path` as a Path.
+    """
+    if detector.bank is None:
+        raise RuntimeError("nothing to save: the detector has no memory bank")
+    if density is None:
+        density = detector.compute_density()
+    metadata = {
+        "format": MODEL_FORMAT,
+        "reb_dist_version": __version__,
+        "backbone": json.dumps(detector.backbone_config.__dict__),
+        "backbone_weights": detector.backbone.weights_source,
+        "backbone_fingerprint": detector.backbone.fingerprint,
+        "scoring": json.dumps(detector.scoring.__dict__),
+        "image_size": str(detector.image_size),
+    }
+    tensors = {"bank": detector.bank, "density": np.asarray(density, np.float32)}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata))
+
+
+def load_model(path: str | Path, device: str | None = None, bank: BankConfig | None = None,
+               index_factory: IndexFactory | None = None) -> Detector:
+    """A detector from a model file, its backbone checked against the stored fingerprint.
+
+    Args:
+        path: a file written by `save_model`.
+        device: where features are computed (default: the device the model was fitted with).
+        bank: how to hold the bank this time (storage dtype, search); default settings if None.
+        index_factory: builds the bank's index (default: in process; see reb_dist.pipelines.bank).
+
+    Returns:
+        The detector, with its bank indexed and its densities preloaded.
+
+    Raises:
+        ModelFileError: the file is missing, not a model file, incomplete, or its backbone weights
+            differ from the ones found now.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a reb-dist model file ({exc})") from exc
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    try:
+        backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
+        scoring = ScoringConfig(**json.loads(meta["scoring"]))
+        image_size = int(meta["image_size"])
+        bank_vectors, density = tensors["bank"], tensors["density"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
+    if device is not None:
+        backbone_cfg.device = device
+    detector = Detector.from_config(backbone_cfg, scoring, image_size, bank, index_factory)
+    if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
+        raise ModelFileError(
+            f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "
+            f"{meta.get('backbone_fingerprint')} ({meta.get('backbone_weights')}), but the weights "
+            f"found now have fingerprint {detector.backbone.fingerprint} ({detector.backbone.weights_source})")
+    try:
+        detector.set_bank(bank_vectors, density)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc
+    return detector

@@ -1,0 +1,142 @@
+"""What each `reb` command does, callable from Python with the same settings object.
+
+Each function takes the run's `RunConfig` (never edits it), opens the command's MLflow run, does
+the work in this process (a sharded bank's actors aside), prints progress lines and the result
+table, and writes its files under `cfg.output_dir`. `reb_dist.cli` only parses and calls these.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import closing
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from reb_dist.config import RunConfig
+from reb_dist.errors import ConfigError
+from reb_dist.io.model_file import load_model, save_model
+from reb_dist.io.tracking import Tracker
+from reb_dist.pipelines.bank import index_factory, shard_folder
+from reb_dist.pipelines.evaluate import CategoryResult, categories_of, evaluate_category, fit_detector, load_category
+from reb_dist.pipelines.predict import Prediction, find_images, predict
+from reb_dist.reporting.results import write_predictions, write_results
+
+
+def output_files(output: str | None, categories: list[str], default_dir: Path, suffix: str = "") -> dict[str, Path]:
+    """One .safetensors file per category: `output` itself for one category, else inside `output`."""
+    if output and output.endswith(".safetensors"):
+        if len(categories) != 1:
+            raise ConfigError(f"--output {output} is one file but there are {len(categories)} categories")
+        return {categories[0]: Path(output)}
+    folder = Path(output) if output else default_dir
+    return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
+
+
+def fit(cfg: RunConfig, output: str | None = None) -> dict[str, Path]:
+    """Fit and save a model (bank + densities + settings) per category.
+
+    Args:
+        cfg: the run's settings.
+        output: a .safetensors file (one category) or a folder (default <output_dir>/models).
+
+    Returns:
+        category -> model file written.
+    """
+    paths = output_files(output, categories_of(cfg.data), Path(cfg.output_dir) / "models")
+    tracker = Tracker(cfg.tracking)
+    with tracker.run(cfg, "fit"):
+        for category, path in paths.items():
+            split = load_category(cfg.data, category)
+            with closing(fit_detector(cfg, split)) as detector:
+                save_model(detector, path)
+            info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
+                    **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
+            tracker.log_result(category, "fit", info)
+            print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
+                  f"(+ densities K={cfg.scoring.k}) saved to {path}")
+    return paths
+
+
+def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> CategoryResult:
+    """Score one category's test set with a saved model (its first method), report and log it.
+
+    The model's own backbone, scoring and image size are used; they are returned in the result
+    files and MLflow params as `resolved` / `model.*`, and `cfg` is left as given.
+    """
+    categories = categories_of(cfg.data)
+    if len(categories) != 1:
+        raise ConfigError(f"a model belongs to one category; choose one of {categories} with --categories")
+    category = categories[0]
+    detector = load_model(model, bank=cfg.bank,
+                          index_factory=index_factory(cfg.bank, shard_folder(cfg.bank, cfg.output_dir, category)))
+    resolved = {"model": str(model), "backbone": asdict(detector.backbone_config),
+                "scoring": asdict(detector.scoring), "image_size": detector.image_size}
+    tracker = Tracker(cfg.tracking)
+    with closing(detector), tracker.run(cfg, "evaluate"):
+        tracker.log_params({f"model.{k}": v for k, v in _flat(resolved).items()})
+        result = evaluate_category(cfg, category, detector, [detector.default_method])
+        write_results([result], Path(cfg.output_dir) / "evaluate", tracker, command_line, cfg,
+                      "evaluate", resolved=resolved)
+    return result
+
+
+def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
+    """Every configured method on every category, one bank and one search per category.
+
+    With `backbone.finetuned`, each category is also scored with its fine-tuned weights (the
+    "defectmaker" variant: REB = fine-tuned + LDKNN, DefectMaker = fine-tuned + KNN).
+    """
+    start = time.perf_counter()
+    tracker = Tracker(cfg.tracking)
+    print(f"# {command_line}")
+    results = []
+    with tracker.run(cfg, "benchmark"):
+        for category in categories_of(cfg.data):
+            variants = [("", cfg)]
+            if cfg.backbone.finetuned:
+                weights = cfg.backbone.finetuned.format(category=category)
+                variants.append(("defectmaker", replace(cfg, backbone=replace(cfg.backbone, weights=weights))))
+            for variant, run_cfg in variants:
+                result = evaluate_category(run_cfg, category, examples=cfg.tracking.heatmap_examples)
+                result.variant = variant
+                results.append(result)
+                for m in result.methods:
+                    tracker.log_result(category, result.label(m.method), m.metrics,
+                                       {"k": m.method.k, "alpha": m.method.alpha,
+                                        "weights": run_cfg.backbone.weights or "imagenet"})
+                print(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
+                      f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
+                      f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})",
+                      flush=True)
+        write_results(results, Path(cfg.output_dir) / "benchmark", tracker, command_line, cfg,
+                      "benchmark", wall=time.perf_counter() - start)
+    return results
+
+
+def predict_images(model: str | Path, images: list[str | Path], output: str | Path = "predictions",
+                   threshold: float | None = None, device: str | None = None,
+                   batch_size: int = 16) -> list[Prediction]:
+    """Score image files (and folders of them) with a saved model; overlays and scores.csv in `output`.
+
+    Args:
+        model: a model file from `fit`.
+        images: image files or folders.
+        output: the folder for `<stem>_heatmap.png` overlays and scores.csv.
+        threshold: flag images whose score is at least this (an `anomalous` column).
+        device: where features are computed (default: the model's).
+        batch_size: images per feature batch.
+    """
+    with closing(load_model(model, device)) as detector:
+        predictions = predict(detector, find_images(images), batch_size)
+    write_predictions(predictions, Path(output), threshold)
+    return predictions
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

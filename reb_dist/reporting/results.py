@@ -1,0 +1,119 @@
+"""Result files of a run: the table (printed, markdown, JSON), ROC curves, heatmap galleries, and
+predictions (overlays + scores.csv), each logged to MLflow through the run's tracker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from reb_dist.config import RunConfig
+from reb_dist.io.atomic import write_text_atomic
+from reb_dist.io.data import read_image, read_mask, resize_mask
+from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
+from reb_dist.reporting.tables import results_table_markdown, results_table_text, to_csv
+
+if TYPE_CHECKING:  # types only: reporting sits below the pipelines that make these results
+    from reb_dist.io.tracking import Tracker
+    from reb_dist.pipelines.evaluate import CategoryResult
+    from reb_dist.pipelines.predict import Prediction
+
+RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]
+
+
+def result_rows(results: list[CategoryResult]) -> list[dict]:
+    """One table row per (category, method): the metrics and the seconds of search + scoring."""
+    rows = []
+    for r in results:
+        for m in r.methods:
+            seconds = r.timings.get("search", 0) + r.timings.get(f"score:{m.method.label}", 0)
+            rows.append({"category": r.category, "method": r.label(m.method),
+                         **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
+                         "seconds": int(round(seconds))})
+    return rows
+
+
+def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, command_line: str,
+                  config: RunConfig, name: str, wall: float | None = None, resolved: dict | None = None) -> list[dict]:
+    """Print the table; write results.md, results.json, config.yaml and plots to `out`; log them.
+
+    Args:
+        results: every category's result.
+        out: the folder to write to (created).
+        tracker: the run's MLflow tracker (a no-op when tracking is off).
+        command_line: the command that made the results, quoted in the files.
+        config: the run's settings, stored in results.json and config.yaml.
+        name: the command name, used in MLflow artefact names.
+        wall: the run's wall time in seconds, if known.
+        resolved: settings the run resolved on its way (e.g. a loaded model's), stored beside `config`.
+
+    Returns:
+        The table rows.
+    """
+    rows = result_rows(results)
+    out.mkdir(parents=True, exist_ok=True)
+    print()
+    print(results_table_text(rows, RESULT_COLUMNS))
+    markdown = results_table_markdown(rows, RESULT_COLUMNS)
+    footer = f"\n\nCommand: `{command_line}`" + (f"  \nWall time: {wall:.0f} s" if wall else "") + "\n"
+    write_text_atomic(out / "results.md", markdown + footer)
+    payload = {"command": command_line, "wall_seconds": wall, "config": config.to_dict(),
+               "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,
+                            "timings": r.timings, "bank_size": r.bank_size} for r in results for m in r.methods]}
+    if resolved:
+        payload["resolved"] = resolved
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2, default=float))
+    config.dump(out / "config.yaml")
+    tracker.log_text(markdown + footer, f"{name}_results.md")
+    tracker.log_table(rows, f"{name}_results.json")
+    for r in results:
+        for path in category_plots(r, out):
+            tracker.log_artifact(path, "plots")
+    if wall is not None:
+        print(f"\nwall time {wall:.0f} s; results in {out}/results.md")
+    return rows
+
+
+def category_plots(result: CategoryResult, out: Path) -> list[Path]:
+    """ROC curves of every method, and a heatmap gallery of the first method's example maps."""
+    name = f"{result.category}{'_' + result.variant if result.variant else ''}"
+    paths = [plot_roc_curves({result.label(m.method): (result.labels, m.image_scores) for m in result.methods},
+                             out / f"roc_{name}.png", title=f"{name}: image ROC")]
+    first = result.methods[0]
+    if first.examples:
+        size = result.image_size
+        items = []
+        for i, pixel_map in first.examples:
+            sample = result.split.test[i]
+            image = np.asarray(Image.fromarray(read_image(sample.image_path)).resize((size, size), Image.BICUBIC))
+            mask = None
+            if sample.mask_path is not None:
+                mask = resize_mask(read_mask(sample.mask_path), size)[0].numpy() > 0.5
+            items.append((f"{sample.defect_type} {sample.image_path.stem} "
+                          f"{first.image_scores[i]:.3g}", image, pixel_map, mask))
+        maps = np.stack([m for _, m in first.examples])
+        paths.append(heatmap_grid(items, out / f"heatmaps_{name}.png",
+                                  vmin=float(maps.min()), vmax=float(maps.max())))
+    return paths
+
+
+def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None) -> list[dict]:
+    """A heatmap overlay per image (one colour scale for all) and scores.csv; returns the CSV rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    # One colour scale for every overlay of the run, so heatmaps compare across images.
+    vmin = min(float(p.pixel_map.min()) for p in predictions)
+    vmax = max(float(p.pixel_map.max()) for p in predictions)
+    rows = []
+    for p in predictions:
+        full = np.asarray(Image.fromarray(p.pixel_map).resize(p.image.shape[1::-1], Image.BILINEAR))
+        save_png(heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax), out / f"{p.path.stem}_heatmap.png")
+        row = {"image": str(p.path), "score": f"{p.score:.6g}"}
+        if threshold is not None:
+            row["anomalous"] = int(p.score >= threshold)
+        rows.append(row)
+    columns = ["image", "score"] + (["anomalous"] if threshold is not None else [])
+    write_text_atomic(out / "scores.csv", to_csv(rows, columns))
+    return rows

@@ -1,0 +1,87 @@
+"""Result tables: markdown for files and MLflow, aligned text for terminals, CSV.
+
+Metrics are stored as fractions and shown as percentages (``scale=100``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _cells(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None, float_fmt: str, scale: float
+) -> tuple[list[str], list[list[str]], list[bool]]:
+    """Formatted cell strings and, per column, whether it is numeric (right-aligned)."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    numeric = [True] * len(columns)
+    body = []
+    for r in rows:
+        line = []
+        for j, c in enumerate(columns):
+            v = r.get(c)
+            if isinstance(v, (float, np.floating)):
+                line.append("-" if math.isnan(v) else float_fmt.format(float(v) * scale))
+            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                line.append(str(v))
+            elif v is None:
+                line.append("-")
+            else:
+                line.append(str(v))
+                numeric[j] = False
+        body.append(line)
+    return list(columns), body, numeric
+
+
+def results_table_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    float_fmt: str = "{:.1f}",
+    scale: float = 100,
+) -> str:
+    """GitHub markdown table; floats are multiplied by ``scale`` (metrics as %), ints kept as is.
+
+    Missing or NaN values show as "-"; numeric columns are right-aligned. ``columns`` defaults
+    to every key in order of first appearance.
+    """
+    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
+
+    def fmt(line: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", r"\|") for c in line) + " |"
+
+    align = "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"
+    lines = [fmt(cols), align, *map(fmt, body)]
+    return "\n".join(lines) + "\n"
+
+
+def results_table_text(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    float_fmt: str = "{:.1f}",
+    scale: float = 100,
+) -> str:
+    """Plain, space-aligned table for terminals and logs (same formatting as the markdown one)."""
+    cols, body, numeric = _cells(rows, columns, float_fmt, scale)
+    widths = [max(len(x) for x in col) for col in zip(cols, *body)]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(line, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(cols), rule, *map(fmt, body)]) + "\n"
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """CSV text (header + one line per row, values as given), quoted where a value needs it."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        writer.writerow(["" if r.get(c) is None else r.get(c) for c in columns])
+    return buffer.getvalue()

@@ -52,3 +52,15 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
         assert f"| bottle | efficientnet_lite0 | imagenet | ldknn[{variant}]" in report
     assert (tmp_path / "report" / "k_alpha_bottle.png").stat().st_size > 1000
     assert (tmp_path / "report" / "auroc_by_class.png").is_file()
+
+
+def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(local_ray, tmp_path):
+    from reb_dist.config import ScoringConfig, TrackingConfig, TuneConfig
+    from reb_dist.distributed.tuning import search_k_alpha
+    from tests.unit.pipelines.test_tune_selection import CROSSOVER, disagreeing_tables
+
+    tune = TuneConfig(k_min=1, k_max=8, alpha_min=0.0, alpha_max=1.0, trials=16, concurrency=2,
+                      storage_path=str(tmp_path / "ray"))
+    selection = search_k_alpha(disagreeing_tables(), tune, ScoringConfig(), TrackingConfig(enabled=False), "t")
+    assert selection.alpha < CROSSOVER and selection.val_metrics["objective"] == 1.0
+    assert selection.trials == 16

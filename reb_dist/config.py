@@ -59,7 +59,7 @@ class BankConfig:
     seed: int = 0
     dtype: str = "float32"  # float32 | float16 (half the memory; vectors rounded to half precision)
     # how bank densities find each bank point's K neighbours: exact | ivf | hnsw | auto (exact up to
-    # 1M points, IVF above; see reb_dist/ldknn/approx.py)
+    # 1M points, IVF above; see reb_dist/core/ldknn/approx.py)
     neighbour_search: str = "auto"
     # IVF lists visited per query; 0: 1/48 of the lists (74 at 780k points, where 64 gave recall@9 0.9975)
     nprobe: int = 0

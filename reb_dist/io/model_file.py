@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from reb_dist import __version__
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
@@ -20,6 +19,7 @@ from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import IndexFactory
 from reb_dist.errors import ModelFileError
 from reb_dist.io.atomic import write_atomic
+from reb_dist.io.tensor_files import read_tensors
 
 MODEL_FORMAT = "reb-dist-model/1"
 
@@ -70,21 +70,14 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
             differ from the ones found now.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a reb-dist model file ({exc})") from exc
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    meta, tensors = read_tensors(path, MODEL_FORMAT, "model file", ("bank", "density"))
     try:
         backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
         scoring = ScoringConfig(**json.loads(meta["scoring"]))
         image_size = int(meta["image_size"])
         bank_vectors, density = tensors["bank"], tensors["density"]
+        if bank_vectors is None or density is None:
+            raise KeyError("bank" if bank_vectors is None else "density")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
     if device is not None:

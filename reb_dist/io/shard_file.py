@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from reb_dist.core.ldknn.search import check_bank
-from reb_dist.errors import ModelFileError
 from reb_dist.io.atomic import write_atomic, write_text_atomic
+from reb_dist.io.tensor_files import read_tensors
 
 SHARD_FORMAT = "reb-dist-bank-shard/1"
 
@@ -49,17 +48,8 @@ def write_shard(path: Path, vectors: np.ndarray, offset: int, total: int, bank_i
 def read_shard(path: str | Path, with_vectors: bool = True) -> tuple[np.ndarray | None, dict]:
     """(vectors, {offset, total, bank_id}); with_vectors=False reads only the header."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: bank shard file not found")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            vectors = f.get_tensor("vectors") if with_vectors else None
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a bank shard file ({exc})") from exc
-    if meta.get("format") != SHARD_FORMAT:
-        raise ModelFileError(f"{path}: format {meta.get('format')!r}, expected {SHARD_FORMAT!r}")
-    return vectors, {"offset": int(meta["offset"]), "total": int(meta["total"]), "bank_id": meta["bank_id"]}
+    meta, tensors = read_tensors(path, SHARD_FORMAT, "bank shard file", ("vectors",) if with_vectors else ())
+    return tensors.get("vectors"), {"offset": int(meta["offset"]), "total": int(meta["total"]), "bank_id": meta["bank_id"]}
 
 
 def write_shards(bank: np.ndarray, directory: str | Path, num_shards: int,

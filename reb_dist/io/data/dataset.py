@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 HxWx3 -> float32 3xSxS: bicubic resize (PIL, as the backbones were trained), ImageNet-normalised.
+    """Turn uint8 HxWx3 into float32 3xSxS: bicubic resize (PIL, as the backbones were trained), ImageNet-normalised.
 
     Shared by training, evaluation and single-image inference so they cannot drift apart.
     """
@@ -29,7 +29,7 @@ def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 def resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
-    """bool HxW -> float32 1xSxS of 0/1, nearest-neighbour so it stays binary."""
+    """Resize a bool HxW mask to a float32 1xSxS tensor of 0/1, nearest-neighbour so it stays binary."""
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(resized) > 127).float().unsqueeze(0)
 
@@ -39,6 +39,11 @@ class ImageDataset(Dataset):
 
     The mask is all zero for normal images, for anomalous ones without a mask, and when with_masks=False
     (then no mask file is read), so batches always collate the same keys.
+
+    Args:
+        samples: The samples, indexed in this order.
+        image_size: Side S of the square tensors.
+        with_masks: Read ground-truth masks where samples have them.
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int = 256, with_masks: bool = True):
@@ -61,7 +66,11 @@ class ImageDataset(Dataset):
 
 
 def few_shot(samples: Sequence[Sample], n: int) -> list[Sample]:
-    """The first n samples by image path: a deterministic few-shot subset, the same on every run and machine."""
+    """Return the first n samples by image path: a deterministic few-shot subset, the same on every run and machine.
+
+    Raises:
+        ValueError: If `n` is below 1 or more than the samples available.
+    """
     if n < 1:
         raise ValueError(f"few-shot count must be at least 1, got {n}")
     if n > len(samples):

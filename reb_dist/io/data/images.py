@@ -40,10 +40,19 @@ def is_skipped_file(path: str | Path) -> bool:
 
 
 def list_images(folder: str | Path, *, allow_empty: bool = False, what: str = "class folder") -> list[Path]:
-    """The image files of a folder, sorted by name; subfolders are not descended into.
+    """Return the image files of a folder, sorted by name; subfolders are not descended into.
 
     A file that is neither an image nor skippable (see is_skipped_file) is an error rather than silently
     dropped: a stray .csv or .npy usually means the folder is not what the user thinks it is.
+
+    Args:
+        folder: The folder to list.
+        allow_empty: Return an empty list instead of raising when there are no images.
+        what: What the folder is, for the error message.
+
+    Raises:
+        DatasetError: If the folder is missing or a file, holds a non-image file, or (unless
+            `allow_empty`) has no images.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -122,7 +131,11 @@ def _pixels(img: Image.Image, path: Path) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 HxWx3 RGB: grey is replicated, alpha dropped, 16-bit scaled by 1/257."""
+    """Read an image as uint8 HxWx3 RGB: grey is replicated, alpha dropped, 16-bit scaled by 1/257.
+
+    Raises:
+        DatasetError: If the file is missing, empty, unreadable or in an unsupported colour mode.
+    """
     path = Path(path)
     with _open(path) as img:
         a = _pixels(img, path)
@@ -147,6 +160,9 @@ def read_mask(
     Thresholding (not `!= 0`) because some sets (magnetic tile) ship JPEG-like non-binary masks.
     A folder is read as the union of all masks in it (MVTec LOCO keeps one file per defect region).
     expected_size is the (W, H) of the image the mask belongs to; `image` only names it in the error.
+
+    Raises:
+        DatasetError: If a mask file cannot be read, or sizes differ within a folder or from `expected_size`.
     """
     path = Path(path)
     if path.is_dir():
@@ -168,7 +184,11 @@ def read_mask(
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(W, H) from the file header only, without decoding pixels: a cheap existence/format check."""
+    """Return (W, H) from the file header only, without decoding pixels: a cheap existence/format check.
+
+    Raises:
+        DatasetError: If the file is missing, empty or not an image.
+    """
     path = Path(path)
     with _open(path, decode=False) as img:
         return img.size

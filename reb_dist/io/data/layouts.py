@@ -117,7 +117,14 @@ def _scan(
 
 
 def mvtec_ad(root: str | Path, category: str, *, require_masks: bool = True) -> ClassSplit:
-    """MVTec AD: CAT/train/good, CAT/test/{good,DEFECT}, CAT/ground_truth/DEFECT/NAME_mask.png."""
+    """Load an MVTec AD category: CAT/train/good, CAT/test/{good,DEFECT}, CAT/ground_truth/DEFECT/NAME_mask.png.
+
+    Returns:
+        The category's `ClassSplit`.
+
+    Raises:
+        DatasetError: If a folder, image or (with `require_masks`) mask is missing or malformed.
+    """
     return _scan(root, category, "mvtec", require_masks=require_masks,
                  mask_dir=lambda d: d.parent.parent / "ground_truth" / d.name,
                  expected=lambda m, p: m / f"{p.stem}_mask.png")
@@ -128,6 +135,7 @@ def mvtec_loco(root: str | Path, category: str, *, require_masks: bool = True) -
 
     group is "logical" / "structural" because LOCO reports the two anomaly kinds apart;
     validation/good goes to extras["validation"] (empty list if absent).
+    Returns and raises as `mvtec_ad`.
     """
     return _scan(root, category, "loco", require_masks=require_masks, mask_folders=True,
                  mask_dir=lambda d: d.parent.parent / "ground_truth" / d.name,
@@ -136,7 +144,10 @@ def mvtec_loco(root: str | Path, category: str, *, require_masks: bool = True) -
 
 
 def btad(root: str | Path, category: str, *, require_masks: bool = True) -> ClassSplit:
-    """BTAD: NN/train/ok, NN/test/{ok,ko}, NN/ground_truth/ko/NAME.{png,bmp}; "ok" normal, "ko" anomalous."""
+    """Load a BTAD category: NN/train/ok, NN/test/{ok,ko}, NN/ground_truth/ko/NAME.{png,bmp}; "ok" normal.
+
+    Returns and raises as `mvtec_ad`.
+    """
     return _scan(root, category, "btad", require_masks=require_masks, normal="ok",
                  mask_dir=lambda d: d.parent.parent / "ground_truth" / d.name,
                  expected=lambda m, p: m / f"{p.stem}.png")
@@ -145,7 +156,7 @@ def btad(root: str | Path, category: str, *, require_masks: bool = True) -> Clas
 def mvtec_3d(root: str | Path, category: str, *, require_masks: bool = True) -> ClassSplit:
     """MVTec 3D-AD, RGB only: CAT/train/good/rgb, CAT/test/DEFECT/{rgb,gt}/NNN.png; xyz/ is ignored.
 
-    validation/good/rgb goes to extras["validation"].
+    validation/good/rgb goes to extras["validation"]. Returns and raises as `mvtec_ad`.
     """
     return _scan(root, category, "mvtec3d", require_masks=require_masks, sub="rgb",
                  mask_dir=lambda d: d / "gt", expected=lambda m, p: m / f"{p.stem}.png",
@@ -164,6 +175,13 @@ def folder(
     """A custom set in three folders. Anomalous images directly in test_anomalous_dir get defect_type
     "anomalous", those in its subfolders the subfolder name. Masks (optional) are looked up by stem or
     stem + "_mask", in mask_dir/DEFECT first, then mask_dir.
+
+    Returns:
+        A `ClassSplit` named `name`, layout "folder", rooted at the folders' common path.
+
+    Raises:
+        DatasetError: If a folder is missing or empty, or (with `require_masks`) an image has no mask.
+        ValueError: If `require_masks` is set without a `mask_dir`.
     """
     train = _normals(list_images(train_dir))
     test = _normals(list_images(test_normal_dir))
@@ -205,6 +223,19 @@ def _layout_name(layout: str) -> str:
 def load_split(layout: str, root: str | Path, category: str | None = None, **kw) -> ClassSplit:
     """Load one category by layout name. For "folder", root is the base that the relative train_dir,
     test_normal_dir, test_anomalous_dir (and mask_dir) keywords are resolved against.
+
+    Args:
+        layout: A key of `LAYOUTS` or an alias ("mvtec_ad", "mvtec-loco", ...).
+        root: Dataset root (for "folder", the base of its folders).
+        category: Category folder under `root`; needed by all layouts but "folder" (its default name).
+        **kw: Keyword arguments of the layout's loader.
+
+    Returns:
+        The category's `ClassSplit`.
+
+    Raises:
+        ValueError: If the layout is unknown or a category is needed but missing.
+        DatasetError: As the layout's loader raises.
     """
     key = _layout_name(layout)
     if key == "folder":
@@ -218,7 +249,12 @@ def load_split(layout: str, root: str | Path, category: str | None = None, **kw)
 
 
 def list_categories(layout: str, root: str | Path) -> list[str]:
-    """Sorted subfolders of root that have the training folder the layout expects (e.g. train/good)."""
+    """Return the sorted subfolders of root that have the training folder the layout expects (e.g. train/good).
+
+    Raises:
+        ValueError: If the layout is unknown or is "folder".
+        DatasetError: If `root` is not a folder.
+    """
     key = _layout_name(layout)
     if key == "folder":
         raise ValueError("the 'folder' layout has no categories; give its folders directly")

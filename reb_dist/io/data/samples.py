@@ -37,8 +37,10 @@ class ClassSplit:
 
     @property
     def has_masks(self) -> bool:
+        """Whether any anomalous test sample has a ground-truth mask."""
         return any(s.mask_path is not None for s in self.test if s.label == 1)
 
     @property
     def defect_types(self) -> list[str]:
+        """Sorted defect types of the anomalous test samples."""
         return sorted({s.defect_type for s in self.test if s.label == 1})

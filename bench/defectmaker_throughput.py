@@ -7,24 +7,19 @@ Prints figures and the command that made them. Example:
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import tempfile
 import time
 
 import numpy as np
+from common import bench_parser, print_command
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--root", default="sample")
-    p.add_argument("--category", default="bottle")
+    p = bench_parser(__doc__)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--base-images", type=int, default=64, help="base images for the Ray Data measurement")
     p.add_argument("--data-workers", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=6, help="0 skips the end-to-end training measurement")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
 
     from reb_dist.config import RunConfig
@@ -34,7 +29,7 @@ def main() -> None:
 
     cfg = RunConfig.load(None, [f"data.root={args.root}", f"data.image_size={args.image_size}", *args.overrides])
     paths = [str(s.image_path) for s in load_category(cfg.data, args.category).train]
-    print(f"command: .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print_command()
 
     # 1. one process, no Ray: the pure DefectMaker cost (image read + resize + 7 variants)
     maker = DefectBatchMaker("defectmaker", args.image_size, 0.5, "spectral")

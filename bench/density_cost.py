@@ -6,12 +6,10 @@ Prints figures and the command that made them. Example:
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import sys
 import time
 
 import numpy as np
+from common import bench_parser, print_command
 
 from reb_dist.config import RunConfig
 from reb_dist.pipelines.evaluate import fit_detector, load_category, loader
@@ -19,11 +17,8 @@ from reb_dist.core.ldknn import BankStats
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--root", default="sample")
-    p.add_argument("--category", default="bottle")
+    p = bench_parser(__doc__)
     p.add_argument("--k", type=int, default=9)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     cfg = RunConfig.load(None, [f"data.root={args.root}", f"scoring.k={args.k}", *args.overrides])
     split = load_category(cfg.data, args.category)
@@ -47,7 +42,7 @@ def main() -> None:
     rel = np.abs(lazy - full[ids[:, 0]]) / np.abs(full[ids[:, 0]]).clip(1e-12)
     assert rel.max() < 1e-3, rel.max()  # equal up to faiss's tie-breaking among near-equal neighbours
 
-    print(f"command: .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print_command()
     print(f"{args.category}: bank {len(index)} x {index.bank.shape[1]}, {len(queries)} test patches, K={args.k}")
     print(f"test search (1-NN)          {search_s:8.1f} s")
     print(f"density, whole bank         {full_s:8.1f} s  ({len(index)} points)")

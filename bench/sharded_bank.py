@@ -10,10 +10,7 @@ the command that made them. Example:
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from common import bench_parser, print_command
 
 from reb_dist.config import RunConfig
 from reb_dist.distributed.runtime import ensure_ray
@@ -36,7 +34,7 @@ def features(args) -> tuple[np.ndarray, np.ndarray]:
     if cache.is_file():
         f = np.load(cache)
         return f["bank"], f["queries"]
-    cfg = RunConfig.load(None, [f"data.root={args.root}", "tracking.enabled=false"])
+    cfg = RunConfig.load(None, [f"data.root={args.root}", "tracking.enabled=false", *args.overrides])
     split = load_category(cfg.data, args.category)
     detector = fit_detector(cfg, split)
     test = detector.extract(loader(split.test, cfg.data), desc="test features")
@@ -62,9 +60,7 @@ def timed(fn):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root", default="sample")
-    p.add_argument("--category", default="bottle")
+    p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--bank-size", type=int, default=100_000, help="bank points used (random subset)")
     p.add_argument("--queries", type=int, default=20_000, help="test patches used for query throughput")
     p.add_argument("--k", type=int, default=9)
@@ -95,7 +91,7 @@ def main() -> None:
         rows.append((name, value))
         print(f"{name:<58} {value}", flush=True)
 
-    print(f"command: .venv/bin/python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print_command()
     if args.recall_points:
         whole_bank_recall(bank_all, args, row)
     if args.skip_subset:

@@ -139,9 +139,8 @@ def main() -> None:
                 row(f"{num} Ray shard(s): test-patch queries",
                     f"{len(queries) / s:7.0f} queries/s  {query_flop / s / 1e9:6.1f} GFLOP/s")
 
-    for kind, nprobe in approximate_variants(args):
-        s_build, s, found = measure_approximate(bank, everything, exact, kind, nprobe, args.k)
-        row(f"{variant_name(kind, nprobe)}: whole-bank density (build {s_build:.1f} s)",
+    for name, s_build, s, found in approximate_runs(bank, everything, exact, args):
+        row(f"{name}: whole-bank density (build {s_build:.1f} s)",
             f"{s:7.1f} s  speed-up {timed_single(rows) / s:4.1f}x  {found}")
 
 
@@ -149,6 +148,12 @@ def approximate_variants(args) -> list[tuple[str, int]]:
     """(kind, nprobe) pairs to measure: every --nprobe for IVF, one run for HNSW (nprobe unused)."""
     return [(kind, int(nprobe)) for kind in args.approximate.split(",") if kind
             for nprobe in (args.nprobe.split(",") if kind == "ivf" else ["0"])]
+
+
+def approximate_runs(bank: np.ndarray, points: np.ndarray, exact: tuple[np.ndarray, np.ndarray], args):
+    """(name, build s, search s, recall text) of every approximate variant asked for, on `points`."""
+    for kind, nprobe in approximate_variants(args):
+        yield (variant_name(kind, nprobe), *measure_approximate(bank, points, exact, kind, nprobe, args.k))
 
 
 def variant_name(kind: str, nprobe: int) -> str:
@@ -178,9 +183,8 @@ def whole_bank_recall(bank: np.ndarray, args, row) -> None:
     exact, s = timed(lambda: BankIndex(bank).search_bank_points(sample, args.k))
     row(f"whole bank, exact: {len(sample)} points",
         f"{s:7.1f} s  (whole bank ~{s * scale / 60:.0f} min)")
-    for kind, nprobe in approximate_variants(args):
-        s_build, s, found = measure_approximate(bank, sample, exact, kind, nprobe, args.k)
-        row(f"whole bank, {variant_name(kind, nprobe)}: {len(sample)} points (build {s_build:.0f} s)",
+    for name, s_build, s, found in approximate_runs(bank, sample, exact, args):
+        row(f"whole bank, {name}: {len(sample)} points (build {s_build:.0f} s)",
             f"{s:7.1f} s  (whole bank ~{(s_build + s * scale) / 60:.0f} min)  {found}")
 
 

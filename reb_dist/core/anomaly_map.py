@@ -10,8 +10,14 @@ IMAGE_SCORE_REDUCTIONS = ("max", "pool3max")
 
 
 def image_scores(patch_maps: np.ndarray, reduction: str = "max") -> np.ndarray:
-    """(N, h, w) -> (N,). "max" as the paper writes; "pool3max" as the authors' code does
-    (max of a 3x3 average pool with stride 3, which damps single-patch spikes)."""
+    """Reduce (N, h, w) patch maps to (N,) image scores.
+
+    "max" as the paper writes; "pool3max" as the authors' code does (max of a 3x3 average pool
+    with stride 3, which damps single-patch spikes).
+
+    Raises:
+        ValueError: If `reduction` is not in `IMAGE_SCORE_REDUCTIONS`.
+    """
     if reduction == "max":
         return patch_maps.reshape(len(patch_maps), -1).max(axis=1)
     if reduction == "pool3max":
@@ -21,6 +27,7 @@ def image_scores(patch_maps: np.ndarray, reduction: str = "max") -> np.ndarray:
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Return a normalised 1-D float32 Gaussian kernel of `sigma`, truncated at 4 sigma."""
     radius = int(4 * sigma + 0.5)  # as scipy / anomalib: truncate at 4 sigma
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -29,7 +36,14 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 def pixel_maps(patch_maps: np.ndarray, size: int | tuple[int, int], sigma: float = 4.0,
                batch_size: int = 32) -> np.ndarray:
-    """(N, h, w) patch scores -> (N, H, W) float32: bilinear upsample, then Gaussian blur."""
+    """Turn (N, h, w) patch scores into (N, H, W) float32 pixel maps: bilinear upsample, then Gaussian blur.
+
+    Args:
+        patch_maps: (N, h, w) patch scores.
+        size: Output size, an int for square maps or (H, W).
+        sigma: Gaussian blur sigma in pixels; 0 or less skips the blur.
+        batch_size: Maps processed per torch call.
+    """
     size = (size, size) if isinstance(size, int) else tuple(size)
     kernel = gaussian_kernel1d(sigma) if sigma > 0 else None
     out = np.empty((len(patch_maps), *size), np.float32)

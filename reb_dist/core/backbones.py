@@ -32,7 +32,12 @@ class Backbone:
 
 
 class StageTaps(nn.Module):
-    """Runs a network and returns the outputs of two named submodules, stopping after the last one."""
+    """Runs a network and returns the outputs of two named submodules, stopping after the last one.
+
+    Args:
+        net: The full network.
+        forward_stages: Callable ``(net, x) -> [stage2, stage3]`` that runs `net` up to stage 3.
+    """
 
     def __init__(self, net: nn.Module, forward_stages: Callable[[nn.Module, torch.Tensor], list]):
         super().__init__()
@@ -40,11 +45,16 @@ class StageTaps(nn.Module):
         self._forward_stages = forward_stages
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Return the [stage2, stage3] feature maps of images `x` (B, 3, H, W)."""
         return self._forward_stages(self.net, x)
 
 
 def state_dict_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict, independent of the file format it came from."""
+    """Hash a state dict's tensors (names, dtypes, shapes, bytes), independent of the file format.
+
+    Returns:
+        The first 16 hex digits of the sha256; non-tensor entries are skipped.
+    """
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key]
@@ -58,7 +68,16 @@ def state_dict_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch file (tensors only: weights_only=True)."""
+    """Read a state dict from .safetensors or a torch file (tensors only: weights_only=True).
+
+    A torch checkpoint's ``state_dict`` or ``model`` entry is unwrapped.
+
+    Returns:
+        The state dict, name -> tensor.
+
+    Raises:
+        BackboneError: If the file is missing, unreadable, or holds no state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"{path}: weights file not found")
@@ -209,6 +228,7 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def available_backbones() -> list[str]:
+    """Return the names of the registered backbones, sorted."""
     return sorted(BACKBONES)
 
 
@@ -217,6 +237,16 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = No
 
     A weights file may hold the whole network or only the part up to stage 3; keys of a
     fine-tuned file may carry a `backbone.` or `net.` prefix. Missing stage 2/3 keys are an error.
+
+    Args:
+        name: A registered backbone (see `available_backbones`).
+        weights: A weights file; None takes the ImageNet weights from their package or torchvision's cache.
+
+    Returns:
+        The frozen `Backbone` in eval mode.
+
+    Raises:
+        BackboneError: If `name` is unknown, or the weights cannot be found, read or loaded.
     """
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(available_backbones())}")
@@ -254,8 +284,14 @@ def _used_for_features(name: str, key: str) -> bool:
 
 
 def feature_fingerprint(name: str, net: nn.Module) -> str:
-    """Fingerprint of the weights the features come from; parts a weights file may leave at random
-    init (an ImageNet head a fine-tuned file lacks) would make it differ between two loads."""
+    """Fingerprint the weights the features come from (see `state_dict_fingerprint`).
+
+    Parts a weights file may leave at random init (an ImageNet head a fine-tuned file lacks) are
+    excluded; they would make it differ between two loads.
+
+    Returns:
+        A 16-hex-digit content hash.
+    """
     return state_dict_fingerprint({k: v for k, v in net.state_dict().items() if _used_for_features(name, k)})
 
 

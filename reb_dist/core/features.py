@@ -25,14 +25,19 @@ def _upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def aggregate_avgpool(stages: list[torch.Tensor]) -> torch.Tensor:
-    """(B, C2+C3, H2, W2): each stage 3x3-averaged at its own resolution, then upsampled."""
+    """Aggregate [stage2, stage3] maps to (B, C2+C3, H2, W2): each stage 3x3-averaged at its own
+    resolution, then upsampled to stage 2's grid."""
     grid = stages[0].shape[-2:]
     pooled = [_upsample(F.avg_pool2d(s, 3, stride=1, padding=1), grid) for s in stages]
     return torch.cat(pooled, dim=1)
 
 
 def aggregate_adaptive(stages: list[torch.Tensor], layer_dim: int, target_dim: int) -> torch.Tensor:
-    """(B, target_dim, H2, W2) as PatchCore builds it."""
+    """Aggregate [stage2, stage3] maps to (B, target_dim, H2, W2) as PatchCore builds it.
+
+    Each stage's 3x3 neighbourhoods are unfolded and pooled to `layer_dim`, then the stages are
+    pooled together to `target_dim`.
+    """
     b, _, h, w = stages[0].shape
     per_stage = []
     for s in stages:
@@ -47,7 +52,17 @@ def aggregate_adaptive(stages: list[torch.Tensor], layer_dim: int, target_dim: i
 
 
 class PatchFeatures(nn.Module):
-    """Backbone + aggregation: images (B,3,S,S) -> patch features (B, D, h, w)."""
+    """Backbone + aggregation: images (B,3,S,S) -> patch features (B, D, h, w).
+
+    Args:
+        backbone: Module returning [stage2, stage3] feature maps (e.g. `Backbone.model`).
+        aggregation: "avgpool" (D = C2 + C3) or "adaptive" (D = target_dim).
+        layer_dim: Per-stage dimension of the "adaptive" aggregation.
+        target_dim: Output dimension of the "adaptive" aggregation.
+
+    Raises:
+        ValueError: If `aggregation` is not in `AGGREGATIONS`.
+    """
 
     def __init__(self, backbone: nn.Module, aggregation: str = "avgpool",
                  layer_dim: int = 1024, target_dim: int = 1024):
@@ -60,6 +75,7 @@ class PatchFeatures(nn.Module):
         self.target_dim = target_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the (B, D, h, w) patch features of normalised images (B, 3, S, S)."""
         stages = self.backbone(images)
         if self.aggregation == "avgpool":
             return aggregate_avgpool(stages)

@@ -96,6 +96,13 @@ def roc_curve(
     One point per distinct score, descending, preceded by (0, 0) at threshold ``inf``.
     ``drop_intermediate`` removes collinear points (sklearn's default); it is off here so the
     curve is complete, and meant for plotting millions of pixels.
+
+    Returns:
+        ``(fpr, tpr, thresholds)`` as float arrays of equal length.
+
+    Raises:
+        ValueError: If labels are not 0/1 or bool, lengths differ, scores contain NaN, or only
+            one class is present.
     """
     pos, neg = _split_sorted(labels, scores)
     thr = _distinct_desc(pos, neg)
@@ -109,15 +116,17 @@ def roc_curve(
 
 
 def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score`` (ties included).
+    """Return the area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score`` (ties included).
 
-    Raises ValueError when only one class is present (the metric is undefined).
+    Raises:
+        ValueError: If only one class is present (the metric is undefined), labels are not 0/1 or
+            bool, lengths differ, or scores contain NaN.
     """
     return _mann_whitney_auc(*_split_sorted(labels, scores))
 
 
 def image_auroc(labels: ArrayLike, image_scores: ArrayLike) -> float:
-    """Image-level AUROC: one score per image, label 1 = anomalous image."""
+    """Return the image-level AUROC: one score per image, label 1 = anomalous image (see `auroc`)."""
     return auroc(labels, image_scores)
 
 
@@ -153,10 +162,15 @@ def _pixel_split(masks: MapStack, maps: MapStack) -> tuple[np.ndarray, np.ndarra
 
 
 def pixel_auroc(masks: MapStack, maps: MapStack) -> float:
-    """AUROC over all pixels of all images (pixel in a ground-truth mask = positive).
+    """Return the AUROC over all pixels of all images (pixel in a ground-truth mask = positive).
 
+    A mask may be None (a normal image without a mask file); non-bool masks count > 0 as defect.
     Memory: one copy of each class's scores (in the maps' dtype, float32 is fine), sorted in place;
     cost is dominated by ``np.sort`` — about 0.1 s for 6.5M float32 pixels.
+
+    Raises:
+        ValueError: If masks and maps do not line up, maps contain NaN, or only one pixel class
+            is present.
     """
     pos, neg = _pixel_split(masks, maps)
     _require_both(pos.size, neg.size)
@@ -251,6 +265,9 @@ def pro_curve(
     PRO(t) = mean over all ground-truth regions (8-connected components of each mask) of the
     fraction of the region's pixels with score >= t; FPR(t) = fraction of normal pixels (outside
     every mask of every image) with score >= t. Empty arrays if PRO or FPR is undefined.
+
+    Returns:
+        ``(fpr, pro)`` arrays of equal length, by descending threshold.
     """
     fp, pro, n_neg = _pro_points(masks, maps, 1.0, num_thresholds)
     return fp / max(n_neg, 1), pro
@@ -264,7 +281,14 @@ def aupro(
     The curve is cut at exactly ``fpr_limit`` (linear interpolation) and the area divided by
     ``fpr_limit``, so a perfect map scores 1.0. ``num_thresholds=None`` is exact (every distinct
     score is a threshold); an int uses a linear threshold grid, as anomalib does, which is faster
-    but biased low. Returns nan when there is no anomalous region or no normal pixel.
+    but biased low.
+
+    Returns:
+        The normalised area in [0, 1], or nan when there is no anomalous region or no normal pixel.
+
+    Raises:
+        ValueError: If `fpr_limit` is not in (0, 1], `num_thresholds` is below 2, or masks and
+            maps do not line up.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -283,6 +307,9 @@ def best_f1(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
 
     Predict anomalous when ``score >= threshold``; among equal F1 the highest threshold wins.
     This is the anomalib "F1 adaptive threshold" (max F1 of the precision-recall sweep).
+
+    Returns:
+        ``(f1, threshold)``.
     """
     pos, neg = _split_sorted(labels, scores)
     thr = _distinct_desc(pos, neg)
@@ -343,6 +370,20 @@ def evaluate(
     and, with ``groups`` (e.g. MVTec LOCO "structural"/"logical"), suffixed "/group=<g>". The
     per-type subsets keep all normal images so each number answers "can this defect be told
     apart from good parts". Undefined metrics (e.g. no normal images) are omitted.
+
+    Args:
+        labels: 0/1 or bool image labels (1 = anomalous).
+        image_scores: One score per image.
+        defect_types: Defect type of each image.
+        masks: Ground-truth masks (None entries for normal images), or None for image metrics only.
+        maps: Anomaly maps matching `masks`, or None.
+        groups: Group of each image ("" or None for none), or None.
+
+    Returns:
+        Metric name -> value.
+
+    Raises:
+        ValueError: If the inputs differ in length, or only one of masks and maps is given.
     """
     y = _as_labels(labels)
     s = np.asarray(image_scores, dtype=np.float64).ravel()

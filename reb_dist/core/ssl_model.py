@@ -30,7 +30,17 @@ BN_STATS = ("update", "frozen")
 
 
 class SSLClassifier(nn.Module):
-    """Backbone -> GAP -> MLP (512, 256; BN, ReLU) -> class logits, as the REB authors build it."""
+    """Backbone -> GAP -> MLP (512, 256; BN, ReLU) -> class logits, as the REB authors build it.
+
+    Args:
+        backbone: Registry backbone; its full network is trained, its ImageNet classifier replaced.
+        num_classes: Number of SSL classes.
+        hidden: Widths of the head's hidden layers.
+        bn_stats: "update" or "frozen" (see `BN_STATS` and `train`).
+
+    Raises:
+        ValueError: If `bn_stats` is not in `BN_STATS`.
+    """
 
     def __init__(self, backbone: Backbone, num_classes: int, hidden: tuple[int, ...] = (512, 256),
                  bn_stats: str = "update"):
@@ -54,11 +64,15 @@ class SSLClassifier(nn.Module):
         self.head = nn.Sequential(*layers, nn.Linear(dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return (B, num_classes) logits for images `x` (B, 3, H, W)."""
         return self.head(trunk_forward(self.name, self.net, x))
 
     def train(self, mode: bool = True) -> SSLClassifier:
-        """bn_stats="frozen" keeps the backbone's BatchNorm layers in eval mode, so their running
-        statistics stay those of the start weights (their affine parameters still learn)."""
+        """Set training mode as `nn.Module.train` does, and return self.
+
+        bn_stats="frozen" keeps the backbone's BatchNorm layers in eval mode, so their running
+        statistics stay those of the start weights (their affine parameters still learn).
+        """
         super().train(mode)
         if mode and self.bn_stats == "frozen":
             for m in self.net.modules():
@@ -67,5 +81,5 @@ class SSLClassifier(nn.Module):
         return self
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The backbone's weights under its own key names (what `backbone.weights=` loads), on CPU."""
+        """Return the backbone's weights under its own key names (what `backbone.weights=` loads), on CPU."""
         return {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}

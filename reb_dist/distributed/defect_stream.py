@@ -17,12 +17,20 @@ from reb_dist.io.data.images import read_image
 
 
 def sample_seed(run_seed: int, index: int) -> int:
+    """Return the DefectMaker seed of stream row `index`, a 32-bit int hashed from (run_seed, index)."""
     return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0])
 
 
 def defect_items(paths: list[str], start: int, count: int, run_seed: int) -> list[dict]:
-    """Rows `start .. start+count` of the endless stream: epoch-wise permutations of the images,
-    each paired with a different image of the class as its cut-paste source."""
+    """Build rows `start .. start+count` of the endless stream: epoch-wise permutations of the images,
+    each paired with a different image of the class as its cut-paste source.
+
+    Returns:
+        One dict per row with ``index`` (global row), ``path``, ``source`` and ``seed``.
+
+    Raises:
+        ValueError: If there are fewer than 2 images.
+    """
     n = len(paths)
     if n < 2:
         raise ValueError("DefectMaker's cut-paste fill needs at least 2 training images")
@@ -40,7 +48,12 @@ def defect_items(paths: list[str], start: int, count: int, run_seed: int) -> lis
 
 
 class DefectBatchMaker:
-    """A Ray Data actor: rows of (path, source, seed) -> every class variant of each base image."""
+    """A Ray Data actor: rows of (path, source, seed) -> every class variant of each base image.
+
+    Called on a batch of ``index``/``path``/``source``/``seed`` columns, it returns ``image``
+    (uint8, N x S x S x 3), ``label`` (class ids) and ``index`` (the source row of each sample).
+    Constructor arguments are `DefectMaker`'s; images are resized to `image_size` once and cached.
+    """
 
     def __init__(self, task: str, image_size: int, blend_prob: float, saliency: str):
         from reb_dist.core.defectmaker import DefectMaker
@@ -68,7 +81,23 @@ class DefectBatchMaker:
 
 def defect_dataset(paths: list[str], start: int, count: int, *, task: str, image_size: int,
                    blend_prob: float, saliency: str, run_seed: int, data_workers: int, data_cpus: float):
-    """A lazy, streaming Ray Dataset of DefectMaker samples (count base images x classes rows)."""
+    """Build a lazy, streaming Ray Dataset of DefectMaker samples (count base images x classes rows).
+
+    Args:
+        paths: The class's training images.
+        start: First global row (nonzero when resuming).
+        count: Base images to stream.
+        task: DefectMaker task.
+        image_size: Side of the square working size.
+        blend_prob: DefectMaker's probability of blending instead of pasting.
+        saliency: DefectMaker saliency method.
+        run_seed: Seed of the whole stream.
+        data_workers: Size of the `DefectBatchMaker` actor pool.
+        data_cpus: CPUs per actor.
+
+    Returns:
+        A `ray.data.Dataset` with ``image``, ``label`` and ``index`` columns, in row order.
+    """
     import ray
 
     ctx = ray.data.DataContext.get_current()

@@ -28,6 +28,14 @@ class BankShard:
     """What one actor holds: a `BankIndex` over its shard, answering with global ids.
 
     A plain class, so it also runs in-process; `ShardedBank` wraps it with `ray.remote`.
+
+    Args:
+        path: Shard file written by `reb_dist.io.shard_file.write_shards`.
+        neighbour_search: Candidate search for the density build, already resolved for the whole
+            bank by the caller so that every shard searches the same way.
+        nprobe: IVF lists probed per query by the approximate index; 0 scales it to the list count.
+        use_gpu: Put the exact float32 index on the GPU when faiss has one.
+        threads: faiss OpenMP threads for this process; None or 0 leaves the setting alone.
     """
 
     def __init__(self, path: str, neighbour_search: str = "auto", nprobe: int = 0,
@@ -44,21 +52,48 @@ class BankShard:
                                neighbour_search=neighbour_search, nprobe=nprobe)
 
     def info(self) -> dict:
+        """Describe this shard.
+
+        Returns:
+            A dict with the actor's ``pid``, the shard's ``offset`` in the bank, its ``size``, the
+            bank's ``total`` size and ``bank_id``, and the vectors' ``dim`` and storage ``dtype``.
+        """
         return {"pid": os.getpid(), "offset": self.offset, "size": len(self.index), "total": self.total,
                 "bank_id": self.bank_id, "dim": self.index.dim, "dtype": self.index.dtype}
 
     def search(self, queries: np.ndarray, k: int, approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Search this shard; see `BankIndex.search`.
+
+        Returns:
+            ``(dist2, ids)``, each (m, k): squared L2 distances, nearest first, and GLOBAL bank ids.
+        """
         dist, ids = self.index.search(queries, k, approximate=approximate)
         return dist, ids + self.offset
 
     def vectors(self, global_ids: np.ndarray) -> np.ndarray:
+        """Return the float32 vectors of the given global ids, which must all lie in this shard."""
         return self.index.vectors(np.asarray(global_ids) - self.offset)
 
 
 class ShardedBank:
     """A bank over N Ray actors, one shard each. Use `ShardedBank.create(bank, directory, N)` to cut
     and open a bank, `ShardedBank(paths)` to open shard files already written; `close()` (or a
-    with-block) stops the actors."""
+    with-block) stops the actors.
+
+    Args:
+        shard_paths: Shard files of one bank, in bank order.
+        neighbour_search: "exact", "ivf", "hnsw" or "auto"; "auto" is resolved by the whole bank's size.
+        nprobe: IVF lists probed per query by the approximate index; 0 scales it to the list count.
+        cpus_per_shard: CPUs reserved for each actor; its whole part sets the actor's faiss threads.
+        gpus_per_shard: GPUs reserved for each actor; above 0 the shards search on the GPU.
+        max_restarts: Times Ray restarts a lost actor (and retries its call) before a search fails.
+        batch_size: Queries sent to the shards per round.
+
+    Raises:
+        ValueError: If `shard_paths` is empty.
+        ModelFileError: If the shards are out of order, from different banks, or miss or repeat points.
+        RebError: If an actor fails beyond its restarts while opening.
+    """
 
     def __init__(self, shard_paths: list[str | Path], *, neighbour_search: str = "auto", nprobe: int = 0,
                  cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0, max_restarts: int = 3,
@@ -90,6 +125,19 @@ class ShardedBank:
     @classmethod
     def create(cls, bank: np.ndarray, directory: str | Path, num_shards: int,
                sizes: list[int] | None = None, dtype: str = "float32", **kw) -> ShardedBank:
+        """Cut `bank` (n, d) into shard files under `directory` and open them.
+
+        Args:
+            bank: The memory bank.
+            directory: Where the shard files are written.
+            num_shards: Number of shards (and actors).
+            sizes: Points per shard; None lets `write_shards` split the bank.
+            dtype: Storage dtype of the shard files, "float32" or "float16".
+            **kw: Keyword arguments of `ShardedBank`.
+
+        Returns:
+            The opened `ShardedBank`.
+        """
         return cls(write_shards(bank, directory, num_shards, sizes, dtype), **kw)
 
     def _check_shards(self, infos: list[dict]) -> None:
@@ -126,14 +174,30 @@ class ShardedBank:
 
     @property
     def num_shards(self) -> int:
+        """Number of shard actors (0 after `close`)."""
         return len(self.actors)
 
     def shard_pids(self) -> list[int]:
+        """Return the process id of each shard's actor, in shard order (a restart changes it)."""
         return [i["pid"] for i in self._gather([a.info.remote() for a in self.actors], "info")]
 
     def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
                approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(dist2, ids) of the K nearest over all shards; batches are pipelined, one in flight ahead."""
+        """Find the K nearest bank points over all shards; batches are pipelined, one in flight ahead.
+
+        Args:
+            queries: Query vectors (m, d).
+            k: Neighbours per query, capped at the bank's size.
+            batch_size: Queries per round; None uses the bank's `batch_size`.
+            progress: Progress-bar label; None shows no bar.
+            approximate: Take the shards' candidates from their approximate indexes.
+
+        Returns:
+            ``(dist2, ids)``, each (m, k): squared L2 distances, nearest first, and global ids.
+
+        Raises:
+            RebError: If a shard fails beyond its restarts.
+        """
         import ray
 
         queries = as_float32(queries)
@@ -157,10 +221,15 @@ class ShardedBank:
         return dist, ids
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """Return the index of the shard holding each global id (same shape as `ids`)."""
         return np.searchsorted(self.offsets, ids, side="right") - 1
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """float32 vectors by global id, fetched from the shards that hold them."""
+        """Return float32 vectors by global id, fetched from the shards that hold them.
+
+        Returns:
+            An array of shape ``ids.shape + (d,)``.
+        """
         ids = np.asarray(ids, dtype=np.int64)
         flat = ids.ravel()
         out = np.empty((len(flat), self.dim), np.float32)
@@ -173,7 +242,16 @@ class ShardedBank:
 
     def search_bank_points(self, point_ids: np.ndarray, k: int,
                            progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """K nearest OTHER bank points over the WHOLE bank, whichever shard each point lives on."""
+        """Find the K nearest OTHER bank points over the WHOLE bank, whichever shard each point lives on.
+
+        Candidates come from the approximate indexes where the bank has them.
+
+        Returns:
+            ``(dist2, ids)``, each (len(point_ids), k), nearest first.
+
+        Raises:
+            ValueError: If `k` is not below the bank's size.
+        """
         point_ids = np.asarray(point_ids, dtype=np.int64)
         if k >= len(self):
             raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")
@@ -188,6 +266,7 @@ class ShardedBank:
         return dist, ids
 
     def close(self) -> None:
+        """Kill the shard actors, and shut Ray down if this bank started it."""
         import ray
 
         for actor in self.actors:

@@ -34,6 +34,12 @@ class ValidationSet:
 
 @dataclass
 class ValidationSplit:
+    """Which images build the bank, which are reported on, and which choose K and alpha.
+
+    `kind` is "synthetic" or "test"; `held_out` lists the training images a synthetic split
+    removed from the bank (empty for "test").
+    """
+
     kind: str
     seed: int
     train: list[Sample]  # the bank's images
@@ -42,7 +48,12 @@ class ValidationSplit:
     held_out: list[Sample] = field(default_factory=list)
 
     def record(self) -> dict:
-        """What was used for what, by file name, for the results file and MLflow."""
+        """Return what was used for what, by file name, for the results file and MLflow.
+
+        Returns:
+            A dict with ``kind``, ``seed``, ``validation`` (names or paths), ``held_out_train`` and
+            ``reported_test`` (paths), and ``train`` (the number of bank images).
+        """
         val = (self.validation.names if isinstance(self.validation, ValidationSet)
                else [str(s.image_path) for s in self.validation])
         return {"kind": self.kind, "seed": self.seed, "validation": val,
@@ -58,7 +69,22 @@ def _check_fraction(fraction: float, what: str) -> None:
 def synthetic_split(split: ClassSplit, fraction: float = 0.1, seed: int = 0, image_size: int = 256,
                     saliency: str = "spectral", minimum: int = 4) -> ValidationSplit:
     """Hold out `fraction` of the training images (at least `minimum`); each gives one normal and one
-    DefectMaker anomaly (a random defect class, no colour jitter or flips: only the defect differs)."""
+    DefectMaker anomaly (a random defect class, no colour jitter or flips: only the defect differs).
+
+    Args:
+        split: The class's train and test samples.
+        fraction: Part of the training images held out, in (0, 1).
+        seed: Seeds the choice of images, defect classes and defects.
+        image_size: Working size of the validation images.
+        saliency: DefectMaker saliency method for placing defects.
+        minimum: Fewest images held out (at most all but one).
+
+    Returns:
+        A "synthetic" `ValidationSplit` whose validation is an in-memory `ValidationSet`.
+
+    Raises:
+        ValueError: If `fraction` is not in (0, 1) or there are too few training images.
+    """
     _check_fraction(fraction, "the held-out fraction of training images")
     n = len(split.train)
     count = min(n - 1, max(minimum, round(fraction * n)))
@@ -92,7 +118,14 @@ def synthetic_split(split: ClassSplit, fraction: float = 0.1, seed: int = 0, ima
 
 
 def holdout_test_split(split: ClassSplit, fraction: float = 0.3, seed: int = 0) -> ValidationSplit:
-    """A seeded part of the test set, stratified by defect type, for validation; the rest is reported."""
+    """Split off a seeded part of the test set, stratified by defect type, for validation; report the rest.
+
+    Returns:
+        A "test" `ValidationSplit` whose validation is a list of test samples.
+
+    Raises:
+        ValueError: If `fraction` is not in (0, 1) or either part ends up with only one label.
+    """
     _check_fraction(fraction, "the validation fraction of the test set")
     rng = np.random.default_rng(seed)
     val_ids: set[int] = set()
@@ -113,6 +146,22 @@ def holdout_test_split(split: ClassSplit, fraction: float = 0.3, seed: int = 0) 
 
 def make_split(split: ClassSplit, kind: str, fraction: float | None = None, seed: int = 0,
                image_size: int = 256, saliency: str = "spectral") -> ValidationSplit:
+    """Make a validation split of `kind` ("synthetic" or "test").
+
+    Args:
+        split: The class's train and test samples.
+        kind: "synthetic" (`synthetic_split`) or "test" (`holdout_test_split`).
+        fraction: Held-out fraction; None uses 0.1 for synthetic and 0.3 for test.
+        seed: Random seed of the split.
+        image_size: Working image size (synthetic only).
+        saliency: DefectMaker saliency method (synthetic only).
+
+    Returns:
+        The `ValidationSplit`.
+
+    Raises:
+        ValueError: If `kind` is unknown, or as the chosen split function raises.
+    """
     if kind == "synthetic":
         return synthetic_split(split, 0.1 if fraction is None else fraction, seed, image_size, saliency)
     if kind == "test":

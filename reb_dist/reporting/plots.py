@@ -23,7 +23,11 @@ _MAX_CURVE_POINTS = 4000  # plotted ROC points; 10M-pixel curves are thinned to 
 
 
 def save_png(array_uint8: np.ndarray, path: str | Path) -> Path:
-    """Write an H×W or H×W×3/4 uint8 array as PNG, atomically (temp file + ``os.replace``)."""
+    """Write an H×W or H×W×3/4 uint8 array as PNG, atomically (temp file + ``os.replace``); returns `path`.
+
+    Raises:
+        ValueError: If the array is not uint8.
+    """
     from PIL import Image
 
     arr = np.asarray(array_uint8)
@@ -58,6 +62,9 @@ def plot_roc_curves(
 
     ``curves`` maps a method name to (labels, scores); pixel-level inputs are fine (the drawn
     curve is thinned, the AUROC is exact).
+
+    Returns:
+        `path` as a Path.
     """
     from matplotlib.figure import Figure
 
@@ -100,6 +107,9 @@ def heatmap_overlay(
     Pass a shared ``vmin``/``vmax`` across images so colours are comparable (default: this
     map's own range). A ground-truth ``mask`` is drawn as a green contour, leaving the defect
     itself visible.
+
+    Raises:
+        ValueError: If the image is not uint8 H×W or H×W×3/4, or the map or mask shape differs from it.
     """
     from matplotlib import colormaps
 
@@ -134,6 +144,12 @@ def heatmap_grid(
     """Grid of (title, image, map, mask|None) overlays with one shared colour scale and colourbar.
 
     ``vmin``/``vmax`` default to the range over all maps, so hot spots compare across examples.
+
+    Returns:
+        `path` as a Path, where the PNG was written.
+
+    Raises:
+        ValueError: If `items` is empty.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -162,8 +178,11 @@ def heatmap_grid(
 
 def defect_gallery(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]], path: str | Path,
                    cell_inches: float = 2.0, dpi: int = 100) -> Path:
-    """Generated defects: one row per base image, one (class name, image, mask) per column;
-    the mask is drawn as a green contour so the synthetic defect itself stays visible."""
+    """Save a gallery of generated defects as PNG and return `path`.
+
+    One row per base image, one (class name, image, mask) per column; the mask is drawn as a green
+    contour so the synthetic defect itself stays visible.
+    """
     from matplotlib.figure import Figure
 
     ncols = max(len(r) for r in rows)

@@ -21,7 +21,12 @@ JITTER_STRENGTH = 0.1
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 from HxW, HxWx1, HxWx3 or HxWx4 (alpha dropped); other dtypes are refused."""
+    """Return uint8 HxWx3 from an HxW, HxWx1, HxWx3 or HxWx4 image (grey replicated, alpha dropped).
+
+    Raises:
+        TypeError: If the image is not uint8.
+        ValueError: If its shape is none of those.
+    """
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {a.dtype}")
@@ -37,13 +42,13 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def luma_x1000(image: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma times 1000 as int32 (exact integer arithmetic: no float summation order issues)."""
+    """Return the HxW ITU-R 601 luma times 1000 as int32 (exact integer arithmetic, no float sums)."""
     a = image.astype(np.int32)
     return 299 * a[..., 0] + 587 * a[..., 1] + 114 * a[..., 2]
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
-    """The image's luma replicated over three channels (uint8 HxWx3)."""
+    """Return the image's luma replicated over three channels (uint8 HxWx3)."""
     g = ((luma_x1000(image) + 500) // 1000).astype(np.uint8)
     return np.repeat(g[:, :, None], 3, axis=2)
 
@@ -57,7 +62,7 @@ def is_gray(image: np.ndarray) -> bool:
 
 
 def resize(image: np.ndarray, height: int, width: int, resample: int = Image.BICUBIC) -> np.ndarray:
-    """Resize a uint8 HxW or HxWx3 array with PIL (no-op when the size already matches)."""
+    """Return a uint8 HxW or HxWx3 array resized with PIL (`image` itself when the size matches)."""
     if image.shape[0] == height and image.shape[1] == width:
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), resample))
@@ -66,7 +71,7 @@ def resize(image: np.ndarray, height: int, width: int, resample: int = Image.BIC
 def random_noise(rng: np.random.Generator, height: int, width: int,
                  mean_range: tuple[int, int] = NOISE_MEAN_RANGE, max_spread: int = NOISE_MAX_SPREAD,
                  scale_range: tuple[float, float] = NOISE_SCALE_RANGE) -> np.ndarray:
-    """uint8 HxWx3 noise: per-channel uniform integers in [mean-spread, mean+spread], coarse then resized.
+    """Draw uint8 HxWx3 noise: per-channel uniform ints in [mean-spread, mean+spread], coarse then resized.
 
     Means are drawn per channel in [50, 190], one spread in [0, 45]; drawing at 1/scale (scale U[1, 8])
     and resizing bilinearly gives grain sizes from single pixels to small patches.
@@ -81,7 +86,7 @@ def random_noise(rng: np.random.Generator, height: int, width: int,
 
 
 def cut_paste(rng: np.random.Generator, source_image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A random HxW crop of another normal image of the class (uint8 HxWx3).
+    """Return a random HxW crop (uint8 HxWx3) of `source_image`, another normal image of the class.
 
     A source smaller than the crop is first resized up to cover it (bicubic), so any pair of images works.
     """
@@ -97,7 +102,7 @@ def cut_paste(rng: np.random.Generator, source_image: np.ndarray, height: int, w
 
 
 def jitter_factors(rng: np.random.Generator, strength: float = JITTER_STRENGTH) -> tuple[float, float, float]:
-    """(brightness, contrast, saturation) factors, each U[1 - strength, 1 + strength], drawn in that order."""
+    """Draw (brightness, contrast, saturation) factors, each U[1 - strength, 1 + strength], in that order."""
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
 
@@ -110,7 +115,9 @@ _LEVELS = np.arange(256, dtype=np.float64)
 
 
 def apply_jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
-    """Brightness, then contrast, then saturation, with torchvision's ColorJitter semantics.
+    """Return uint8 HxWx3 `image` with brightness, contrast, then saturation `factors` applied.
+
+    Follows torchvision's ColorJitter semantics.
 
     Brightness scales, contrast blends with the mean luma, saturation blends with each pixel's luma.
     Each step rounds back to uint8 (as torchvision does on uint8 tensors). The first two are 256-entry
@@ -136,7 +143,7 @@ def apply_jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.n
 
 
 def color_jitter(rng: np.random.Generator, fill: np.ndarray, strength: float = JITTER_STRENGTH) -> np.ndarray:
-    """Light brightness/contrast/saturation jitter (0.1 in REB) on a uint8 HxWx3 fill.
+    """Return `fill` with a light random brightness/contrast/saturation jitter (0.1 in REB), uint8 HxWx3.
 
     Hue is not jittered (the authors also jitter hue by 0.1): small hue shifts matter little for
     defects, and this keeps the fill path free of float colour-space conversions.

@@ -23,14 +23,14 @@ BLUR_RADIUS = 2
 
 
 def disk(radius: int) -> np.ndarray:
-    """A bool disc structuring element of the given radius (radius 1 is the 3x3 cross)."""
+    """Return a bool (2r+1)x(2r+1) disc structuring element of radius r (radius 1 is the 3x3 cross)."""
     r = int(radius)
     yy, xx = np.ogrid[-r:r + 1, -r:r + 1]
     return yy * yy + xx * xx <= r * r
 
 
 def gaussian_kernel(sigma: float, radius: int) -> np.ndarray:
-    """Normalised 1-D Gaussian taps from -radius to radius (scalar exp: identical on every machine)."""
+    """Return normalised float64 Gaussian taps from -radius to radius (scalar exp: same on every machine)."""
     taps = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
     total = sum(taps)
     return np.array([t / total for t in taps], dtype=np.float64)
@@ -52,7 +52,7 @@ def _correlate(a: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
 
 def soften(mask: np.ndarray, erode_radius: int = ERODE_RADIUS, blur_sigma: float = BLUR_SIGMA,
            blur_radius: int = BLUR_RADIUS) -> np.ndarray:
-    """Soft float32 mask in [0, 1]: erode the hard mask, then Gaussian-blur it.
+    """Return a soft float32 HxW mask in [0, 1]: the hard mask (> 0) eroded, then Gaussian-blurred.
 
     Eroding first pulls the soft edge back inside the shape. When erosion would wipe out most of a thin
     shape (a scar or clump piece: under a quarter survives) the hard mask is blurred as it is, so a
@@ -84,7 +84,11 @@ def soften(mask: np.ndarray, erode_radius: int = ERODE_RADIUS, blur_sigma: float
 
 
 def composite(image: np.ndarray, fill: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """out = alpha * fill + (1 - alpha) * image, rounded to uint8; pixels with alpha == 0 keep their bytes."""
+    """Return alpha * fill + (1 - alpha) * image, rounded to uint8; pixels with alpha == 0 keep their bytes.
+
+    Raises:
+        ValueError: If `fill` differs in shape from `image`, or `alpha` from its HxW.
+    """
     if image.shape != fill.shape:
         raise ValueError(f"fill shape {fill.shape} differs from image shape {image.shape}")
     if alpha.shape != image.shape[:2]:
@@ -103,7 +107,7 @@ def composite(image: np.ndarray, fill: np.ndarray, alpha: np.ndarray) -> np.ndar
 
 
 def paste(image: np.ndarray, fill: np.ndarray, mask: np.ndarray, weight: float = 1.0) -> np.ndarray:
-    """Hard paste: out = mask * w * fill + (1 - mask * w) * image; only masked pixels change.
+    """Hard paste: return mask * w * fill + (1 - mask * w) * image (uint8); only masked pixels change.
 
     weight 1 is CutPaste's plain paste; Bezier-clump uses w ~ U(0.5, 1) for a half-transparent defect.
     """
@@ -114,7 +118,9 @@ def paste(image: np.ndarray, fill: np.ndarray, mask: np.ndarray, weight: float =
 def blend(rng: np.random.Generator, image: np.ndarray, fill: np.ndarray, mask: np.ndarray,
           weight_range: tuple[float, float] = (1.0, 1.0), erode_radius: int = ERODE_RADIUS,
           blur_sigma: float = BLUR_SIGMA, blur_radius: int = BLUR_RADIUS) -> tuple[np.ndarray, np.ndarray]:
-    """Soft blend: (image with the defect, soft mask m); out = m * w * fill + (1 - m * w) * image.
+    """Soft blend: return (uint8 image with the defect, float32 soft mask m).
+
+    out = m * w * fill + (1 - m * w) * image.
 
     w ~ U(weight_range) is drawn from `rng` (one draw, even when the range is a single value, so the
     generator advances the same way whatever the range). METHOD-NOTES gives U(0.5, 1) for Bezier-clump;

@@ -101,7 +101,16 @@ def derive_seed(seed: int, class_id: int) -> int:
 
 
 def dihedral(array: np.ndarray, k: int) -> np.ndarray:
-    """Element k (0..7) of the dihedral group on the first two axes: transpose if k & 4, then rot90 (k & 3) times."""
+    """Apply element k (0..7) of the dihedral group to the first two axes of `array`.
+
+    Transposes if k & 4, then rotates by 90 degrees (k & 3) times.
+
+    Returns:
+        The transformed array, C-contiguous.
+
+    Raises:
+        ValueError: If `k` is outside 0..7.
+    """
     if not 0 <= k < 8:
         raise ValueError(f"dihedral index must be in 0..7, got {k}")
     if k & 4:
@@ -126,6 +135,13 @@ def synthesize(rng: np.random.Generator, image: np.ndarray, shape: str, fill: st
     shape). The fill is drawn only over the shape's bounding box (grown by the blur radius for blending),
     then colour-jittered; with `gray` it is turned grey, so a grey image's defect cannot be found by colour.
     Draws from `rng`: shape, then per fill attempt: fill, jitter, fuse weight w ~ U(weight_range).
+
+    Returns:
+        The uint8 image with the defect, the float32 HxW mask in [0, 1], and meta (shape, fill,
+        fusing, weight, centre, bbox, fill_source, fill_tries).
+
+    Raises:
+        ValueError: If `shape`, `fill` or `fusing` is unknown.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
@@ -190,6 +206,11 @@ class DefectMaker:
     augmentation: jitter (0.1) and one of the 8 flips/rotations of the base image before the defect,
         as the authors train; note that with image_size=None a transpose swaps a non-square H and W.
     keep_gray: give grey images grey fills.
+    saliency_threshold: saliency a pixel needs (sal >= threshold) to be a defect centre.
+    jitter: strength of the augmentation's colour jitter.
+
+    Raises:
+        ValueError: If task, image_size, blend_prob or saliency is invalid.
     """
 
     def __init__(self, task: str = "defectmaker", image_size: int | None = 256, blend_prob: float = 0.5,
@@ -222,17 +243,21 @@ class DefectMaker:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of the task, normal included."""
         return len(self.class_specs)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """uint8 HxWx3 at the working size (grey replicated, alpha dropped)."""
+        """Return `image` as uint8 HxWx3 at the working size (grey replicated, alpha dropped)."""
         rgb = as_rgb(image)
         if self.image_size is not None:
             rgb = resize(rgb, self.image_size, self.image_size)
         return rgb
 
     def augment(self, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-        """Colour jitter (brightness, contrast, saturation) then a random dihedral transform, from `rng`."""
+        """Return `image` colour-jittered (brightness, contrast, saturation), then randomly flipped/rotated.
+
+        Both are drawn from `rng`.
+        """
         image, _, _ = self._augment(rng, as_rgb(image))
         return image
 
@@ -269,6 +294,12 @@ class DefectMaker:
 
         source_image: another normal image of the class for the cut-paste fill (None: the image itself).
         saliency_map: a map for `image` (any size, [0, 1]); image_path: for looking a map up in a folder.
+
+        Returns:
+            The `DefectSample` at the working size; class 0 gives the (augmented) image and a zero mask.
+
+        Raises:
+            ValueError: If `class_id` is out of range or `seed` is not a non-negative int.
         """
         return self._make(image, class_id, seed, source_image, saliency_map, image_path, None)
 
@@ -278,6 +309,9 @@ class DefectMaker:
         """One sample per class (ids 0..n-1), class c with seed derive_seed(seed, c); saliency computed once.
 
         Identical to calling make(image, c, derive_seed(seed, c), ...) for each c.
+
+        Returns:
+            The `num_classes` samples, in class order.
         """
         resolved = None
         if self.num_classes > 1:

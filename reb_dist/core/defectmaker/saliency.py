@@ -70,7 +70,7 @@ def spectral_residual(image: np.ndarray, size: int = WORK_SIZE, sigma: float = S
 
 
 def border_contrast(image: np.ndarray, size: int = WORK_SIZE, sigma: float = CONTRAST_BLUR_SIGMA) -> np.ndarray:
-    """Colour distance of each pixel from the median colour of the image frame, in [0, 1] (size x size).
+    """Return each pixel's colour distance from the frame's median colour, float64 size x size in [0, 1].
 
     A cheap object prior: product photos put the object in front of a plain background that fills the
     frame. Undefined (all zero) for a uniform image.
@@ -99,7 +99,7 @@ def spectral_residual_saliency(image: np.ndarray, contrast_weight: float = CONTR
 
 
 def find_saliency_file(folder: str | Path, image_path: str | Path) -> Path | None:
-    """The map in `folder` whose file stem equals the image's stem (any image format or .npy), or None.
+    """Return the map in `folder` whose stem is the image's stem (any image format or .npy), or None.
 
     If several formats exist for one stem, the first in MAP_EXTENSIONS order wins. Maps are matched by
     stem only, so keep one folder per class and split (MVTec reuses 000.png across folders).
@@ -129,7 +129,7 @@ def _read_map(path: Path) -> np.ndarray:
 
 
 def resize_map(sal: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bring a [0, 1] map to HxW through 8-bit levels (bilinear), float32."""
+    """Return a [0, 1] map brought to HxW through 8-bit levels (bilinear), as float32."""
     sal = np.asarray(sal, dtype=np.float64)
     if sal.shape == (height, width):
         return (np.clip(np.rint(sal * 255.0), 0, 255) / 255.0).astype(np.float32)
@@ -138,7 +138,7 @@ def resize_map(sal: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_saliency_folder(folder: str | Path, image_path: str | Path,
                          size: tuple[int, int] | None = None) -> np.ndarray | None:
-    """The precomputed map for `image_path` from `folder`, float32 in [0, 1] resized to the image, or None.
+    """Return the map for `image_path` from `folder`, float32 in [0, 1] resized to the image, or None.
 
     `size` is (height, width); when omitted it is read from the image file's header. None means no map
     for this image: the caller decides the fallback (DefectMaker uses the spectral-residual estimate).
@@ -160,6 +160,9 @@ def saliency_region(sal: np.ndarray | None, threshold: float = DEFAULT_THRESHOLD
     The whole image is used for mode="whole" (textures), for a missing map (then `shape` gives HxW),
     and when the thresholded region covers less than `min_fraction` of the image, since a handful of
     salient pixels is more likely noise than an object.
+
+    Raises:
+        ValueError: If `mode` is unknown, or both `sal` and `shape` are None.
     """
     if mode not in ("saliency", "whole"):
         raise ValueError(f"mode must be 'saliency' or 'whole', got {mode!r}")
@@ -177,7 +180,11 @@ def saliency_region(sal: np.ndarray | None, threshold: float = DEFAULT_THRESHOLD
 
 
 def sample_centre(rng: np.random.Generator, region: np.ndarray) -> tuple[int, int]:
-    """A uniformly drawn (cy, cx) among the True pixels of `region` (row-major order, one draw)."""
+    """Draw (cy, cx) uniformly among the True pixels of `region` (row-major order, one draw).
+
+    Raises:
+        ValueError: If `region` has no True pixel.
+    """
     idx = np.flatnonzero(region)
     if idx.size == 0:
         raise ValueError("empty centre region")

@@ -39,18 +39,18 @@ MAX_TRIES = 20  # redraws before falling back to a small disc at the centre
 
 
 def size_scale(height: int, width: int) -> float:
-    """How much pixel sizes specified at 256x256 grow or shrink for this image (geometric mean side)."""
+    """Return how much pixel sizes given at 256x256 scale for this image (geometric mean side / 256)."""
     return math.sqrt(height * width) / REFERENCE_SIZE
 
 
 def default_centre(height: int, width: int) -> Centre:
-    """The image centre, used when a caller gives no centre."""
+    """Return the image centre (row, col), used when a caller gives no centre."""
     return height // 2, width // 2
 
 
 def box_size(rng: np.random.Generator, height: int, width: int,
              area_range: tuple[float, float] = AREA_RANGE, max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
-    """(box height, box width) with area U[area_range] of the image and log-uniform aspect ratio.
+    """Draw (box height, box width), each >= 2, with area U[area_range] of the image, log-uniform aspect.
 
     When the aspect ratio would make the box wider (taller) than the image, that side is cut to the
     image and the other grows to keep the area, as CutPaste does.
@@ -67,7 +67,7 @@ def box_size(rng: np.random.Generator, height: int, width: int,
 
 def scar_size(rng: np.random.Generator, height: int, width: int, width_range: tuple[float, float],
               height_range: tuple[float, float]) -> tuple[int, int, float]:
-    """(scar height, scar width, rotation in degrees) for a thin box; sizes scale with the image."""
+    """Draw (scar height, scar width, rotation in degrees) of a thin box; sizes scale with the image."""
     s = size_scale(height, width)
     sw = rng.uniform(width_range[0], width_range[1]) * s
     sh = rng.uniform(height_range[0], height_range[1]) * s
@@ -76,7 +76,7 @@ def scar_size(rng: np.random.Generator, height: int, width: int, width_range: tu
 
 
 def bezier_outline(rng: np.random.Generator, samples_per_segment: int = 24) -> np.ndarray:
-    """A closed smooth curve as an (M, 2) array of (x, y) points whose bounding box is exactly [-0.5, 0.5]^2.
+    """Draw a closed smooth curve: (M, 2) (x, y) points whose bounding box is exactly [-0.5, 0.5]^2.
 
     5-6 control points sit at jittered, evenly spread angles around the origin (so they are sorted by
     angle and never coincide) at radii U[0.4, 1]. Consecutive points are joined by cubic Bezier segments
@@ -160,7 +160,14 @@ def _check(height: int, width: int, centre: Centre | None) -> Centre:
 
 
 def rectangle(rng: np.random.Generator, height: int, width: int, centre: Centre | None = None) -> np.ndarray:
-    """CutPaste's rectangle: area U[0.02, 0.15] of the image, aspect log-uniform in [1/3.3, 3.3]."""
+    """Draw CutPaste's rectangle: area U[0.02, 0.15] of the image, aspect log-uniform in [1/3.3, 3.3].
+
+    Returns:
+        A non-empty bool HxW mask around `centre` (the image centre when None), clipped to the image.
+
+    Raises:
+        ValueError: If the size is not positive or `centre` lies outside the image.
+    """
     c = _check(height, width, centre)
 
     def draw() -> np.ndarray:
@@ -171,7 +178,10 @@ def rectangle(rng: np.random.Generator, height: int, width: int, centre: Centre 
 
 
 def rectangle_scar(rng: np.random.Generator, height: int, width: int, centre: Centre | None = None) -> np.ndarray:
-    """CutPaste's scar: a thin box 2-16 px wide, 10-25 px tall (at 256 px), rotated U[-45, 45] degrees."""
+    """Draw CutPaste's scar: a thin box 2-16 px wide, 10-25 px tall (at 256 px), rotated U[-45, 45] deg.
+
+    Returns and raises as `rectangle`.
+    """
     c = _check(height, width, centre)
 
     def draw() -> np.ndarray:
@@ -183,7 +193,10 @@ def rectangle_scar(rng: np.random.Generator, height: int, width: int, centre: Ce
 
 
 def bezier(rng: np.random.Generator, height: int, width: int, centre: Centre | None = None) -> np.ndarray:
-    """DefectMaker's Bezier shape: a filled smooth closed curve whose bounding box has CutPaste's size law."""
+    """Draw DefectMaker's Bezier shape: a filled smooth closed curve, its bounding box sized as CutPaste's.
+
+    Returns and raises as `rectangle`.
+    """
     c = _check(height, width, centre)
 
     def draw() -> np.ndarray:
@@ -198,7 +211,7 @@ def bezier_scar(rng: np.random.Generator, height: int, width: int, centre: Centr
     """DefectMaker's Bezier-scar: the Bezier curve in a thin box (7-21 x 15-30 px at 256), rotated [-45, 45].
 
     Real scratches are thin and curved; a curved shape bounded by a scar box imitates them better than
-    CutPaste's straight scar.
+    CutPaste's straight scar. Returns and raises as `rectangle`.
     """
     c = _check(height, width, centre)
 
@@ -211,7 +224,7 @@ def bezier_scar(rng: np.random.Generator, height: int, width: int, centre: Centr
 
 
 def blob_field(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
-    """Low-resolution uniform noise (one value per `cell` px) upsampled bilinearly and thresholded.
+    """Return a bool HxW field: coarse uniform noise (one value per `cell` px), upsampled and thresholded.
 
     The upsampled field varies smoothly over a few cells, so the threshold cuts it into several
     separate blobs; integer noise and PIL's fixed-point resampling keep it reproducible.
@@ -227,6 +240,7 @@ def bezier_clump(rng: np.random.Generator, height: int, width: int, centre: Cent
     """DefectMaker's Bezier-clump: a Bezier shape broken into a clump of pieces by a thresholded blob field.
 
     Models scattered defects (contamination, spots) that a single connected blob does not cover.
+    Returns and raises as `rectangle`.
     """
     c = _check(height, width, centre)
     s = size_scale(height, width)

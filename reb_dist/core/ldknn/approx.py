@@ -26,6 +26,14 @@ NPROBE_FRACTION = 1 / 48
 
 
 def resolve_neighbour_search(kind: str, bank_size: int) -> str:
+    """Resolve "auto" to "exact" (up to `EXACT_UP_TO` points) or "ivf"; other kinds pass through.
+
+    Returns:
+        One of "exact", "ivf" or "hnsw".
+
+    Raises:
+        ValueError: If `kind` is not in `NEIGHBOUR_SEARCHES`.
+    """
     if kind not in NEIGHBOUR_SEARCHES:
         raise ValueError(f"neighbour search must be one of {NEIGHBOUR_SEARCHES}, got {kind!r}")
     if kind == "auto":
@@ -34,18 +42,34 @@ def resolve_neighbour_search(kind: str, bank_size: int) -> str:
 
 
 def ivf_lists(n: int) -> int:
-    """faiss's rule of thumb: about 4 sqrt(n) lists, each with at least ~39 training points."""
+    """Return the IVF list count for `n` points: about 4 sqrt(n), each list with at least ~39 points."""
     return int(max(1, min(4 * math.sqrt(n), n // 39)))
 
 
 def scaled_nprobe(nlist: int) -> int:
+    """Return the IVF lists to probe per query: `NPROBE_FRACTION` of `nlist`, at least 16."""
     return max(16, math.ceil(nlist * NPROBE_FRACTION))
 
 
 def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 0, hnsw_m: int = 32,
                       ef_search: int = 64, seed: int = 0, block: int = 131072) -> faiss.Index:
-    """An IVF-flat or HNSW-flat faiss index over `bank` (float32 or float16, added block by block).
-    nprobe=0 visits `scaled_nprobe(nlist)` IVF lists per query."""
+    """Build an IVF-flat or HNSW-flat faiss index over `bank` (float32 or float16, added block by block).
+
+    Args:
+        bank: The (n, d) bank.
+        kind: "ivf" or "hnsw".
+        nprobe: IVF lists visited per query; 0 visits `scaled_nprobe(nlist)`.
+        hnsw_m: HNSW neighbours per node.
+        ef_search: HNSW search breadth.
+        seed: Seeds the sample of points the IVF quantizer is trained on.
+        block: Points converted to float32 and added per call.
+
+    Returns:
+        The trained and filled faiss index.
+
+    Raises:
+        ValueError: If `kind` is neither "ivf" nor "hnsw".
+    """
     n, d = bank.shape
     if kind == "ivf":
         nlist = ivf_lists(n)
@@ -65,6 +89,6 @@ def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 0, hnsw_m: i
 
 
 def recall_at_k(exact_ids: np.ndarray, found_ids: np.ndarray) -> float:
-    """Fraction of the exact K nearest (per row) that the approximate search also returned."""
+    """Return the fraction of the exact K nearest (per row) that the approximate search also returned."""
     hits = sum(len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(exact_ids, found_ids))
     return hits / exact_ids.size

@@ -13,11 +13,16 @@ from reb_dist.core.ldknn.index import Index
 
 
 def to_distance(dist2: np.ndarray, squared: bool) -> np.ndarray:
-    """faiss gives squared L2; the authors' code uses it as is, the paper writes plain L2."""
+    """Return `dist2` as is when `squared`, else its square root.
+
+    faiss gives squared L2; the authors' code uses it as is, the paper writes plain L2.
+    """
     return dist2 if squared else np.sqrt(dist2)
 
 
 class BankStats:
+    """Lazily computed, per-K cached neighbour statistics of the points of a bank `index`."""
+
     def __init__(self, index: Index):
         self.index = index
         self._dist2: dict[int, np.ndarray] = {}  # K -> (n, K) squared distances, NaN = not computed
@@ -26,7 +31,10 @@ class BankStats:
 
     def neighbours(self, k: int, point_ids: np.ndarray,
                    progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(dist2, ids) of the K nearest other bank points of each given bank point."""
+        """Return ``(dist2, ids)``, each (len(point_ids), k), of each point's K nearest other bank points.
+
+        Only points not yet searched for this K are searched; results are cached.
+        """
         n = len(self.index)
         if k not in self._dist2:
             self._dist2[k] = np.full((n, k), np.nan, np.float32)
@@ -39,13 +47,33 @@ class BankStats:
         return dist2[point_ids], ids[point_ids]
 
     def preload_density(self, k: int, squared: bool, values: np.ndarray) -> None:
-        """Densities already known (read from a saved model). NaN marks a point not computed."""
+        """Set the densities for (`k`, `squared`) already known (read from a saved model).
+
+        Args:
+            k: K the densities were computed with.
+            squared: Whether they are of squared distances.
+            values: One density per bank point; NaN marks a point not computed.
+
+        Raises:
+            ValueError: If `values` does not have one entry per bank point.
+        """
         if len(values) != len(self.index):
             raise ValueError(f"{len(values)} densities for a bank of {len(self.index)} points")
         self._density[(k, squared)] = np.asarray(values, dtype=np.float32).copy()
 
     def local_density(self, k: int, squared: bool, point_ids: np.ndarray | None = None,
                       progress: str | None = None) -> np.ndarray:
+        """Return REB's local density of bank points: the mean distance to their K nearest other ones.
+
+        Args:
+            k: Neighbours averaged.
+            squared: Use squared distances (as the authors' code does) instead of plain L2.
+            point_ids: Bank points wanted; None means all of them.
+            progress: Progress-bar label for the searches; None shows no bar.
+
+        Returns:
+            A float32 array with one density per entry of `point_ids`.
+        """
         if point_ids is None:
             point_ids = np.arange(len(self.index))
         point_ids = np.asarray(point_ids, dtype=np.int64)
@@ -57,12 +85,15 @@ class BankStats:
         return values[point_ids]
 
     def k_distance(self, k: int, squared: bool, point_ids: np.ndarray) -> np.ndarray:
-        """Distance to the K-th nearest other bank point (LOF's k-distance)."""
+        """Return each point's distance to its K-th nearest other bank point (LOF's k-distance)."""
         return to_distance(self.neighbours(k, point_ids)[0][:, -1], squared)
 
     def local_reachability_density(self, k: int, squared: bool, point_ids: np.ndarray,
                                    progress: str | None = None) -> np.ndarray:
-        """LOF's lrd of bank points: 1 / mean over neighbours p of max(k-distance(p), d(o, p))."""
+        """Return LOF's local reachability density of bank points o.
+
+        lrd(o) = 1 / mean over neighbours p of max(k-distance(p), d(o, p)); one value per point.
+        """
         dist2, nbr = self.neighbours(k, point_ids, progress=progress)
         reach = np.maximum(to_distance(dist2, squared),
                            self.k_distance(k, squared, nbr.ravel()).reshape(nbr.shape))

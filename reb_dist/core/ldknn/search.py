@@ -23,6 +23,7 @@ FLOAT16_BLOCK = 131072
 
 
 def as_float32(x: np.ndarray) -> np.ndarray:
+    """Return `x` as a C-contiguous float32 array (no copy when it already is one)."""
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -33,7 +34,15 @@ def exact_rerank(bank_rows: np.ndarray, queries: np.ndarray,
     faiss computes |q|^2 + |b|^2 - 2 q.b with BLAS, which loses the small distances of close
     neighbours to cancellation (0.4% relative error seen on bottle), which can also swap near-equal
     neighbours, and depends on how queries are batched. Recomputed, a distance is the same whichever
-    batch, shard or machine found it. `bank_rows` are the (m, c, d) vectors of `ids` (m, c).
+    batch, shard or machine found it.
+
+    Args:
+        bank_rows: The (m, c, d) bank vectors of `ids`.
+        queries: The (m, d) query vectors.
+        ids: The (m, c) candidate ids; -1 (faiss padding) gets an infinite distance.
+
+    Returns:
+        ``(dist2, ids)``, each (m, c): exact squared distances, sorted by distance then id.
     """
     diff = bank_rows.astype(np.float32, copy=False) - queries[:, None, :]
     dist = np.einsum("qkd,qkd->qk", diff, diff)
@@ -47,7 +56,11 @@ def _sort_rows(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def merge_nearest(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global K nearest from per-shard (dist2, global ids) lists: the minimum over all shards."""
+    """Merge per-shard ``(dist2, global ids)`` results into the global K nearest.
+
+    Returns:
+        ``(dist2, ids)``, each (m, k): the K smallest distances over all parts, ties by id.
+    """
     dist = np.concatenate([d for d, _ in parts], axis=1)
     ids = np.concatenate([i for _, i in parts], axis=1)
     dist, ids = _sort_rows(dist, ids)
@@ -60,6 +73,15 @@ def drop_self(dist: np.ndarray, ids: np.ndarray, point_ids: np.ndarray, k: int) 
     Self is dropped by index, not by distance == 0 (float noise makes a point's distance to itself
     non-zero for many points). Where duplicates push a point's own id out of the K+1, the farthest
     is dropped instead.
+
+    Args:
+        dist: (m, k + 1) squared distances, nearest first.
+        ids: (m, k + 1) ids of those neighbours.
+        point_ids: The (m,) bank points that were searched for.
+        k: Neighbours to keep.
+
+    Returns:
+        ``(dist2, ids)``, each (m, k).
     """
     is_self = ids == point_ids[:, None]
     no_self = ~is_self.any(axis=1)
@@ -71,6 +93,11 @@ def drop_self(dist: np.ndarray, ids: np.ndarray, point_ids: np.ndarray, k: int) 
 
 
 def check_bank(bank: np.ndarray, dtype: str) -> np.ndarray:
+    """Validate a memory bank and return it as a C-contiguous array of storage `dtype`.
+
+    Raises:
+        ValueError: If `dtype` is not in `STORAGE_DTYPES` or `bank` is not a non-empty (n, d) array.
+    """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"bank storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     if bank.ndim != 2 or len(bank) == 0:
@@ -87,6 +114,13 @@ class BankIndex:
     neighbour_search picks how `search_bank_points` (the density build) finds candidates: "exact",
     "ivf", "hnsw", or "auto" (exact up to approx.EXACT_UP_TO points). Test patches are always
     searched exactly. The approximate index is built on first use.
+
+    Args:
+        bank: The (n, d) memory bank.
+        use_gpu: Put the float32 flat index on the GPU when faiss has one.
+        dtype: Storage dtype, "float32" or "float16".
+        neighbour_search: "exact", "ivf", "hnsw" or "auto".
+        nprobe: IVF lists probed per query; 0 scales it to the list count.
     """
 
     def __init__(self, bank: np.ndarray, use_gpu: bool = False, dtype: str = "float32",
@@ -112,17 +146,26 @@ class BankIndex:
 
     @property
     def dim(self) -> int:
+        """Dimension d of the bank vectors."""
         return self.bank.shape[1]
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of bank points by id (any shape of ids)."""
+        """Return the float32 vectors of bank points by id, shaped ``ids.shape + (d,)``."""
         return self.bank[ids].astype(np.float32, copy=False)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
                approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(dist2, ids), each (m, k). Batched so that memory stays bounded and progress shows.
+        """Find the K nearest bank points of each query, batched so memory stays bounded and progress shows.
 
-        approximate=True takes the candidates from the bank's approximate index (when it has one).
+        Args:
+            queries: Query vectors (m, d).
+            k: Neighbours per query, capped at the bank's size.
+            batch_size: Queries per faiss call; None uses `SEARCH_BATCH`.
+            progress: Progress-bar label; None shows no bar.
+            approximate: Take the candidates from the bank's approximate index (when it has one).
+
+        Returns:
+            ``(dist2, ids)``, each (m, k): exact squared L2 distances, nearest first, and bank ids.
         """
         queries = as_float32(queries)
         batch_size = batch_size or SEARCH_BATCH
@@ -156,7 +199,16 @@ class BankIndex:
 
     def search_bank_points(self, point_ids: np.ndarray, k: int,
                            progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """K nearest OTHER bank points of the given bank points."""
+        """Find the K nearest OTHER bank points of the given bank points.
+
+        Candidates come from the approximate index unless neighbour_search is "exact".
+
+        Returns:
+            ``(dist2, ids)``, each (len(point_ids), k), nearest first.
+
+        Raises:
+            ValueError: If `k` is not below the bank's size.
+        """
         point_ids = np.asarray(point_ids, dtype=np.int64)
         if k >= len(self):
             raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")

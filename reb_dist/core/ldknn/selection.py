@@ -19,17 +19,24 @@ from reb_dist.core.ldknn.bank_stats import to_distance
 
 @dataclass
 class NeighbourTable:
+    """The searches that give LDKNN maps for every K <= `k_max`; built by `neighbour_table`."""
+
     nn_dist2: np.ndarray  # (n, h, w) squared distance of each patch to its nearest bank point
     nn_row: np.ndarray  # (n, h, w) row of that bank point in bank_dist2
     bank_dist2: np.ndarray  # (u, K_max) squared distances of those u bank points to their K_max nearest others
 
     @property
     def k_max(self) -> int:
+        """Largest K the table was searched with."""
         return self.bank_dist2.shape[1]
 
 
 def neighbour_table(index, features: np.ndarray, k_max: int, progress: str | None = None) -> NeighbourTable:
-    """One search for (n, h, w, d) features against a bank index (in-process or sharded)."""
+    """Search (n, h, w, d) features against a bank index (in-process or sharded), once for all K <= k_max.
+
+    Returns:
+        A `NeighbourTable` of each patch's nearest bank point and those points' `k_max` nearest others.
+    """
     n, h, w, d = features.shape
     dist2, ids = index.search(features.reshape(-1, d), 1, progress=progress)
     points, rows = np.unique(ids[:, 0], return_inverse=True)
@@ -38,7 +45,13 @@ def neighbour_table(index, features: np.ndarray, k_max: int, progress: str | Non
 
 
 def ldknn_maps(table: NeighbourTable, k: int, alpha: float, squared: bool = True) -> np.ndarray:
-    """(n, h, w) LDKNN patch maps: dist(f, nn) - alpha * mean distance of nn to its K nearest."""
+    """Return (n, h, w) LDKNN patch maps: dist(f, nn) - alpha * mean distance of nn to its K nearest.
+
+    `squared` keeps faiss's squared distances; False takes their square roots.
+
+    Raises:
+        ValueError: If `k` is outside 1..`table.k_max`.
+    """
     if not 1 <= k <= table.k_max:
         raise ValueError(f"K={k} is outside 1..{table.k_max}, the K the table was searched with")
     density = to_distance(table.bank_dist2[:, :k], squared).mean(axis=1)
@@ -46,7 +59,11 @@ def ldknn_maps(table: NeighbourTable, k: int, alpha: float, squared: bool = True
 
 
 def patch_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(n, H, W) 0/1 pixel masks -> (n, h, w) bool: a patch is anomalous if over half of it is."""
+    """Reduce (n, H, W) 0/1 pixel masks to (n, h, w) bool: a patch is anomalous if over half of it is.
+
+    Raises:
+        ValueError: If H, W are not multiples of h, w.
+    """
     n, big_h, big_w = masks.shape
     if big_h % h or big_w % w:
         raise ValueError(f"masks of {big_h}x{big_w} do not tile into {h}x{w} patches")
@@ -56,8 +73,20 @@ def patch_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def validation_objective(maps: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
                          image_score) -> dict[str, float]:
-    """Image AUROC, patch-level pixel AUROC (when masks are given) and the objective to maximise:
-    image AUROC, with pixel AUROC as a tie-breaker (weighted 1e-3, below any image-level change)."""
+    """Score validation maps: image AUROC, patch-level pixel AUROC (when masks are given) and the
+    objective to maximise: image AUROC, with pixel AUROC as a tie-breaker (weighted 1e-3, below any
+    image-level change).
+
+    Args:
+        maps: (n, h, w) patch maps.
+        labels: (n,) 0/1 image labels.
+        masks: (n, h, w) patch masks, or None.
+        image_score: Callable mapping the maps to (n,) image scores.
+
+    Returns:
+        A dict with ``val_image_auroc``, ``objective`` and, when masks have an anomalous patch,
+        ``val_pixel_auroc``.
+    """
     image_auroc = float(roc_auc_score(labels, image_score(maps)))
     out = {"val_image_auroc": image_auroc, "objective": image_auroc}
     if masks is not None and masks.any():

@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def preprocess(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """Turn uint8 HxWx3 into float32 3xSxS: bicubic resize (PIL, as the backbones were trained), ImageNet-normalised.
+    """Turn uint8 HxWx3 into float32 3xSxS: bicubic resize (PIL, as backbones were trained), ImageNet-normalise.
 
     Shared by training, evaluation and single-image inference so they cannot drift apart.
     """
@@ -66,7 +66,7 @@ class ImageDataset(Dataset):
 
 
 def few_shot(samples: Sequence[Sample], n: int) -> list[Sample]:
-    """Return the first n samples by image path: a deterministic few-shot subset, the same on every run and machine.
+    """Return the first n samples by image path: a deterministic few-shot subset, the same on any run.
 
     Raises:
         ValueError: If `n` is below 1 or more than the samples available.

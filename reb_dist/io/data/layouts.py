@@ -117,7 +117,7 @@ def _scan(
 
 
 def mvtec_ad(root: str | Path, category: str, *, require_masks: bool = True) -> ClassSplit:
-    """Load an MVTec AD category: CAT/train/good, CAT/test/{good,DEFECT}, CAT/ground_truth/DEFECT/NAME_mask.png.
+    """Load MVTec AD: CAT/train/good, CAT/test/{good,DEFECT}, CAT/ground_truth/DEFECT/NAME_mask.png.
 
     Returns:
         The category's `ClassSplit`.
@@ -249,7 +249,7 @@ def load_split(layout: str, root: str | Path, category: str | None = None, **kw)
 
 
 def list_categories(layout: str, root: str | Path) -> list[str]:
-    """Return the sorted subfolders of root that have the training folder the layout expects (e.g. train/good).
+    """Return the sorted subfolders of root with the training folder the layout expects (e.g. train/good).
 
     Raises:
         ValueError: If the layout is unknown or is "folder".

@@ -28,6 +28,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `reb` argument parser: one subcommand per command, common settings flags on each."""
     parser = argparse.ArgumentParser(prog="reb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_fit(args, command_line: str) -> int:
+    """`reb fit`: see reb_dist.pipelines.runs.fit."""
     from reb_dist.pipelines.runs import fit
 
     fit(load_config(args), args.output)
@@ -102,6 +104,7 @@ def cmd_fit(args, command_line: str) -> int:
 
 
 def cmd_evaluate(args, command_line: str) -> int:
+    """`reb evaluate`: see reb_dist.pipelines.runs.evaluate."""
     from reb_dist.pipelines.runs import evaluate
 
     evaluate(load_config(args), args.model, command_line)
@@ -109,6 +112,7 @@ def cmd_evaluate(args, command_line: str) -> int:
 
 
 def cmd_benchmark(args, command_line: str) -> int:
+    """`reb benchmark`: see reb_dist.pipelines.runs.benchmark."""
     from reb_dist.pipelines.runs import benchmark
 
     benchmark(load_config(args), command_line)
@@ -116,6 +120,7 @@ def cmd_benchmark(args, command_line: str) -> int:
 
 
 def cmd_finetune(args, command_line: str) -> int:
+    """`reb finetune`: see reb_dist.distributed.finetune.finetune_categories."""
     from reb_dist.distributed.finetune import finetune_categories
     from reb_dist.pipelines.evaluate import categories_of
     from reb_dist.pipelines.runs import output_files
@@ -127,6 +132,7 @@ def cmd_finetune(args, command_line: str) -> int:
 
 
 def cmd_tune(args, command_line: str) -> int:
+    """`reb tune`: see reb_dist.distributed.tuning.run_tune."""
     from reb_dist.distributed.tuning import run_tune
     from reb_dist.pipelines.evaluate import categories_of
 
@@ -137,6 +143,7 @@ def cmd_tune(args, command_line: str) -> int:
 
 
 def cmd_report(args, command_line: str) -> int:
+    """`reb report`: a comparison report of everything an MLflow store holds."""
     from reb_dist.reporting.report import collect_results, write_report
 
     rows, trials = collect_results(args.tracking_uri, args.experiment)
@@ -148,6 +155,7 @@ def cmd_report(args, command_line: str) -> int:
 
 
 def cmd_predict(args, command_line: str) -> int:
+    """`reb predict`: see reb_dist.pipelines.runs.predict_images; prints scores.csv."""
     from reb_dist.pipelines.runs import predict_images
 
     predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)

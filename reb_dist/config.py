@@ -21,6 +21,8 @@ SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_bottle_256"
 
 @dataclass
 class DataConfig:
+    """Where the images are and how they are read (section `data`)."""
+
     layout: str = "mvtec"  # mvtec | loco | btad | mvtec3d | folder
     root: str = "sample"  # "sample": the MVTec AD bottle subset shipped with the package
     categories: list[str] = field(default_factory=list)  # empty: every category under root
@@ -36,11 +38,14 @@ class DataConfig:
     mask_dir: str | None = None
 
     def resolved_root(self) -> Path:
+        """The dataset root as a Path ("sample" is the bundled bottle subset)."""
         return SAMPLE_DATA if self.root == "sample" else Path(self.root).expanduser()
 
 
 @dataclass
 class BackboneConfig:
+    """Which CNN and weights features come from, and how they are aggregated (section `backbone`)."""
+
     name: str = "efficientnet_lite0"
     weights: str | None = None  # None: ImageNet; else a weights file (e.g. DefectMaker fine-tuned)
     # benchmark only: also score with these fine-tuned weights ("{category}" is filled in), so
@@ -54,6 +59,8 @@ class BackboneConfig:
 
 @dataclass
 class BankConfig:
+    """How the memory bank is reduced, stored, searched and placed (section `bank`)."""
+
     coreset_ratio: float = 1.0  # 1.0 keeps the whole bank (REB's default)
     coreset_projection_dim: int = 128
     seed: int = 0
@@ -71,6 +78,8 @@ class BankConfig:
 
 @dataclass
 class ScoringConfig:
+    """Scoring methods and their K/alpha, image score, map blur, pixel metrics (section `scoring`)."""
+
     methods: list[str] = field(default_factory=lambda: ["ldknn", "knn", "nn1"])
     k: int = 9  # the authors' MVTec AD default
     alpha: float = 1.0
@@ -112,6 +121,8 @@ class FinetuneConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow: on/off, store URI, experiment, run name, heatmap examples (section `tracking`)."""
+
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "reb-dist"
@@ -137,6 +148,8 @@ class TuneConfig:
 
 @dataclass
 class RunConfig:
+    """One run's settings: every section, loadable from YAML/JSON, overridable with `section.key=value`."""
+
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     bank: BankConfig = field(default_factory=BankConfig)
@@ -148,10 +161,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "settings") -> RunConfig:
+        """Settings from a nested mapping, every key and type checked (errors name `source`)."""
         return _build(cls, values or {}, source)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+        """Defaults <- the YAML/JSON file at `path` (if any) <- `section.key=value` overrides."""
         values: dict = {}
         if path is not None:
             path = Path(path)
@@ -168,6 +183,7 @@ class RunConfig:
         return cls.from_dict(values, str(path) if path else "settings")
 
     def to_dict(self) -> dict:
+        """The settings as a nested dict of plain values."""
         return asdict(self)
 
     def flat(self) -> dict[str, str]:

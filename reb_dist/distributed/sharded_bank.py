@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reb_dist.core.ldknn.approx import resolve_neighbour_search
-from reb_dist.core.ldknn.search import BankIndex, as_float32, drop_self, merge_nearest
+from reb_dist.core.ldknn.search import BankIndex, as_float32, check_self_search, drop_self, merge_nearest
 from reb_dist.errors import ModelFileError, RebError
 from reb_dist.io.shard_file import read_shard, write_shards
 
@@ -242,19 +242,11 @@ class ShardedBank:
 
     def search_bank_points(self, point_ids: np.ndarray, k: int,
                            progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Find the K nearest OTHER bank points over the WHOLE bank, whichever shard each point lives on.
-
-        Candidates come from the approximate indexes where the bank has them.
-
-        Returns:
-            ``(dist2, ids)``, each (len(point_ids), k), nearest first.
-
-        Raises:
-            ValueError: If `k` is not below the bank's size.
-        """
+        """`Index.search_bank_points` over the WHOLE bank, whichever shard each point lives on: the
+        vectors are fetched from their shards (in chunks) and searched on every shard, candidates
+        from the approximate indexes where the bank has them."""
         point_ids = np.asarray(point_ids, dtype=np.int64)
-        if k >= len(self):
-            raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")
+        check_self_search(k, len(self))
         dist = np.empty((len(point_ids), k), np.float32)
         ids = np.empty((len(point_ids), k), np.int64)
         chunk = 4 * self.batch_size  # bounds the vectors fetched to the driver at once

@@ -56,6 +56,7 @@ def micro_batches_per_step(images_per_step: int, micro_batch: int, workers: int)
 
 
 def cosine_lr(step: int, total: int, base: float) -> float:
+    """The cosine-decayed learning rate at `step` of `total` from `base`."""
     return 0.5 * base * (1 + math.cos(math.pi * min(step, total) / total))
 
 

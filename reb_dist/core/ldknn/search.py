@@ -92,6 +92,12 @@ def drop_self(dist: np.ndarray, ids: np.ndarray, point_ids: np.ndarray, k: int) 
     return dist[keep].reshape(-1, k), ids[keep].reshape(-1, k)
 
 
+def check_self_search(k: int, bank_size: int) -> None:
+    """A bank point's K nearest OTHER points exist only when K < the bank's size; else ValueError."""
+    if k >= bank_size:
+        raise ValueError(f"K={k} needs more than {k} bank points, the bank has {bank_size}")
+
+
 def check_bank(bank: np.ndarray, dtype: str) -> np.ndarray:
     """Validate a memory bank and return it as a C-contiguous array of storage `dtype`.
 
@@ -210,7 +216,6 @@ class BankIndex:
             ValueError: If `k` is not below the bank's size.
         """
         point_ids = np.asarray(point_ids, dtype=np.int64)
-        if k >= len(self):
-            raise ValueError(f"K={k} needs more than {k} bank points, the bank has {len(self)}")
+        check_self_search(k, len(self))
         dist, ids = self.search(self.vectors(point_ids), k + 1, progress=progress, approximate=True)
         return drop_self(dist, ids, point_ids, k)

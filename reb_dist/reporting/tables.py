@@ -39,12 +39,8 @@ def _cells(
     return list(columns), body, numeric
 
 
-def results_table_markdown(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    float_fmt: str = "{:.1f}",
-    scale: float = 100,
-) -> str:
+def results_table_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                           float_fmt: str = "{:.1f}", scale: float = 100) -> str:
     """GitHub markdown table; floats are multiplied by ``scale`` (metrics as %), ints kept as is.
 
     Missing or NaN values show as "-"; numeric columns are right-aligned. ``columns`` defaults
@@ -60,12 +56,8 @@ def results_table_markdown(
     return "\n".join(lines) + "\n"
 
 
-def results_table_text(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    float_fmt: str = "{:.1f}",
-    scale: float = 100,
-) -> str:
+def results_table_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                       float_fmt: str = "{:.1f}", scale: float = 100) -> str:
     """Plain, space-aligned table for terminals and logs (same formatting as the markdown one)."""
     cols, body, numeric = _cells(rows, columns, float_fmt, scale)
     widths = [max(len(x) for x in col) for col in zip(cols, *body)]

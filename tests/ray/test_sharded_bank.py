@@ -1,14 +1,16 @@
 """A bank sharded over real Ray actors gives what one index over the whole bank gives; a killed shard
 is restarted from its file; float16 storage and the approximate density path behave as documented."""
 
-import threading
+import os
 
 import faiss
 import numpy as np
 import pytest
 import ray
 
-from reb_dist.distributed.sharded_bank import BankShard, ShardedBank, read_shard, shard_bounds, write_shards
+from reb_dist.distributed import sharded_bank
+from reb_dist.distributed.sharded_bank import BankShard, ShardedBank
+from reb_dist.io.shard_file import read_shard, shard_bounds, write_shards
 from reb_dist.errors import ModelFileError, RebError
 from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
 from reb_dist.core.ldknn import approx
@@ -57,22 +59,33 @@ def test_sharded_search_and_densities_equal_a_single_index(local_ray, bank_and_q
             np.testing.assert_allclose(got[m], want[m], rtol=1e-4, atol=1e-4, err_msg=m.label)
 
 
-def test_a_shard_killed_mid_search_is_restarted_from_its_file(local_ray, bank_and_queries, tmp_path):
+def test_a_shard_killed_mid_search_is_restarted_from_its_file(local_ray, bank_and_queries, tmp_path, monkeypatch):
+    """Shard 1's process dies inside its first search call (the call itself exits, so the kill cannot
+    land before or after the search); Ray restarts it from its file and retries the call."""
     bank, queries = bank_and_queries
-    want = BankScorer(BankIndex(bank)).score([ScoringMethod("ldknn")], queries)
-    with ShardedBank.create(bank, tmp_path, 2, SIZES[2], cpus_per_shard=0.5, batch_size=32) as sharded:
+    marker = tmp_path / "killed"
+
+    class DiesInItsFirstSearch(BankShard):
+        def search(self, queries, k, approximate=False):
+            if self.offset > 0 and not marker.exists():  # shard 1, once: the restarted actor answers
+                marker.write_text(f"{os.getpid()} search")
+                os._exit(1)
+            return super().search(queries, k, approximate)
+
+    monkeypatch.setattr(sharded_bank, "BankShard", DiesInItsFirstSearch)  # what ShardedBank wraps in actors
+    want_dist, want_ids = BankIndex(bank).search(queries, 9)
+    want = BankScorer(BankIndex(bank)).score([ScoringMethod("ldknn")], queries)[ScoringMethod("ldknn")]
+    with ShardedBank.create(bank, tmp_path / "bank", 2, SIZES[2], cpus_per_shard=0.5, batch_size=32) as sharded:
         before = sharded.shard_pids()
-        # 22 pipelined batches; the kill lands while they run (or, on a fast machine, just after:
-        # the restart is then checked by the second search)
-        killer = threading.Timer(0.2, lambda: ray.kill(sharded.actors[1], no_restart=False))
-        killer.start()
-        got = BankScorer(sharded).score([ScoringMethod("ldknn")], queries)
-        killer.join()
-        again = BankScorer(sharded).score([ScoringMethod("ldknn")], queries)
+        assert not marker.exists()
+        dist, ids = sharded.search(queries, 9)  # 22 pipelined batches; shard 1 dies in the first
         after = sharded.shard_pids()
+        again = BankScorer(sharded).score([ScoringMethod("ldknn")], queries)[ScoringMethod("ldknn")]
+    assert marker.read_text() == f"{before[1]} search"  # the original shard-1 process, inside search
     assert after[0] == before[0] and after[1] != before[1]  # shard 1 is a new process
-    for result in (got, again):
-        np.testing.assert_allclose(result[ScoringMethod("ldknn")], want[ScoringMethod("ldknn")], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(dist, want_dist, **TOL)
+    np.testing.assert_allclose(again, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_shard_lost_beyond_its_restarts_is_an_error_not_a_partial_result(local_ray, bank_and_queries, tmp_path):

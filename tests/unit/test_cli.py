@@ -1,5 +1,7 @@
 """The `reb` command line end to end on the shipped real subset, with a real MLflow sqlite store."""
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -7,9 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from reb_dist.cli import main
-from reb_dist.config import SAMPLE_DATA
+from reb_dist.config import SAMPLE_DATA, RunConfig
+from reb_dist.pipelines.evaluate import evaluate_category
 
 
 @pytest.fixture
@@ -37,11 +41,25 @@ def test_benchmark_prints_table_writes_results_and_logs_to_mlflow(workdir, capsy
     children = [r for r in runs if r.data.tags.get("category") == "bottle"]
     assert len(parent) == 1 and parent[0].data.params["scoring.k"] == "9"
     assert {r.data.tags["method"] for r in children} == {"ldknn(k=9,alpha=1)", "knn(k=9)"}
-    for r in children:
-        assert 0.5 < r.data.metrics["image_auroc"] <= 1.0
-        assert "pixel_auroc" in r.data.metrics and "aupro" in r.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
     assert "plots/roc_bottle.png" in artifacts and "plots/heatmaps_bottle.png" in artifacts
+
+    # the numbers: results.json, MLflow and the in-process API with the same settings agree per method,
+    # and the image AUROC is scikit-learn's on the in-process image scores
+    rows = json.loads((out / "results.json").read_text())["results"]
+    written = {r["method"]: r["metrics"] for r in rows}
+    assert {"image_auroc", "pixel_auroc", "aupro"} <= set(written["knn(k=9)"])
+    assert written["ldknn(k=9,alpha=1)"] != written["knn(k=9)"]  # so a swap of methods shows
+    for r in children:  # MLflow names allow alphanumerics and _-. :/ only ("group=x" -> "group_x")
+        assert r.data.metrics == {re.sub(r"[^A-Za-z0-9_\-. :/]", "_", k): v
+                                  for k, v in written[r.data.tags["method"]].items()}
+    cfg = RunConfig.load(None, ["scoring.methods=[ldknn,knn]", "tracking.enabled=false"])
+    result = evaluate_category(cfg, "bottle")
+    assert {result.label(m.method) for m in result.methods} == set(written)
+    for m in result.methods:
+        assert written[result.label(m.method)] == pytest.approx(m.metrics, rel=1e-6, abs=1e-9)
+        assert written[result.label(m.method)]["image_auroc"] == pytest.approx(
+            roc_auc_score(result.labels, m.image_scores), abs=1e-12)
 
 
 def test_fit_evaluate_predict_round_trip(workdir, capsys):
@@ -96,8 +114,6 @@ def test_benchmark_on_a_custom_folder_layout(workdir, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "parts" in printed and "ldknn(k=9,alpha=1)" in printed
-    import json
-
     results = json.loads((workdir / "out" / "benchmark" / "results.json").read_text())["results"]
     metrics = results[0]["metrics"]
     assert metrics["image_auroc"] > 0.8

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
-from reb_dist.core.ldknn.search import BankIndex
+from reb_dist.core.ldknn.index import Index
 
 METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof")
 
@@ -65,7 +65,7 @@ def parse_method(spec: str, k: int = 9, alpha: float = 1.0, squared: bool = True
 class BankScorer:
     """Scores query patches against one bank (its index and lazily computed bank statistics)."""
 
-    def __init__(self, index: BankIndex, stats: BankStats | None = None):
+    def __init__(self, index: Index, stats: BankStats | None = None):
         self.index = index
         self.stats = stats or BankStats(index)
 
@@ -102,17 +102,22 @@ class BankScorer:
             return d.mean(axis=1) / np.maximum(inner, 1e-12)
         raise AssertionError(method.name)
 
-    def _mean_pairwise(self, nbr: np.ndarray, squared: bool, chunk: int = 4096) -> np.ndarray:
-        """Mean distance between the K neighbours of each query, over the K*(K-1) ordered pairs."""
+    def _mean_pairwise(self, nbr: np.ndarray, squared: bool, chunk: int = 4096,
+                       max_elements: int = 1 << 23) -> np.ndarray:
+        """Mean distance between the K neighbours of each query, over the K*(K-1)/2 pairs (the same
+        mean as over the ordered pairs). From the differences themselves, not |a|^2+|b|^2-2ab, which
+        cancels in float32 when the features' norms are large next to their distances; the
+        (rows, pairs, d) differences are made `max_elements` at a time."""
         k = nbr.shape[1]
         out = np.zeros(len(nbr), np.float32)
         if k < 2:
             return out
+        first, second = np.triu_indices(k, 1)
         for s in range(0, len(nbr), chunk):
-            v = self.index.vectors(nbr[s:s + chunk])  # (c, K, d)
-            sq_norm = (v * v).sum(-1)
-            d2 = sq_norm[:, :, None] + sq_norm[:, None, :] - 2 * np.einsum("ckd,cjd->ckj", v, v)
-            d2[:, np.arange(k), np.arange(k)] = 0.0  # exact zeros, not float noise
-            d = to_distance(np.maximum(d2, 0), squared)
-            out[s:s + chunk] = d.sum(axis=(1, 2)) / (k * (k - 1))
+            v = np.asarray(self.index.vectors(nbr[s:s + chunk]), np.float32)  # (c, K, d)
+            step = max(1, max_elements // (len(first) * v.shape[-1]))
+            for r in range(0, len(v), step):
+                diff = v[r:r + step, first] - v[r:r + step, second]  # (rows, pairs, d)
+                d2 = np.einsum("cpd,cpd->cp", diff, diff)
+                out[s + r:s + r + step] = to_distance(d2, squared).mean(axis=1)
         return out

@@ -134,3 +134,26 @@ def test_neighbours_are_exact_where_faiss_rounding_is_not():
     some = rng.choice(3000, 37, replace=False)
     lazy = BankScorer(BankIndex(bank)).stats.local_density(5, True, some)
     np.testing.assert_allclose(lazy, full[some], rtol=1e-6)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_ldof_is_exact_for_large_feature_norms(squared):
+    """LDOF's inner distance (mean pairwise distance of the K neighbours) against float64 brute force
+    on a bank offset by 1e3: |a|^2 + |b|^2 - 2ab in float32 is off by several percent there."""
+    rng = np.random.default_rng(5)
+    bank = (1e3 + rng.normal(0, 1, (400, 16))).astype(np.float32)
+    queries = (1e3 + rng.normal(0, 1.2, (50, 16))).astype(np.float32)
+    k = 5
+    dq = brute_force_distances(queries, bank)
+    order = np.argsort(dq, axis=1)[:, :k]
+    v = bank[order].astype(np.float64)
+    pairs = ((v[:, :, None] - v[:, None]) ** 2).sum(-1)
+    dist = (lambda x: x) if squared else np.sqrt
+    inner = dist(pairs).sum((1, 2)) / (k * (k - 1))
+    expected = dist(np.take_along_axis(dq, order, 1)).mean(1) / inner
+    method = ScoringMethod("ldof", k, squared=squared)
+    scorer = BankScorer(BankIndex(bank))
+    np.testing.assert_allclose(scorer.score([method], queries)[method], expected, rtol=1e-5)
+    # in chunks of 7 queries, and differences made 3 queries at a time: the same numbers
+    np.testing.assert_allclose(scorer._mean_pairwise(order, squared, chunk=7, max_elements=3 * 10 * 16),
+                               inner, rtol=1e-5)

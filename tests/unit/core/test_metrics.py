@@ -102,6 +102,11 @@ def _reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float
     last_of_tie = np.r_[s[1:] != s[:-1], True]
     fpr = np.r_[0, np.cumsum(neg)[last_of_tie] / neg.sum()]
     pro = np.r_[0, np.cumsum(w)[last_of_tie] / n_regions]
+    return _normalised_area(fpr, pro, limit)
+
+
+def _normalised_area(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """Trapezoid area under (fpr, pro), fpr non-decreasing from 0, cut at limit, divided by it."""
     keep = fpr <= limit
     area = np.trapezoid(pro[keep], fpr[keep])
     j = keep.sum()
@@ -271,14 +276,31 @@ def test_evaluate_skips_undefined_metrics() -> None:
 
 
 def test_pixel_metrics_speed_smoke() -> None:
-    """100 maps of 256x256 (6.5M pixels) must stay well under a second each."""
+    """100 maps of 256x256 (6.5M pixels) must stay well under a second each, and still be exact:
+    scores lie on a grid of 2^20 levels (about 1.4M distinct values, and ties), so the reference
+    here counts pixels per level instead of sorting them."""
     import time
 
     rng = _rng(9)
-    masks = np.zeros((100, 256, 256), bool)
-    masks[:50, 100:140, 60:120] = True
-    maps = rng.random(masks.shape, dtype=np.float32) + 0.3 * masks
+    big, small = (np.zeros((100, 256, 256), bool) for _ in range(2))
+    big[:50, 100:140, 60:120] = True  # one 40x60 region in each of 50 images
+    small[:20, 10:20, 10:20] = True  # and a 10x10 one, scored lower, in 20 of them
+    masks = big | small
+    levels = 1 << 20
+    codes = rng.integers(0, levels, masks.shape) + (levels * 3 // 10) * big + (levels // 10) * small
+    maps = (codes / levels).astype(np.float32)  # exact: codes < 2^21
     t0 = time.perf_counter()
-    M.pixel_auroc(masks, maps)
-    M.aupro(masks, maps)
+    got_auroc, got_aupro = M.pixel_auroc(masks, maps), M.aupro(masks, maps)
     assert time.perf_counter() - t0 < 5.0
+
+    # counts per level, highest level first
+    hist = {name: np.bincount(codes[sel], minlength=codes.max() + 1)[::-1].astype(np.float64)
+            for name, sel in (("neg", ~masks), ("big", big), ("small", small))}
+    pos = hist["big"] + hist["small"]
+    neg_below = hist["neg"].sum() - np.cumsum(hist["neg"])  # normal pixels scored strictly lower
+    auroc = (pos * (neg_below + 0.5 * hist["neg"])).sum() / (pos.sum() * hist["neg"].sum())
+    assert got_auroc == pytest.approx(auroc, abs=1e-12)
+    # PRO = mean over the 70 regions of the fraction found; regions of one size pool their pixels
+    fpr = np.r_[0, np.cumsum(hist["neg"]) / hist["neg"].sum()]
+    pro = np.r_[0, (np.cumsum(hist["big"]) / 2400 + np.cumsum(hist["small"]) / 100) / 70]
+    assert got_aupro == pytest.approx(_normalised_area(fpr, pro, 0.3), abs=1e-9)

@@ -108,7 +108,7 @@ def test_shard_files_are_checked(local_ray, bank_and_queries, tmp_path):
         ShardedBank([first[1]], cpus_per_shard=0.5)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a shard")
-    with pytest.raises(ModelFileError, match="broken.safetensors: not a bank shard file"):
+    with pytest.raises(ModelFileError, match="broken.safetensors: not a reb-dist bank shard file"):
         read_shard(broken)
     assert not list((tmp_path / "a").glob("*.tmp"))  # written atomically
 

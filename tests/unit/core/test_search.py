@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 from reb_dist.distributed.sharded_bank import BankShard
-from reb_dist.io.shard_file import read_shard, shard_bounds, write_shards
+from reb_dist.io.shard_file import read_shard, write_shards
 from reb_dist.core.ldknn import BankIndex
 from reb_dist.core.ldknn import approx
 from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
@@ -15,13 +15,6 @@ SIZES = {3: [1100, 150, 1150]}  # uneven on purpose
 TOL = dict(rtol=1e-5, atol=1e-4)
 
 
-def test_shard_bounds_cover_the_bank_once():
-    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    assert shard_bounds(10, 2, [1, 9]) == [(0, 1), (1, 10)]
-    with pytest.raises(ValueError, match="do not split"):
-        shard_bounds(10, 2, [5, 4])
-    with pytest.raises(ValueError, match="cannot split"):
-        shard_bounds(2, 3)
 
 
 def test_per_shard_results_merged_by_global_minimum_equal_one_index(bank_and_queries, tmp_path):

@@ -1,0 +1,105 @@
+"""Model files: a fitted detector round-trips exactly; a wrong, foreign, broken or missing file is a clear error."""
+
+from __future__ import annotations
+import json
+import re
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+from reb_dist.io.model_file import MODEL_FORMAT, load_model
+from reb_dist.errors import ModelFileError
+from reb_dist.pipelines.evaluate import load_category, loader
+
+
+def _rewrite(src, dst, **meta_changes):
+    with safe_open(str(src), framework="numpy") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    save_file(load_file(str(src)), str(dst), meta)
+    return dst
+
+
+def test_save_load_round_trip(cfg, detector, test_features, saved):
+    folder, path = saved
+    assert sorted(folder.iterdir()) == [path]  # the atomic write left no temp file behind
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == {"bank", "density"}
+    assert meta["format"] == MODEL_FORMAT == "reb-dist-model/1"
+    assert meta["backbone_fingerprint"] == detector.backbone.fingerprint
+    assert json.loads(meta["backbone"])["name"] == "efficientnet_lite0"
+    assert json.loads(meta["scoring"])["k"] == cfg.scoring.k
+    assert meta["image_size"] == "256"
+
+    loaded = load_model(path, device="cpu")
+    assert loaded.backbone.fingerprint == detector.backbone.fingerprint
+    np.testing.assert_array_equal(loaded.bank, detector.bank)
+
+    # The stored densities are used as they are: no neighbour search may run to recompute them.
+    def no_search(*args, **kwargs):
+        raise AssertionError("density recomputed instead of read from the model file")
+
+    loaded.scorer.stats.neighbours = no_search
+    expected_density = detector.compute_density()
+    np.testing.assert_allclose(loaded.scorer.stats.local_density(cfg.scoring.k, cfg.scoring.squared),
+                               expected_density, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(load_file(str(path))["density"], expected_density, rtol=0, atol=0)
+    del loaded.scorer.stats.neighbours
+
+    methods = detector.methods()
+    subset = test_features[::3]  # 3 defective, 2 good bottles: each search is over 16384 patches
+    before = detector.score_features(subset, methods)
+    after = loaded.score_features(subset, loaded.methods())
+    assert [m.label for m in after] == [m.label for m in before]
+    for (m, a), b in zip(before.items(), after.values()):
+        np.testing.assert_allclose(b.patch_maps, a.patch_maps, rtol=1e-6, atol=1e-6, err_msg=m.label)
+        np.testing.assert_allclose(b.image_scores, a.image_scores, rtol=1e-6, atol=1e-6, err_msg=m.label)
+
+    # the loaded detector also extracts the same features (same backbone, aggregation, image size)
+    two = next(iter(loader(load_category(cfg.data, "bottle").test[:2], cfg.data)))
+    np.testing.assert_allclose(loaded.extract([two]), test_features[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_model_with_another_backbone_fingerprint_is_refused(saved, tmp_path, detector):
+    _, path = saved
+    tampered = _rewrite(path, tmp_path / "tampered.safetensors", backbone_fingerprint="deadbeefdeadbeef")
+    with pytest.raises(ModelFileError) as exc:
+        load_model(tampered, device="cpu")
+    message = str(exc.value)
+    assert str(tampered) in message
+    assert "deadbeefdeadbeef" in message  # the fingerprint the model was fitted with
+    assert detector.backbone.fingerprint in message  # and the one found now
+
+
+def test_model_of_another_format_is_refused(saved, tmp_path):
+    _, path = saved
+    other = _rewrite(path, tmp_path / "other.safetensors", format="something-else/2")
+    with pytest.raises(ModelFileError, match="format"):
+        load_model(other, device="cpu")
+
+
+def test_truncated_corrupt_or_missing_model_file(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=re.escape(str(truncated))):
+        load_model(truncated, device="cpu")
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a model" * 10)
+    with pytest.raises(ModelFileError, match=re.escape(str(garbage))):
+        load_model(garbage, device="cpu")
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ModelFileError, match=re.escape(str(missing))):
+        load_model(missing, device="cpu")
+
+
+def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.safetensors", backbone='{"name": "efficientnet_lite0", "nope": 1}')
+    with pytest.raises(ModelFileError, match=re.escape(str(bad))):
+        load_model(bad, device="cpu")

@@ -25,6 +25,8 @@ METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof")
 
 @dataclass(frozen=True)
 class ScoringMethod:
+    """A scoring method and its parameters: one of METHODS, K, alpha (LDKNN only), squared or plain L2."""
+
     name: str
     k: int = 9
     alpha: float = 1.0
@@ -38,6 +40,7 @@ class ScoringMethod:
 
     @property
     def label(self) -> str:
+        """The name results and MLflow use, e.g. "ldknn(k=9,alpha=1)", "knn(k=9)", "nn1"."""
         if self.name == "nn1":
             return "nn1"
         if self.name == "ldknn":

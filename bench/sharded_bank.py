@@ -165,7 +165,7 @@ def measure_approximate(bank: np.ndarray, points: np.ndarray, exact: tuple[np.nd
     """(index build s, search s, recall and density-error text) of one approximate path for `points`,
     against the exact (distances, ids) of the same points."""
     approx = BankIndex(bank, neighbour_search=kind, nprobe=nprobe)
-    (_, s_build) = timed(lambda: approx._candidates(bank[:1], 1, approximate=True))  # builds the index
+    (_, s_build) = timed(lambda: approx.approximate_index(kind))
     (found_d, found_i), s = timed(lambda: approx.search_bank_points(points, k))
     exact_density = exact[0].mean(axis=1)
     rel = (found_d.mean(1) - exact_density) / exact_density

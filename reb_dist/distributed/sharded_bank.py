@@ -36,10 +36,12 @@ class BankShard:
         nprobe: IVF lists probed per query by the approximate index; 0 scales it to the list count.
         use_gpu: Put the exact float32 index on the GPU when faiss has one.
         threads: faiss OpenMP threads for this process; None or 0 leaves the setting alone.
+        query_search: Candidate search for test patches, resolved for the whole bank like
+            neighbour_search.
     """
 
     def __init__(self, path: str, neighbour_search: str = "auto", nprobe: int = 0,
-                 use_gpu: bool = False, threads: int | None = None):
+                 use_gpu: bool = False, threads: int | None = None, query_search: str = "exact"):
         if threads:  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; whole CPUs get their count
             import faiss
 
@@ -49,7 +51,7 @@ class BankShard:
         self.offset, self.total, self.bank_id = meta["offset"], meta["total"], meta["bank_id"]
         # "auto" is resolved for the WHOLE bank by the caller, so every shard uses the same search
         self.index = BankIndex(vectors, use_gpu=use_gpu, dtype=str(vectors.dtype),
-                               neighbour_search=neighbour_search, nprobe=nprobe)
+                               neighbour_search=neighbour_search, nprobe=nprobe, query_search=query_search)
 
     def info(self) -> dict:
         """Describe this shard.
@@ -61,13 +63,14 @@ class BankShard:
         return {"pid": os.getpid(), "offset": self.offset, "size": len(self.index), "total": self.total,
                 "bank_id": self.bank_id, "dim": self.index.dim, "dtype": self.index.dtype}
 
-    def search(self, queries: np.ndarray, k: int, approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, approximate: bool = False,
+               exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Search this shard; see `BankIndex.search`.
 
         Returns:
             ``(dist2, ids)``, each (m, k): squared L2 distances, nearest first, and GLOBAL bank ids.
         """
-        dist, ids = self.index.search(queries, k, approximate=approximate)
+        dist, ids = self.index.search(queries, k, approximate=approximate, exact=exact)
         return dist, ids + self.offset
 
     def vectors(self, global_ids: np.ndarray) -> np.ndarray:
@@ -83,6 +86,7 @@ class ShardedBank:
     Args:
         shard_paths: Shard files of one bank, in bank order.
         neighbour_search: "exact", "ivf", "hnsw" or "auto"; "auto" is resolved by the whole bank's size.
+        query_search: The same choices for test patches (default exact).
         nprobe: IVF lists probed per query by the approximate index; 0 scales it to the list count.
         cpus_per_shard: CPUs reserved for each actor; its whole part sets the actor's faiss threads.
         gpus_per_shard: GPUs reserved for each actor; above 0 the shards search on the GPU.
@@ -97,7 +101,7 @@ class ShardedBank:
 
     def __init__(self, shard_paths: list[str | Path], *, neighbour_search: str = "auto", nprobe: int = 0,
                  cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0, max_restarts: int = 3,
-                 batch_size: int = 16384):
+                 batch_size: int = 16384, query_search: str = "exact"):
         import ray
 
         from reb_dist.distributed.runtime import ensure_ray
@@ -108,6 +112,7 @@ class ShardedBank:
         # "auto" is decided by the WHOLE bank's size, so that every shard searches the same way
         total = read_shard(self.paths[0], with_vectors=False)[1]["total"]
         self.neighbour_search = neighbour_search = resolve_neighbour_search(neighbour_search, total)
+        self.query_search = query_search = resolve_neighbour_search(query_search, total)
         self._started_ray = ensure_ray()
         self.batch_size = batch_size
         remote = ray.remote(BankShard).options(
@@ -115,7 +120,7 @@ class ShardedBank:
             max_restarts=max_restarts, max_task_retries=max_restarts,
             scheduling_strategy="SPREAD")  # on a cluster, shards (and their memory) go to different nodes
         threads = max(1, int(cpus_per_shard))
-        self.actors = [remote.remote(p, neighbour_search, nprobe, gpus_per_shard > 0, threads)
+        self.actors = [remote.remote(p, neighbour_search, nprobe, gpus_per_shard > 0, threads, query_search)
                        for p in self.paths]
         infos = self._gather([a.info.remote() for a in self.actors], "open")
         self._check_shards(infos)
@@ -182,7 +187,7 @@ class ShardedBank:
         return [i["pid"] for i in self._gather([a.info.remote() for a in self.actors], "info")]
 
     def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
-               approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               approximate: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Find the K nearest bank points over all shards; batches are pipelined, one in flight ahead.
 
         Args:
@@ -190,7 +195,8 @@ class ShardedBank:
             k: Neighbours per query, capped at the bank's size.
             batch_size: Queries per round; None uses the bank's `batch_size`.
             progress: Progress-bar label; None shows no bar.
-            approximate: Take the shards' candidates from their approximate indexes.
+            approximate: Take the shards' candidates as the density build does (neighbour_search).
+            exact: Exact candidates on every shard, whatever the settings (recall's reference).
 
         Returns:
             ``(dist2, ids)``, each (m, k): squared L2 distances, nearest first, and global ids.
@@ -209,7 +215,7 @@ class ShardedBank:
 
         def submit(s):
             q = ray.put(queries[s:s + batch_size])
-            return [a.search.remote(q, k, approximate) for a in self.actors]
+            return [a.search.remote(q, k, approximate, exact) for a in self.actors]
 
         pending = submit(starts[0]) if starts else None
         for j, s in enumerate(tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2,

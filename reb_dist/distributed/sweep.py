@@ -106,7 +106,7 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
 
     start = time.perf_counter()
     result = evaluate_category(cfg, category)
-    return {"category": category, "backbone": cfg.backbone.name, "bank_size": result.bank_size,
+    return {"category": category, "backbone": cfg.backbone.name, "preset": cfg.preset, "bank_size": result.bank_size,
             "seconds": time.perf_counter() - start, "timings": result.timings,
             "methods": {m.method.label: m.metrics for m in result.methods}}
 
@@ -143,7 +143,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
             cell = pending.pop(ready[0])
             result = {"cell": asdict(cell), **ray.get(ready[0])}
             log.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
-                         {"backbone.name": cell.backbone, "bank_size": result["bank_size"]}, result["methods"])
+                         {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "preset": result["preset"]},
+                         result["methods"])
             write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
             with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
                 fh.write(f"{cell.id}\n")
@@ -172,6 +173,7 @@ def _write_summary(sweep: Sweep, out: Path, results: dict[str, dict]) -> None:
              **{k: m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")}}
             for cell in sweep.cells for method, m in results[cell.id]["methods"].items()]
     columns = ["dataset", "category", "backbone", "method", "image_auroc", "pixel_auroc", "aupro"]
-    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns))
+    presets = sorted({sweep.cell_config(cell, out).preset for cell in sweep.cells})
+    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns) + f"\nPreset: {', '.join(presets)}\n")
     write_text_atomic(out / "summary.csv", to_csv([{k: (f"{v:.6f}" if isinstance(v, float) else v)
                                                      for k, v in r.items()} for r in rows], columns))

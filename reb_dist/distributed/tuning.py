@@ -112,6 +112,8 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
             variants = {"default": (cfg.scoring.k, cfg.scoring.alpha), "global": (gk, ga), "per_class": (s.k, s.alpha)}
             for variant, (k, a) in variants.items():
                 metrics = reported_metrics(c, k, a, cfg.scoring)
+                if c.query_recall is not None:  # an approximate figure is labelled as one
+                    metrics.update(query_recall=c.query_recall, query_recall_k=1.0)
                 rows.append({"category": c.category, "variant": variant, "k": k, "alpha": a,
                              "test_images": len(c.test_labels), "metrics": metrics})
                 tracker.log_result(c.category, f"ldknn[{variant}](k={k},alpha={a:.3g})", metrics,
@@ -148,7 +150,8 @@ def run_tune(cfg: RunConfig, categories: list[str], command_line: str = "") -> t
         print(results_table_text(table, columns))
         wall = time.perf_counter() - start
         text = (results_table_markdown(table, columns) + f"\n\nValidation: {cfg.tune.validation}; global choice "
-                f"K={glob['k']}, alpha={glob['alpha']:.3f}.  \nCommand: `{command_line}`  \nWall time: {wall:.0f} s\n")
+                f"K={glob['k']}, alpha={glob['alpha']:.3f}.  \nPreset: {cfg.preset}  \nCommand: `{command_line}`  \n"
+                f"Wall time: {wall:.0f} s\n")
         out = Path(cfg.output_dir) / "tune"
         write_text_atomic(out / "results.md", text)
         cfg.dump(out / "config.yaml")

@@ -51,7 +51,7 @@ class Tracker:
         name = run_name or self.cfg.run_name or f"{command}-{config.backbone.name}"
         with mlflow.start_run(run_name=name) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({"command": command, "backbone": config.backbone.name})
+            mlflow.set_tags({"command": command, "backbone": config.backbone.name, "preset": config.preset})
             mlflow.log_params(config.flat())
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             yield self

@@ -36,6 +36,7 @@ def index_factory(bank: BankConfig, shard_dir: str | Path | None = None) -> Inde
 
         return ShardedBank.create(vectors, shard_dir, bank.shards, dtype=bank.dtype,
                                   neighbour_search=bank.neighbour_search, nprobe=bank.nprobe,
+                                  query_search=bank.query_search,
                                   cpus_per_shard=bank.shard_cpus, gpus_per_shard=bank.shard_gpus)
 
     return sharded

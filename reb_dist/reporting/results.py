@@ -25,15 +25,24 @@ RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "
 
 
 def result_rows(results: list[CategoryResult]) -> list[dict]:
-    """One table row per (category, method): the metrics and the seconds of search + scoring."""
+    """One table row per (category, method): the metrics and the seconds of search + scoring, and
+    the test-patch search's recall against exact where it was approximate."""
     rows = []
     for r in results:
         for m in r.methods:
             seconds = r.timings.get("search", 0) + r.timings.get(f"score:{m.method.label}", 0)
-            rows.append({"category": r.category, "method": r.label(m.method),
-                         **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
-                         "seconds": int(round(seconds))})
+            row = {"category": r.category, "method": r.label(m.method),
+                   **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
+                   "seconds": int(round(seconds))}
+            if "query_recall" in m.metrics:
+                row["query_recall"] = m.metrics["query_recall"]
+            rows.append(row)
     return rows
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    """The table's columns: the standard ones, and recall when any row searched approximately."""
+    return RESULT_COLUMNS + (["query_recall"] if any("query_recall" in r for r in rows) else [])
 
 
 def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, command_line: str,
@@ -56,9 +65,11 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
     rows = result_rows(results)
     out.mkdir(parents=True, exist_ok=True)
     print()
-    print(results_table_text(rows, RESULT_COLUMNS))
-    markdown = results_table_markdown(rows, RESULT_COLUMNS)
-    footer = f"\n\nCommand: `{command_line}`" + (f"  \nWall time: {wall:.0f} s" if wall else "") + "\n"
+    columns = columns_of(rows)
+    print(results_table_text(rows, columns))
+    markdown = results_table_markdown(rows, columns)
+    footer = (f"\n\nCommand: `{command_line}`  \nPreset: {config.preset}"
+              + (f"  \nWall time: {wall:.0f} s" if wall else "") + "\n")
     write_text_atomic(out / "results.md", markdown + footer)
     payload = {"command": command_line, "wall_seconds": wall, "config": config.to_dict(),
                "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,

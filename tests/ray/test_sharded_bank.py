@@ -66,11 +66,11 @@ def test_a_shard_killed_mid_search_is_restarted_from_its_file(local_ray, bank_an
     marker = tmp_path / "killed"
 
     class DiesInItsFirstSearch(BankShard):
-        def search(self, queries, k, approximate=False):
+        def search(self, queries, k, *args):
             if self.offset > 0 and not marker.exists():  # shard 1, once: the restarted actor answers
                 marker.write_text(f"{os.getpid()} search")
                 os._exit(1)
-            return super().search(queries, k, approximate)
+            return super().search(queries, k, *args)
 
     monkeypatch.setattr(sharded_bank, "BankShard", DiesInItsFirstSearch)  # what ShardedBank wraps in actors
     want_dist, want_ids = BankIndex(bank).search(queries, 9)

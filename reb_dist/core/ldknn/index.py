@@ -24,11 +24,15 @@ class Index(Protocol):
     def dim(self) -> int:
         """Feature dimension d."""
 
+    query_search: str  # how `search` finds candidates by default: "exact", "ivf" or "hnsw"
+
     def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
-               approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               approximate: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(dist2, ids), each (m, k): squared L2 distances of the K nearest bank points, nearest first.
 
-        approximate=True may take candidates from an approximate index (always re-ranked exactly).
+        Candidates come from the index's `query_search`; approximate=True takes them as the density
+        build does (`neighbour_search`), exact=True exactly whatever the settings. Approximate
+        candidates are always re-ranked with exact distances.
         """
 
     def search_bank_points(self, point_ids: np.ndarray, k: int,

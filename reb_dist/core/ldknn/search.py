@@ -9,7 +9,6 @@ sharded result equal to a single-index one.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -117,25 +116,30 @@ class BankIndex:
     dtype="float16" halves the memory a bank takes: vectors are stored in half precision and upcast
     block by block for the search, so the search still runs on faiss's float32 BLAS kernel.
 
-    neighbour_search picks how `search_bank_points` (the density build) finds candidates: "exact",
-    "ivf", "hnsw", or "auto" (exact up to approx.EXACT_UP_TO points). Test patches are always
-    searched exactly. The approximate index is built on first use.
+    neighbour_search picks how `search_bank_points` (the density build) finds candidates, and
+    query_search how `search` finds the candidates of test patches: "exact", "ivf", "hnsw", or
+    "auto" (exact up to approx.EXACT_UP_TO points). Approximate candidates are always re-ranked with
+    exact distances; an approximate index is built on first use, once per kind.
 
     Args:
         bank: The (n, d) memory bank.
         use_gpu: Put the float32 flat index on the GPU when faiss has one.
         dtype: Storage dtype, "float32" or "float16".
-        neighbour_search: "exact", "ivf", "hnsw" or "auto".
+        neighbour_search: "exact", "ivf", "hnsw" or "auto" (the density build).
         nprobe: IVF lists probed per query; 0 scales it to the list count.
+        query_search: "exact" (default), "ivf", "hnsw" or "auto" (test patches).
     """
 
     def __init__(self, bank: np.ndarray, use_gpu: bool = False, dtype: str = "float32",
-                 neighbour_search: str = "auto", nprobe: int = 0):
+                 neighbour_search: str = "auto", nprobe: int = 0, query_search: str = "exact"):
+        import faiss
+
         self.bank = check_bank(bank, dtype)
         self.dtype = dtype
         self.neighbour_search = resolve_neighbour_search(neighbour_search, len(self.bank))
+        self.query_search = resolve_neighbour_search(query_search, len(self.bank))
         self.nprobe = nprobe
-        self._approximate: faiss.Index | None = None
+        self._approximate: dict = {}  # kind -> faiss index, built on first use
         self.index = None
         if dtype == "float32":
             index = faiss.IndexFlatL2(self.bank.shape[1])
@@ -160,7 +164,7 @@ class BankIndex:
         return self.bank[ids].astype(np.float32, copy=False)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int | None = None, progress: str | None = None,
-               approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               approximate: bool = False, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Find the K nearest bank points of each query, batched so memory stays bounded and progress shows.
 
         Args:
@@ -168,7 +172,9 @@ class BankIndex:
             k: Neighbours per query, capped at the bank's size.
             batch_size: Queries per faiss call; None uses `SEARCH_BATCH`.
             progress: Progress-bar label; None shows no bar.
-            approximate: Take the candidates from the bank's approximate index (when it has one).
+            approximate: Candidates as the density build takes them (`neighbour_search`), not as
+                test patches do (`query_search`).
+            exact: Exact candidates whatever the settings (what recall is measured against).
 
         Returns:
             ``(dist2, ids)``, each (m, k): exact squared L2 distances, nearest first, and bank ids.
@@ -181,19 +187,29 @@ class BankIndex:
         k_fetch = min(k + EXTRA_CANDIDATES, len(self))
         dist = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
+        kind = "exact" if exact else self.neighbour_search if approximate else self.query_search
         starts = range(0, len(queries), batch_size)
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
-            found = self._candidates(q, k_fetch, approximate)
+            found = self._candidates(q, k_fetch, kind)
+            short = (found[:, :k] < 0).any(axis=1)
+            if kind != "exact" and short.any():  # the visited lists held fewer than K points
+                found[short] = self._candidates(q[short], k_fetch, "exact")
             d, i = exact_rerank(self.bank[found], q, found)
             dist[s:s + batch_size], ids[s:s + batch_size] = d[:, :k], i[:, :k]
         return dist, ids
 
-    def _candidates(self, queries: np.ndarray, k: int, approximate: bool) -> np.ndarray:
-        if approximate and self.neighbour_search != "exact":
-            if self._approximate is None:
-                self._approximate = build_approximate(self.bank, self.neighbour_search, nprobe=self.nprobe)
-            return self._approximate.search(queries, k)[1]
+    def approximate_index(self, kind: str):
+        """The bank's faiss index of `kind` ("ivf" or "hnsw"), built on first use (so fit can time it)."""
+        if kind not in self._approximate:
+            self._approximate[kind] = build_approximate(self.bank, kind, nprobe=self.nprobe)
+        return self._approximate[kind]
+
+    def _candidates(self, queries: np.ndarray, k: int, kind: str) -> np.ndarray:
+        import faiss
+
+        if kind != "exact":
+            return self.approximate_index(kind).search(queries, k)[1]
         if self.index is not None:
             return self.index.search(queries, k)[1]
         parts = []

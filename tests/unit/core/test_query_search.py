@@ -1,0 +1,72 @@
+"""Approximate test-patch search: re-ranked exactly, exact when it visits every list, and its recall
+measured honestly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reb_dist.config import RunConfig
+from reb_dist.core.ldknn import BankIndex
+from reb_dist.core.ldknn.approx import ivf_lists, query_recall
+
+
+def brute_force_ids(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The K nearest by every distance, float32 differences as the exact re-rank computes them, ties by id."""
+    diff = queries[:, None, :] - bank[None]
+    d = np.einsum("qnd,qnd->qn", diff, diff)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def test_ivf_query_search_visiting_every_list_equals_exact(bank_and_queries):
+    bank, queries = bank_and_queries
+    exact = BankIndex(bank).search(queries, 9)
+    every_list = BankIndex(bank, query_search="ivf", nprobe=ivf_lists(len(bank)))
+    got = every_list.search(queries, 9)
+    np.testing.assert_array_equal(got[1], exact[1])
+    np.testing.assert_array_equal(got[0], exact[0])  # re-ranked: the very same distances
+
+
+def test_few_lists_miss_neighbours_and_the_recall_estimate_counts_them_exactly(bank_and_queries):
+    bank, queries = bank_and_queries
+    index = BankIndex(bank, query_search="ivf", nprobe=1)
+    sample, k = 300, 5
+    measured = query_recall(index, queries, k, sample=sample, seed=3)
+    rows = np.sort(np.random.default_rng(3).choice(len(queries), sample, replace=False))
+    truth = brute_force_ids(bank, queries[rows], k)
+    found = index.search(queries[rows], k)[1]
+    hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found))
+    assert measured == hits / truth.size
+    assert 0.3 < measured < 1.0  # nprobe=1 really is approximate here
+    assert query_recall(BankIndex(bank), queries, k, sample=sample) == 1.0
+
+
+def test_default_search_stays_exact_and_density_search_is_unchanged(bank_and_queries):
+    bank, queries = bank_and_queries
+    index = BankIndex(bank, query_search="ivf", nprobe=1, neighbour_search="exact")
+    exact = BankIndex(bank, neighbour_search="exact")
+    np.testing.assert_array_equal(index.search_bank_points(np.arange(50), 4)[1],
+                                  exact.search_bank_points(np.arange(50), 4)[1])
+    np.testing.assert_array_equal(index.search(queries, 3, exact=True)[1], exact.search(queries, 3)[1])
+    assert BankIndex(bank).query_search == "exact"
+
+
+def test_an_approximate_run_reports_its_recall_in_every_methods_metrics(cfg, tmp_path):
+    from reb_dist.pipelines.evaluate import evaluate_category
+
+    approx = RunConfig.load(None, [f"{k}={v}" for k, v in {
+        "data.categories": "[bottle]", "backbone.device": "cpu", "tracking.enabled": "false",
+        "scoring.methods": "[ldknn,knn]", "bank.query_search": "ivf", "bank.nprobe": "1",
+        "output_dir": str(tmp_path)}.items()])
+    result = evaluate_category(approx, "bottle")
+    recalls = {m.method.label: (m.metrics["query_recall"], m.metrics["query_recall_k"]) for m in result.methods}
+    assert len(set(recalls.values())) == 1 and list(recalls.values())[0][1] == 9.0  # one search, K = 9
+    assert 0 < list(recalls.values())[0][0] < 1
+    exact = evaluate_category(cfg, "bottle")
+    assert all("query_recall" not in m.metrics for m in exact.methods)
+
+
+def test_the_fast_preset_sits_under_explicit_settings():
+    cfg = RunConfig.load(None, ["preset=fast", "bank.nprobe=32"])
+    assert cfg.preset == "fast" and cfg.bank.query_search == "ivf" and cfg.bank.coreset_ratio == 0.1
+    assert cfg.bank.nprobe == 32  # the user's own setting wins
+    assert RunConfig.load(None, []).bank.query_search == "exact" and RunConfig.load(None, []).bank.coreset_ratio == 1.0

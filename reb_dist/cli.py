@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from reb_dist.config import RunConfig
+from reb_dist.config import PRESETS, RunConfig
 from reb_dist.errors import RebError
 
 
@@ -24,6 +24,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated scoring methods (scoring.methods), "
                                      "e.g. ldknn,knn,nn1 or ldknn:k=5,alpha=0.5")
     p.add_argument("--backbone", help="backbone name (backbone.name)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named defaults under the other settings: exact (default) or fast (coreset 0.1, "
+                        "approximate search re-ranked exactly, recall reported; see docs/RESULTS.md)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 
@@ -67,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="predictions", help="folder for overlays and scores.csv")
     p.add_argument("--threshold", type=float, help="flag images whose score is at least this")
     p.add_argument("--device", default=None)
+
+    p = sub.add_parser("cache", help="the patch feature cache: where it is and how big (info), or empty it (clear)")
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--config", "-c", help="YAML/JSON settings file (its cache section names the folder)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set cache.dir=/scratch/features (repeatable)")
     return parser
 
 
@@ -74,7 +83,7 @@ def load_config(args: argparse.Namespace) -> RunConfig:
     """The run's settings: --config file, then --set overrides, then the shortcut flags."""
     overrides = list(args.overrides)
     for flag, key in (("root", "data.root"), ("categories", "data.categories"),
-                      ("methods", "scoring.methods"), ("backbone", "backbone.name")):
+                      ("methods", "scoring.methods"), ("backbone", "backbone.name"), ("preset", "preset")):
         if getattr(args, flag, None):
             overrides.append(f"{key}={getattr(args, flag)}")
     if getattr(args, "no_mlflow", False):
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
                 "finetune": cmd_finetune, "tune": cmd_tune, "report": cmd_report,
-                "predict": cmd_predict}[args.command](args, command_line)
+                "predict": cmd_predict, "cache": cmd_cache}[args.command](args, command_line)
     except RebError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -161,6 +170,21 @@ def cmd_predict(args, command_line: str) -> int:
     predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
     print((Path(args.output) / "scores.csv").read_text(), end="")
     print(f"{len(predictions)} heatmap overlays written to {args.output}")
+    return 0
+
+
+def cmd_cache(args, command_line: str) -> int:
+    """`reb cache info|clear`: the feature cache's folder, files and size; or delete its files."""
+    from reb_dist.io.feature_cache import FeatureCache, cache_folder
+
+    settings = load_config(args).cache
+    cache = FeatureCache(cache_folder(settings), int(settings.max_gb * 1024**3))  # even when disabled
+    if args.action == "clear":
+        print(f"{cache.folder}: {cache.clear()} feature files deleted")
+        return 0
+    state = "" if settings.enabled else " (disabled: cache.enabled=false)"
+    print(f"folder: {cache.folder}{state}\nfiles: {len(cache.files())}\n"
+          f"size: {cache.size() / 1024**3:.2f} GB of {settings.max_gb:g} GB")
     return 0
 
 

@@ -63,6 +63,7 @@ class BankConfig:
 
     coreset_ratio: float = 1.0  # 1.0 keeps the whole bank (REB's default)
     coreset_projection_dim: int = 128
+    coreset_method: str = "fast"  # fast (batched exact greedy) | greedy (PatchCore's serial loop) | random
     seed: int = 0
     dtype: str = "float32"  # float32 | float16 (half the memory; vectors rounded to half precision)
     # how bank densities find each bank point's K neighbours: exact | ivf | hnsw | auto (exact up to
@@ -70,6 +71,10 @@ class BankConfig:
     neighbour_search: str = "auto"
     # IVF lists visited per query; 0: 1/48 of the lists (74 at 780k points, where 64 gave recall@9 0.9975)
     nprobe: int = 0
+    # how test patches find their nearest bank points: exact | ivf | hnsw | auto (as neighbour_search);
+    # approximate candidates are re-ranked exactly, and every run reports its recall against exact
+    query_search: str = "exact"
+    recall_sample: int = 2000  # queries (seeded) whose approximate neighbours are checked against exact
     shards: int = 0  # 0: one in-process faiss index; N >= 1: N Ray actors, one shard each
     shard_cpus: float = 1.0
     shard_gpus: float = 0.0
@@ -131,6 +136,15 @@ class TrackingConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Cache of patch features per image, so runs on the same images skip the backbone (section `cache`)."""
+
+    enabled: bool = True
+    dir: str = ""  # empty: $XDG_CACHE_HOME/reb-dist/features (~/.cache/reb-dist/features)
+    max_gb: float = 20.0  # least recently used files are evicted above this size
+
+
+@dataclass
 class TuneConfig:
     """Per-class K and alpha search on a validation split (Ray Tune + Optuna)."""
 
@@ -157,12 +171,22 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     output_dir: str = "outputs"
+    # a named set of defaults (PRESETS) under the file and the overrides: "exact" (the default) or "fast"
+    preset: str = "exact"
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "settings") -> RunConfig:
-        """Settings from a nested mapping, every key and type checked (errors name `source`)."""
-        return _build(cls, values or {}, source)
+        """Settings from a nested mapping, every key and type checked (errors name `source`).
+
+        A `preset` in the mapping supplies defaults for what the mapping does not set itself.
+        """
+        values = values or {}
+        preset = values.get("preset", "exact") if isinstance(values, dict) else "exact"
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: preset {preset!r} is unknown; known: {sorted(PRESETS)}")
+        return _build(cls, _merge(PRESETS[preset], values), source)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -202,6 +226,27 @@ class RunConfig:
         from reb_dist.io.atomic import write_text_atomic
 
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Named defaults, applied under a run's file and overrides (`--preset fast`). "fast" trades a little
+# accuracy for an order of magnitude in time; its choices and their measured cost are in
+# docs/RESULTS.md ("Speed"). The default, "exact", changes nothing.
+PRESETS: dict[str, dict] = {
+    "exact": {},
+    "fast": {"bank": {"coreset_ratio": 0.1, "coreset_method": "fast", "query_search": "ivf",
+                      "neighbour_search": "ivf", "nprobe": 0}},
+}
+
+
+def _merge(base: dict, values: dict) -> dict:
+    """`values` over `base`, section by section (neither is modified)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def apply_override(values: dict, item: str) -> None:

@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_home(tmp_path_factory):
+    """Point XDG_CACHE_HOME (where the feature cache lives by default) at a temporary folder for the
+    whole session, before any fixture extracts features, so no test writes to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("xdg_cache")
+        mp.setenv("XDG_CACHE_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for the whole session (4 logical CPUs on any machine); shut down only if we started it."""

@@ -95,7 +95,8 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
     try:
         tables, selections = [], []
         for category in categories:
-            c = class_tables(category, cfg.data, cfg.backbone, cfg.scoring, cfg.bank, cfg.tune, cfg.finetune.saliency)
+            c = class_tables(category, cfg.data, cfg.backbone, cfg.scoring, cfg.bank, cfg.tune, cfg.finetune.saliency,
+                             cfg.cache)
             with tracker.child(f"{category}/tune", {"category": category, "kind": "class"}) as run_id:
                 s = search_k_alpha(c, cfg.tune, cfg.scoring, cfg.tracking, cfg.backbone.name, run_id)
                 tracker.log_params({"selected.k": s.k, "selected.alpha": s.alpha, "validation": cfg.tune.validation})

@@ -18,7 +18,10 @@ from reb_dist.config import DataConfig, RunConfig
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.metrics import evaluate
-from reb_dist.io.data import ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split
+from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split,
+                              read_mask, resize_mask)
+from reb_dist.io.data import image_size as image_file_size
+from reb_dist.io.feature_cache import FeatureCache, extraction_settings
 from reb_dist.pipelines.bank import index_factory, shard_folder
 
 
@@ -80,28 +83,93 @@ def loader(samples: list[Sample], data: DataConfig, with_masks: bool = False,
                       batch_size=data.batch_size, num_workers=data.num_workers, shuffle=False)
 
 
-def extract_with_masks(detector: Detector, samples: list[Sample], data: DataConfig,
-                       desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """(N, h, w, D) features and (N, H, W) bool masks of samples (all-False where there is none)."""
-    batches = loader(samples, data, with_masks=True, image_size=detector.image_size)
+def extract_with_masks(detector: Detector, samples: list[Sample], data: DataConfig, desc: str = "features",
+                       cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, h, w, D) features and (N, H, W) bool masks of samples (all-False where there is none).
+
+    With a `cache`, features of images it holds are read from it (their masks still from the mask
+    files, without the backbone); the others are extracted and stored.
+    """
+    return extract_samples(detector, samples, data, desc, cache, with_masks=True)
+
+
+def extract_samples(detector: Detector, samples: list[Sample], data: DataConfig, desc: str = "features",
+                    cache: FeatureCache | None = None,
+                    with_masks: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, h, w, D) features of samples, through `cache` when given, and their masks if `with_masks`.
+
+    The detector's timings count real extraction as "features" and cache work (hashing, reading,
+    writing, masks of cached images) as "feature_cache".
+    """
+    if cache is None or not samples:
+        return _extract(detector, samples, data, desc, with_masks)
+    start = time.perf_counter()
+    settings = extraction_settings(detector)
+    keys = [_cache_key(cache, settings, s) for s in samples]
+    found = [cache.lookup(k) if k is not None else None for k in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    masks = [_sample_mask(s, detector.image_size) if with_masks and f is not None else None
+             for s, f in zip(samples, found)]
+    detector.timings.seconds.setdefault("features", 0.0)  # the stage shows even when everything hits
+    detector.timings.add("feature_cache", start)
+    if missing:
+        fresh, fresh_masks = _extract(detector, [samples[i] for i in missing], data, desc, with_masks)
+        start = time.perf_counter()
+        for j, i in enumerate(missing):
+            if keys[i] is not None:
+                cache.store(keys[i], fresh[j])
+            found[i] = fresh[j]
+            if with_masks:
+                masks[i] = fresh_masks[j]
+        detector.timings.add("feature_cache", start)
+        if len(missing) == len(samples):
+            return fresh, fresh_masks
+    return np.stack(found), (np.stack(masks) if with_masks else None)
+
+
+def _extract(detector: Detector, samples: list[Sample], data: DataConfig, desc: str,
+             with_masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run the backbone over samples (the uncached path)."""
+    batches = loader(samples, data, with_masks=with_masks, image_size=detector.image_size)
     masks = []
 
     def images_and_masks():
         for batch in batches:
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            if with_masks:
+                masks.append(batch["mask"][:, 0].numpy() > 0.5)
             yield batch
 
     features = detector.extract(images_and_masks(), total=len(batches), desc=desc)
-    return features, np.concatenate(masks)
+    return features, (np.concatenate(masks) if with_masks else None)
+
+
+def _cache_key(cache: FeatureCache, settings: dict, sample: Sample) -> str | None:
+    """The sample's cache key; None when its file cannot be read (extraction then names the error)."""
+    try:
+        return cache.key(settings, sample.image_path)
+    except OSError:
+        return None
+
+
+def _sample_mask(sample: Sample, size: int) -> np.ndarray:
+    """A sample's (S, S) bool mask exactly as `ImageDataset` makes it, without decoding the image."""
+    if sample.mask_path is None:
+        return np.zeros((size, size), dtype=bool)
+    mask = read_mask(sample.mask_path, image_file_size(sample.image_path), image=sample.image_path)
+    return resize_mask(mask, size)[0].numpy() > 0.5
 
 
 def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
-    """A detector fitted on the split's training images, its bank held as `cfg.bank` says."""
+    """A detector fitted on the split's training images, its bank held as `cfg.bank` says.
+
+    Training features come through the feature cache `cfg.cache` describes (none when disabled).
+    """
     shards = shard_folder(cfg.bank, cfg.output_dir, split.name)
     detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
                                     index_factory(cfg.bank, shards))
-    batches = loader(split.train, cfg.data)
-    detector.fit_features(detector.extract(batches, total=len(batches), desc=f"{split.name} train features"))
+    train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
+                               FeatureCache.from_config(cfg.cache))
+    detector.fit_features(train)
     return detector
 
 
@@ -122,23 +190,25 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
     start = time.perf_counter()
     split = load_category(cfg.data, category)
     load_s = time.perf_counter() - start
+    cache = FeatureCache.from_config(cfg.cache)
     if detector is not None:
-        return score_test_set(detector, split, cfg.data, methods, examples, start, load_s)
+        return score_test_set(detector, split, cfg.data, methods, examples, start, load_s, cache)
     with closing(fit_detector(cfg, split)) as fitted:
-        return score_test_set(fitted, split, cfg.data, methods, examples, start, load_s)
+        return score_test_set(fitted, split, cfg.data, methods, examples, start, load_s, cache)
 
 
 def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
                    methods: list[ScoringMethod] | None = None, examples: int = 0,
-                   start: float | None = None, load_s: float = 0.0) -> CategoryResult:
+                   start: float | None = None, load_s: float = 0.0,
+                   cache: FeatureCache | None = None) -> CategoryResult:
     """Score a split's test images with a fitted detector and compute every metric.
 
     Pixel metrics (over normal images and anomalous ones with a mask) are computed when the split has
-    masks and the detector's `scoring.pixel_metrics` is on.
+    masks and the detector's `scoring.pixel_metrics` is on. Test features go through `cache` if given.
     """
     start = time.perf_counter() if start is None else start
     methods = methods or detector.methods()
-    test, masks = extract_with_masks(detector, split.test, data, desc=f"{split.name} test features")
+    test, masks = extract_with_masks(detector, split.test, data, desc=f"{split.name} test features", cache=cache)
     labels = np.array([s.label for s in split.test])
     types = [s.defect_type for s in split.test]
     groups = [s.group for s in split.test]
@@ -156,6 +226,9 @@ def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
             pixel_metrics = evaluate(labels[keep], scores.image_scores[keep], [types[i] for i in keep],
                                      masks[keep], maps[keep], [groups[i] for i in keep])
             metrics.update({k: v for k, v in pixel_metrics.items() if k.startswith(("pixel_", "aupro"))})
+        if detector.query_recall:  # the test patches were searched approximately: say how well
+            k, recall = max(detector.query_recall.items())
+            metrics.update(query_recall=recall, query_recall_k=float(k))
         detector.timings.add("metrics", t0)
         results.append(MethodResult(method, metrics, scores.image_scores,
                                     [(i, maps[i]) for i in example_ids] if maps is not None else []))

@@ -17,15 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reb_dist.config import BackboneConfig, BankConfig, DataConfig, ScoringConfig, TuneConfig
+from reb_dist.config import BackboneConfig, BankConfig, CacheConfig, DataConfig, ScoringConfig, TuneConfig
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.detector import Detector
+from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, neighbour_table, patch_masks, validation_objective
 from reb_dist.core.metrics import evaluate
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import preprocess
+from reb_dist.io.feature_cache import FeatureCache
 from reb_dist.pipelines.bank import index_factory
-from reb_dist.pipelines.evaluate import extract_with_masks, load_category, loader
+from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category
 from reb_dist.pipelines.validation import ValidationSet, make_split
 
 
@@ -43,6 +45,7 @@ class ClassTables:
     test_types: list[str]
     split: dict
     seconds: dict = field(default_factory=dict)
+    query_recall: float | None = None  # recall@1 of an approximate test-patch search (None: exact)
 
 
 @dataclass
@@ -58,7 +61,8 @@ class Selection:
 
 
 def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scoring: ScoringConfig,
-                 bank: BankConfig, tune: TuneConfig, saliency: str = "spectral") -> ClassTables:
+                 bank: BankConfig, tune: TuneConfig, saliency: str = "spectral",
+                 cache: CacheConfig | None = None) -> ClassTables:
     """Split a class, fit its bank on what is left for training, and search the validation and the
     reported test images once each (K up to tune.k_max).
 
@@ -67,6 +71,8 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         data, backbone, scoring, bank: how to read images, extract features and hold the bank.
         tune: the validation split (kind, fraction, seed) and k_max.
         saliency: DefectMaker's saliency for synthetic validation anomalies.
+        cache: the feature cache for the class's image files (None: no cache); synthetic validation
+            images are always extracted.
 
     Returns:
         The class's neighbour tables, labels, masks and split record.
@@ -77,27 +83,33 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
     detector = Detector.from_config(backbone, scoring, data.image_size, bank,
                                     index_factory(bank, bank.shard_dir or None))
     try:
-        batches = loader(v.train, data)
-        detector.fit_features(detector.extract(batches, total=len(batches), desc=f"{category} bank"))
+        features_cache = FeatureCache.from_config(cache) if cache is not None else None
+        train_feats, _ = extract_samples(detector, v.train, data, f"{category} bank", features_cache)
+        detector.fit_features(train_feats)
+        del train_feats
         if isinstance(v.validation, ValidationSet):
             images = torch.stack([preprocess(im, data.image_size) for im in v.validation.images])
             val_feats = detector.extract(images.split(data.batch_size), desc=f"{category} validation")
             val_pixel = np.stack(v.validation.masks)
             val_labels = v.validation.labels
         else:
-            val_feats, val_pixel = extract_with_masks(detector, v.validation, data, "validation")
+            val_feats, val_pixel = extract_with_masks(detector, v.validation, data, "validation", features_cache)
             val_labels = np.array([s.label for s in v.validation])
         n, h, w, _ = val_feats.shape
         val_masks = patch_masks(val_pixel, h, w) if val_pixel.any() else None
         val_table = neighbour_table(detector.index, val_feats, tune.k_max, progress=f"{category} validation search")
-        test_feats, test_masks = extract_with_masks(detector, v.test, data, "test")
+        test_feats, test_masks = extract_with_masks(detector, v.test, data, "test", features_cache)
         test_table = neighbour_table(detector.index, test_feats, tune.k_max, progress=f"{category} test search")
+        recall = None
+        if detector.index.query_search != "exact":
+            recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
+                                          bank.recall_sample, bank.seed)
     finally:
         detector.close()
     return ClassTables(category, val_table, val_labels, val_masks, test_table,
                        np.array([s.label for s in v.test]), test_masks if test_masks.any() else None,
                        [s.defect_type for s in v.test], v.record(),
-                       {"tables": time.perf_counter() - t0, **detector.timings.seconds})
+                       {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall)
 
 
 def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: ScoringConfig) -> tuple[int, float, float]:

@@ -22,7 +22,7 @@ from reb_dist.core.backbones import Backbone, build_backbone
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.features import PatchFeatures, extract_features
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
-from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, greedy_coreset, parse_method
+from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, parse_method, select_coreset
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when torch sees a GPU, else CPU; any other name as torch spells it."""
@@ -52,10 +52,30 @@ class Timings:
 
 
 def in_process_index(bank_config: BankConfig, use_gpu: bool = False) -> IndexFactory:
-    """The default index factory: one faiss `BankIndex` in this process, as `bank_config` says."""
-    return lambda bank: BankIndex(bank, use_gpu=use_gpu, dtype=bank_config.dtype,
-                                  neighbour_search=bank_config.neighbour_search, nprobe=bank_config.nprobe,
-                                  query_search=bank_config.query_search)
+    """The default index factory: one index in this process, as `bank_config` says.
+
+    On a GPU: faiss's GPU index when faiss was built with one (the `gpu` extra), else an exact
+    torch search on the GPU (`TorchIndex`, no faiss needed). Otherwise a faiss `BankIndex`.
+    """
+    def build(bank: np.ndarray) -> Index:
+        if use_gpu and not faiss_has_gpu():
+            from reb_dist.core.ldknn.torch_search import TorchIndex
+
+            return TorchIndex(bank, device="cuda", dtype=bank_config.dtype)
+        return BankIndex(bank, use_gpu=use_gpu, dtype=bank_config.dtype,
+                         neighbour_search=bank_config.neighbour_search, nprobe=bank_config.nprobe,
+                         query_search=bank_config.query_search)
+
+    return build
+
+
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss can search on a GPU (faiss-cpu cannot; the `gpu` extra can)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 class Detector:
@@ -122,7 +142,8 @@ class Detector:
         bank = train_features.reshape(-1, train_features.shape[-1])
         if b.coreset_ratio < 1.0:
             start = time.perf_counter()
-            bank = bank[greedy_coreset(bank, b.coreset_ratio, b.coreset_projection_dim, b.seed, progress=True)]
+            bank = bank[select_coreset(bank, b.coreset_ratio, b.coreset_method, b.coreset_projection_dim, b.seed,
+                                progress=True)]
             self.timings.add("coreset", start)
         self.set_bank(bank)
 

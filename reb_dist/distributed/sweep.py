@@ -173,7 +173,7 @@ def _write_summary(sweep: Sweep, out: Path, results: dict[str, dict]) -> None:
              **{k: m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")}}
             for cell in sweep.cells for method, m in results[cell.id]["methods"].items()]
     columns = ["dataset", "category", "backbone", "method", "image_auroc", "pixel_auroc", "aupro"]
-    presets = sorted({sweep.cell_config(cell, out).preset for cell in sweep.cells})
+    presets = sorted({results[cell.id].get("preset", "exact") for cell in sweep.cells})  # older cells: exact
     write_text_atomic(out / "summary.md", results_table_markdown(rows, columns) + f"\nPreset: {', '.join(presets)}\n")
     write_text_atomic(out / "summary.csv", to_csv([{k: (f"{v:.6f}" if isinstance(v, float) else v)
                                                      for k, v in r.items()} for r in rows], columns))

@@ -19,8 +19,7 @@ from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.metrics import evaluate
 from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split,
-                              read_mask, resize_mask)
-from reb_dist.io.data import image_size as image_file_size
+                              sample_mask)
 from reb_dist.io.feature_cache import FeatureCache, extraction_settings
 from reb_dist.pipelines.bank import index_factory, shard_folder
 
@@ -108,7 +107,7 @@ def extract_samples(detector: Detector, samples: list[Sample], data: DataConfig,
     keys = [_cache_key(cache, settings, s) for s in samples]
     found = [cache.lookup(k) if k is not None else None for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
-    masks = [_sample_mask(s, detector.image_size) if with_masks and f is not None else None
+    masks = [sample_mask(s, detector.image_size) if with_masks and f is not None else None
              for s, f in zip(samples, found)]
     detector.timings.seconds.setdefault("features", 0.0)  # the stage shows even when everything hits
     detector.timings.add("feature_cache", start)
@@ -149,14 +148,6 @@ def _cache_key(cache: FeatureCache, settings: dict, sample: Sample) -> str | Non
         return cache.key(settings, sample.image_path)
     except OSError:
         return None
-
-
-def _sample_mask(sample: Sample, size: int) -> np.ndarray:
-    """A sample's (S, S) bool mask exactly as `ImageDataset` makes it, without decoding the image."""
-    if sample.mask_path is None:
-        return np.zeros((size, size), dtype=bool)
-    mask = read_mask(sample.mask_path, image_file_size(sample.image_path), image=sample.image_path)
-    return resize_mask(mask, size)[0].numpy() > 0.5
 
 
 def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from reb_dist.config import RunConfig
 from reb_dist.io.atomic import write_text_atomic
-from reb_dist.io.data import read_image, read_mask, resize_mask
+from reb_dist.io.data import read_image, sample_mask
 from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
 from reb_dist.reporting.tables import results_table_markdown, results_table_text, to_csv
 
@@ -100,9 +100,7 @@ def category_plots(result: CategoryResult, out: Path) -> list[Path]:
         for i, pixel_map in first.examples:
             sample = result.split.test[i]
             image = np.asarray(Image.fromarray(read_image(sample.image_path)).resize((size, size), Image.BICUBIC))
-            mask = None
-            if sample.mask_path is not None:
-                mask = resize_mask(read_mask(sample.mask_path), size)[0].numpy() > 0.5
+            mask = sample_mask(sample, size) if sample.mask_path is not None else None
             items.append((f"{sample.defect_type} {sample.image_path.stem} "
                           f"{first.image_scores[i]:.3g}", image, pixel_map, mask))
         maps = np.stack([m for _, m in first.examples])

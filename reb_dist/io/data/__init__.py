@@ -1,6 +1,7 @@
 """Datasets: reading images and masks, folder layouts, and the torch Dataset."""
 
-from reb_dist.io.data.dataset import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, few_shot, preprocess, resize_mask
+from reb_dist.io.data.dataset import (IMAGENET_MEAN, IMAGENET_STD, ImageDataset, few_shot, preprocess, resize_mask,
+                                     sample_mask)
 from reb_dist.io.data.images import (
     IMAGE_EXTENSIONS,
     image_size,
@@ -28,5 +29,5 @@ __all__ = [
     "ClassSplit", "ImageDataset", "Sample",
     "btad", "check_split", "few_shot", "folder", "image_size", "is_image_file", "is_skipped_file",
     "list_categories", "list_images", "load_split", "mvtec_3d", "mvtec_ad", "mvtec_loco",
-    "preprocess", "read_image", "read_mask", "resize_mask",
+    "preprocess", "read_image", "read_mask", "resize_mask", "sample_mask",
 ]

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from reb_dist.io.data.images import image_size as image_size_of
 from reb_dist.io.data.images import read_image, read_mask
 from reb_dist.io.data.samples import Sample
 
@@ -32,6 +33,15 @@ def resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
     """Resize a bool HxW mask to a float32 1xSxS tensor of 0/1, nearest-neighbour so it stays binary."""
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(resized) > 127).float().unsqueeze(0)
+
+
+def sample_mask(sample: Sample, image_size: int) -> np.ndarray:
+    """A sample's (S, S) bool mask as `ImageDataset` makes it (all False without one), read without
+    decoding the image (its size, for the mask check, comes from the header)."""
+    if sample.mask_path is None:
+        return np.zeros((image_size, image_size), dtype=bool)
+    mask = read_mask(sample.mask_path, image_size_of(sample.image_path), image=sample.image_path)
+    return resize_mask(mask, image_size)[0].numpy() > 0.5
 
 
 class ImageDataset(Dataset):

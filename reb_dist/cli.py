@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--output", "-o", help="model file (one category) or folder (default: "
                                           "<output_dir>/models/<category>.safetensors)")
+    p.add_argument("--selection", help="a selection.json written by `reb tune`: each category's image and map "
+                                       "settings and image threshold, its bank from the same images")
 
     p = sub.add_parser("evaluate", help="score a category's test set with a saved model")
     _add_common(p)
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True)
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--output", "-o", default="predictions", help="folder for overlays and scores.csv")
-    p.add_argument("--threshold", type=float, help="flag images whose score is at least this")
+    p.add_argument("--threshold", type=float,
+                   help="flag images whose score is at least this (default: the model's saved, calibrated "
+                        "threshold; no flags if it has none)")
     p.add_argument("--device", default=None)
 
     p = sub.add_parser("cache", help="the patch feature cache: where it is and how big (info), or empty it (clear)")
@@ -108,7 +112,7 @@ def cmd_fit(args, command_line: str) -> int:
     """`reb fit`: see reb_dist.pipelines.runs.fit."""
     from reb_dist.pipelines.runs import fit
 
-    fit(load_config(args), args.output)
+    fit(load_config(args), args.output, args.selection)
     return 0
 
 

@@ -88,6 +88,10 @@ class ScoringConfig:
     methods: list[str] = field(default_factory=lambda: ["ldknn", "knn", "nn1"])
     k: int = 9  # the authors' MVTec AD default
     alpha: float = 1.0
+    # the anomaly map's own method for the first method (what fit, evaluate, predict and saved models
+    # use), e.g. "knn" or "ldknn:k=9,alpha=0.1"; empty: the map is the image score's own (the paper's
+    # coupled setting). Both come from one neighbour search.
+    map_method: str = ""
     squared: bool = True  # squared L2, as the authors' code; False: plain L2 as the paper writes
     image_score: str = "max"  # max | pool3max
     sigma: float = 4.0
@@ -155,6 +159,12 @@ class TuneConfig:
     alpha_min: float = 0.0
     alpha_max: float = 2.0
     trials: int = 40
+    # the anomaly map's search (method ldknn or knn, its K in k_min..k_max and alpha in alpha_min..
+    # map_alpha_max), on validation pixel AUROC and AUPRO; trials per class, 0: no map search (coupled)
+    map_trials: int = 40
+    map_alpha_max: float = 1.0
+    threshold: str = "f1"  # f1 | quantile: how the image threshold is taken from validation scores
+    quantile: float = 0.99  # of the validation normals' scores, for threshold "quantile"
     concurrency: int = 0  # trials at once; 0: as many as the cluster has CPUs
     seed: int = 0
     storage_path: str = "outputs/ray"

@@ -23,6 +23,7 @@ from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.features import PatchFeatures, extract_features
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, parse_method, select_coreset
+from reb_dist.core.thresholds import Calibration
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when torch sees a GPU, else CPU; any other name as torch spells it."""
@@ -33,7 +34,8 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class Scores:
-    """Scores of a set of images for one method."""
+    """Scores of a set of images for one method: its anomaly maps (from its map method when it has
+    one) and its image scores (always from its own maps)."""
 
     method: ScoringMethod
     patch_maps: np.ndarray  # (N, h, w)
@@ -108,6 +110,8 @@ class Detector:
         self.timings = Timings()
         # recall@K of the (approximate) test-patch search against exact, by K; empty when exact
         self.query_recall: dict[int, float] = {}
+        # image threshold + score range from a validation split; saved in the model, used by predict
+        self.calibration: Calibration | None = None
 
     @classmethod
     def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256,
@@ -147,8 +151,10 @@ class Detector:
             self.timings.add("coreset", start)
         self.set_bank(bank)
 
-    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None) -> None:
-        """Index `bank` (n, D) with the index factory; `density` (n,) preloads known densities."""
+    def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None,
+                 map_density: np.ndarray | None = None) -> None:
+        """Index `bank` (n, D) with the index factory; `density` (n,) preloads known densities for the
+        configured K, `map_density` those for the map's K (`map_density_k`)."""
         self.close()
         self.query_recall = {}
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -157,6 +163,8 @@ class Detector:
         self.timings.add("index", start)
         if density is not None:
             self.scorer.stats.preload_density(self.scoring.k, self.scoring.squared, density)
+        if map_density is not None and self.map_density_k is not None:
+            self.scorer.stats.preload_density(self.map_density_k, self.scoring.squared, map_density)
 
     def close(self) -> None:
         """Release the bank's index (stops a sharded bank's actors; nothing to do in process)."""
@@ -166,18 +174,30 @@ class Detector:
 
     @property
     def default_method(self) -> ScoringMethod:
-        """The first configured method: what `evaluate` and `predict` score with."""
-        return parse_method(self.scoring.methods[0], self.scoring.k, self.scoring.alpha, self.scoring.squared)
+        """The first configured method, with `scoring.map_method` as its map when set: what `evaluate`
+        and `predict` score with and what a saved model's densities are for."""
+        s = self.scoring
+        return parse_method(s.methods[0], s.k, s.alpha, s.squared, s.map_method)
 
     def methods(self, specs: list[str] | None = None) -> list[ScoringMethod]:
-        """Method specs (default: the configured ones) parsed with the detector's K, alpha and metric."""
+        """Method specs (default: the configured ones, the first with its map method) parsed with the
+        detector's K, alpha and metric."""
         s = self.scoring
-        return [parse_method(m, s.k, s.alpha, s.squared) for m in (specs or s.methods)]
+        if specs is None:
+            return [self.default_method] + [parse_method(m, s.k, s.alpha, s.squared) for m in s.methods[1:]]
+        return [parse_method(m, s.k, s.alpha, s.squared) for m in specs]
 
-    def compute_density(self) -> np.ndarray:
-        """Every bank point's density for the configured K (what `save` stores)."""
+    @property
+    def map_density_k(self) -> int | None:
+        """K of the bank densities the default method's map needs beside the image score's (None:
+        no other K: the map is coupled, not LDKNN, or LDKNN at the image score's K)."""
+        m = self.default_method.map
+        return m.k if m is not None and m.name == "ldknn" and m.k != self.scoring.k else None
+
+    def compute_density(self, k: int | None = None) -> np.ndarray:
+        """Every bank point's density for K = `k` (default: the configured K; what a model file stores)."""
         start = time.perf_counter()
-        density = self.scorer.stats.local_density(self.scoring.k, self.scoring.squared,
+        density = self.scorer.stats.local_density(k or self.scoring.k, self.scoring.squared,
                                                   progress="bank density")
         self.timings.add("density", start)
         return density
@@ -192,24 +212,30 @@ class Detector:
         if d != self.bank.shape[1]:
             raise ValueError(f"features have {d} dims, the bank {self.bank.shape[1]}")
         queries = features.reshape(-1, d)
-        start = time.perf_counter()
-        k_max = max(m.query_neighbours for m in methods)
-        dist2, ids = self.scorer.index.search(queries, k_max, progress="bank search")
-        self.timings.add("search", start)
-        if self.scorer.index.query_search != "exact" and k_max not in self.query_recall:
-            start = time.perf_counter()  # an approximate figure is never mistaken for an exact one
-            self.query_recall[k_max] = measure_query_recall(self.scorer.index, queries, k_max,
-                                                    self.bank_config.recall_sample, self.bank_config.seed)
-            self.timings.add("recall", start)
-        out = {}
+        if any(m.needs_search for m in methods):
+            start = time.perf_counter()
+            k_max = max(m.query_neighbours for m in methods)
+            dist2, ids = self.scorer.index.search(queries, k_max, progress="bank search")
+            self.timings.add("search", start)
+            if self.scorer.index.query_search != "exact" and k_max not in self.query_recall:
+                start = time.perf_counter()  # an approximate figure is never mistaken for an exact one
+                self.query_recall[k_max] = measure_query_recall(self.scorer.index, queries, k_max,
+                                                        self.bank_config.recall_sample, self.bank_config.seed)
+                self.timings.add("recall", start)
+        else:  # gde alone reads no neighbours: no search, and no recall to measure
+            dist2, ids = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        maps: dict[ScoringMethod, np.ndarray] = {}  # by coupled method: a decoupled pair reuses its parts
         # LDKNN first: its bank densities and LOF's k-distances share one lazy self-search, so the
         # density cost is timed where the paper puts it, and LOF's time is only what it adds.
-        for m in sorted(methods, key=lambda m: m.name != "ldknn"):
+        parts = {part for m in methods for part in (m.image, m.map_method)}
+        for part in sorted(parts, key=lambda m: (m.name != "ldknn", m.label)):
             start = time.perf_counter()
-            maps = self.scorer.score_neighbours(m, dist2, ids, progress=True).reshape(n, h, w)
-            self.timings.add(f"score:{m.label}", start)
-            out[m] = Scores(m, maps, image_scores(maps, self.scoring.image_score))
-        return {m: out[m] for m in methods}
+            maps[part] = self.scorer.score_neighbours(part, dist2, ids, progress=True,
+                                                      queries=queries).reshape(n, h, w)
+            self.timings.add(f"score:{part.label}", start)
+        # the image score from the image method's maps; the map (and pixel metrics) from the map method's
+        return {m: Scores(m, maps[m.map_method], image_scores(maps[m.image], self.scoring.image_score))
+                for m in methods}
 
     def pixel_maps(self, patch_maps: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
         """(N, h, w) patch maps -> (N, H, W) blurred pixel maps at `size` (default: the image size)."""

@@ -29,7 +29,7 @@ _REGION_STRUCTURE = np.ones((3, 3), dtype=bool)
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_labels(labels: ArrayLike) -> np.ndarray:
+def as_labels(labels: ArrayLike) -> np.ndarray:
     """Validate 0/1 (or bool) labels; other encodings are ambiguous about which class is positive."""
     y = np.asarray(labels).ravel()
     if y.dtype == bool:
@@ -39,7 +39,7 @@ def _as_labels(labels: ArrayLike) -> np.ndarray:
     return y.astype(bool)
 
 
-def _reject_nan(x: np.ndarray, what: str) -> None:
+def reject_nan(x: np.ndarray, what: str) -> None:
     """NaN would silently sort last and corrupt every curve, so refuse it (inf is fine)."""
     if x.dtype.kind == "f" and np.isnan(x).any():
         raise ValueError(f"{what} contain NaN")
@@ -47,11 +47,11 @@ def _reject_nan(x: np.ndarray, what: str) -> None:
 
 def _split_sorted(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Ascending-sorted scores of positives and of negatives; raises if a class is missing."""
-    y = _as_labels(labels)
+    y = as_labels(labels)
     s = np.asarray(scores).ravel()
     if s.shape != y.shape:
         raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
-    _reject_nan(s, "scores")
+    reject_nan(s, "scores")
     pos, neg = s[y], s[~y]
     _require_both(pos.size, neg.size)
     pos.sort()
@@ -156,8 +156,8 @@ def _pixel_split(masks: MapStack, maps: MapStack) -> tuple[np.ndarray, np.ndarra
             return np.empty(0, np.float32), np.empty(0, np.float32)
         pos = np.concatenate([m[k] for k, m in pairs])
         neg = np.concatenate([m[~k] for k, m in pairs])
-    _reject_nan(pos, "maps")
-    _reject_nan(neg, "maps")
+    reject_nan(pos, "maps")
+    reject_nan(neg, "maps")
     return pos, neg
 
 
@@ -197,8 +197,8 @@ def _region_pixels(masks: MapStack, maps: MapStack) -> tuple[np.ndarray, np.ndar
     neg = np.concatenate(neg_s) if neg_s else np.empty(0, np.float32)
     pos = np.concatenate(pos_s) if pos_s else np.empty(0, neg.dtype)
     w = np.concatenate(pos_w) if pos_w else np.empty(0)
-    _reject_nan(neg, "maps")
-    _reject_nan(pos, "maps")
+    reject_nan(neg, "maps")
+    reject_nan(pos, "maps")
     return pos, w, n_regions, neg
 
 
@@ -385,7 +385,7 @@ def evaluate(
     Raises:
         ValueError: If the inputs differ in length, or only one of masks and maps is given.
     """
-    y = _as_labels(labels)
+    y = as_labels(labels)
     s = np.asarray(image_scores, dtype=np.float64).ravel()
     types = np.asarray(defect_types, dtype=object)
     if not (s.size == y.size == types.size):

@@ -17,6 +17,7 @@ from reb_dist import __version__
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import IndexFactory
+from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import ModelFileError
 from reb_dist.io.atomic import write_atomic
 from reb_dist.io.tensor_files import read_tensors
@@ -26,6 +27,9 @@ MODEL_FORMAT = "reb-dist-model/1"
 
 def save_model(detector: Detector, path: str | Path, density: np.ndarray | None = None) -> Path:
     """Write a fitted detector's bank, densities and settings to `path` atomically.
+
+    The detector's calibration (image threshold + normalisation range), when it has one, goes in
+    the metadata as "calibration" (JSON of `Calibration.to_dict`).
 
     Args:
         detector: a detector with a bank.
@@ -48,7 +52,11 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
         "scoring": json.dumps(detector.scoring.__dict__),
         "image_size": str(detector.image_size),
     }
+    if detector.calibration is not None:
+        metadata["calibration"] = json.dumps(detector.calibration.to_dict())
     tensors = {"bank": detector.bank, "density": np.asarray(density, np.float32)}
+    if detector.map_density_k is not None:  # a decoupled LDKNN map at its own K needs its own densities
+        tensors["map_density"] = np.asarray(detector.compute_density(detector.map_density_k), np.float32)
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata))
 
 
@@ -63,14 +71,15 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
         index_factory: builds the bank's index (default: in process; see reb_dist.pipelines.bank).
 
     Returns:
-        The detector, with its bank indexed and its densities preloaded.
+        The detector, with its bank indexed, its densities preloaded and its calibration restored
+        (None for a file saved without one).
 
     Raises:
-        ModelFileError: the file is missing, not a model file, incomplete, or its backbone weights
-            differ from the ones found now.
+        ModelFileError: the file is missing, not a model file, incomplete, has a malformed
+            calibration, or its backbone weights differ from the ones found now.
     """
     path = Path(path)
-    meta, tensors = read_tensors(path, MODEL_FORMAT, "model file", ("bank", "density"))
+    meta, tensors = read_tensors(path, MODEL_FORMAT, "model file", ("bank", "density", "map_density"))
     try:
         backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
         scoring = ScoringConfig(**json.loads(meta["scoring"]))
@@ -80,6 +89,7 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
             raise KeyError("bank" if bank_vectors is None else "density")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
+    calibration = _read_calibration(path, meta.get("calibration"))
     if device is not None:
         backbone_cfg.device = device
     detector = Detector.from_config(backbone_cfg, scoring, image_size, bank, index_factory)
@@ -89,7 +99,18 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
             f"{meta.get('backbone_fingerprint')} ({meta.get('backbone_weights')}), but the weights "
             f"found now have fingerprint {detector.backbone.fingerprint} ({detector.backbone.weights_source})")
     try:
-        detector.set_bank(bank_vectors, density)
+        detector.set_bank(bank_vectors, density, tensors["map_density"])
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc
+    detector.calibration = calibration
     return detector
+
+
+def _read_calibration(path: Path, text: str | None) -> Calibration | None:
+    """The calibration stored in a model file's metadata; None when it has none (older files)."""
+    if text is None:
+        return None
+    try:
+        return Calibration.from_dict(json.loads(text))
+    except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ModelFileError(f"{path}: malformed calibration in the model file ({exc})") from exc

@@ -7,6 +7,7 @@ table, and writes its files under `cfg.output_dir`. `reb_dist.cli` only parses a
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import closing
 from dataclasses import asdict, replace
@@ -32,22 +33,30 @@ def output_files(output: str | None, categories: list[str], default_dir: Path, s
     return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
 
 
-def fit(cfg: RunConfig, output: str | None = None) -> dict[str, Path]:
+def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None = None) -> dict[str, Path]:
     """Fit and save a model (bank + densities + settings) per category.
 
     Args:
         cfg: the run's settings.
         output: a .safetensors file (one category) or a folder (default <output_dir>/models).
+        selection: a `reb tune` selection.json: each category's image (K, alpha), map method and image
+            threshold go into its model, and its bank leaves out the training images tune held out
+            for validation, so the threshold was taken on this very bank (with the same bank settings).
 
     Returns:
         category -> model file written.
     """
     paths = output_files(output, categories_of(cfg.data), Path(cfg.output_dir) / "models")
+    chosen = read_selection(selection, list(paths)) if selection else {}
     tracker = Tracker(cfg.tracking)
     with tracker.run(cfg, "fit"):
         for category, path in paths.items():
             split = load_category(cfg.data, category)
-            with closing(fit_detector(cfg, split)) as detector:
+            run_cfg, calibration = cfg, None
+            if category in chosen:
+                run_cfg, calibration, split = apply_selection(cfg, chosen[category], split, selection)
+            with closing(fit_detector(run_cfg, split)) as detector:
+                detector.calibration = calibration
                 save_model(detector, path)
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
@@ -55,6 +64,38 @@ def fit(cfg: RunConfig, output: str | None = None) -> dict[str, Path]:
             print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
                   f"(+ densities K={cfg.scoring.k}) saved to {path}")
     return paths
+
+
+def read_selection(path: str | Path, categories: list[str]) -> dict[str, dict]:
+    """The per-class choices of a `reb tune` selection.json, for the given categories.
+
+    Raises:
+        ConfigError: the file is missing or not a selection, or lacks one of the categories.
+    """
+    path = Path(path)
+    try:
+        per_class = json.loads(path.read_text())["per_class"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a `reb tune` selection.json ({exc!r})") from exc
+    missing = [c for c in categories if c not in per_class]
+    if missing:
+        raise ConfigError(f"{path}: has no selection for {missing}; it has {sorted(per_class)}")
+    return {c: per_class[c] for c in categories}
+
+
+def apply_selection(cfg: RunConfig, chosen: dict, split, source: str | Path):
+    """(settings, calibration, split) of one category as tune chose them: LDKNN's (K, alpha), the
+    map method, the image threshold, and the training images without the ones held out for validation."""
+    from reb_dist.core.thresholds import Calibration
+
+    if cfg.scoring.methods[0].split(":")[0].strip().lower() != "ldknn":
+        raise ConfigError(f"{source}: tune chose LDKNN settings, but the first method is {cfg.scoring.methods[0]!r}")
+    scoring = replace(cfg.scoring, methods=["ldknn", *cfg.scoring.methods[1:]], k=int(chosen["k"]),
+                      alpha=float(chosen["alpha"]), map_method=chosen.get("map_method", ""))
+    held_out = set(chosen.get("held_out_train", []))
+    split = replace(split, train=[s for s in split.train if str(s.image_path) not in held_out])
+    calibration = Calibration.from_dict(chosen["calibration"]) if "calibration" in chosen else None
+    return replace(cfg, scoring=scoring), calibration, split
 
 
 def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> CategoryResult:
@@ -122,13 +163,24 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
         model: a model file from `fit`.
         images: image files or folders.
         output: the folder for `<stem>_heatmap.png` overlays and scores.csv.
-        threshold: flag images whose score is at least this (an `anomalous` column).
+        threshold: flag images whose score is at least this (an `anomalous` column); None: the
+            model's saved (calibrated) threshold, if it has one, else no flags.
         device: where features are computed (default: the model's).
         batch_size: images per feature batch.
     """
     with closing(load_model(model, device)) as detector:
-        predictions = predict(detector, find_images(images), batch_size)
-    write_predictions(predictions, Path(output), threshold)
+        calibration = detector.calibration
+        if threshold is not None:
+            print(f"threshold {threshold:.6g}: given")
+        elif calibration is not None:
+            quantile = f" {calibration.quantile:g}" if calibration.quantile is not None else ""
+            source = f" on {calibration.source}" if calibration.source else ""
+            print(f"threshold {calibration.threshold:.6g}: the model's calibration "
+                  f"({calibration.method}{quantile}{source})")
+        else:
+            print("no threshold: none given and the model has no calibration, so images are not flagged")
+        predictions = predict(detector, find_images(images), batch_size, threshold)
+    write_predictions(predictions, Path(output), threshold, calibration)
     return predictions
 
 

@@ -1,9 +1,12 @@
-"""Choosing LDKNN's K and alpha on a validation split: the pure part of `reb tune` (no Ray).
+"""Choosing the image score's and the anomaly map's settings on a validation split: the pure part
+of `reb tune` (no Ray).
 
 A class's bank is fitted once and its validation and reported test images searched once each; the
-resulting `NeighbourTable`s give LDKNN maps for any (K, alpha) by a gather and a subtraction. Ray
-Tune (reb_dist.distributed.tuning) searches per class over them; the global choice and the test
-metrics are computed here.
+resulting `NeighbourTable`s give LDKNN (and KNN) maps for any (K, alpha) by a gather and a
+subtraction. The image score's (K, alpha) and the map's (method, K, alpha) are chosen separately,
+each by its own validation objective: image AUROC for the first, pixel AUROC and AUPRO for the
+second. Ray Tune (reb_dist.distributed.tuning) searches per class over the tables; the global
+choices, the image thresholds and the test metrics are computed here.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from reb_dist.config import BackboneConfig, BankConfig, CacheConfig, DataConfig,
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
-from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, neighbour_table, patch_masks, validation_objective
+from reb_dist.core.ldknn.selection import (NeighbourTable, ldknn_maps, map_objective, method_maps, neighbour_table,
+                                           patch_masks, validation_objective)
 from reb_dist.core.metrics import evaluate
+from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import preprocess
 from reb_dist.io.feature_cache import FeatureCache
@@ -46,11 +51,33 @@ class ClassTables:
     split: dict
     seconds: dict = field(default_factory=dict)
     query_recall: float | None = None  # recall@1 of an approximate test-patch search (None: exact)
+    val_pixel_masks: np.ndarray | None = None  # (n, S, S) 0/1 masks of the validation images
+    val_has_mask: np.ndarray | None = None  # (n,) bool: normal, or anomalous with a mask
+    test_has_mask: np.ndarray | None = None  # (n,) bool, as evaluate counts pixel metrics (None: all)
+    sigma: float = 4.0  # the map blur the pixel metrics are taken after
+
+
+@dataclass(frozen=True)
+class MapSetting:
+    """How an anomaly map is scored: "ldknn" at (K, alpha) or "knn" at K (alpha unused)."""
+
+    method: str
+    k: int
+    alpha: float = 0.0
+
+    @property
+    def spec(self) -> str:
+        """The method spec `scoring.map_method` takes, e.g. "ldknn:k=9,alpha=0.1" or "knn:k=4"."""
+        return f"ldknn:k={self.k},alpha={self.alpha:g}" if self.method == "ldknn" else f"{self.method}:k={self.k}"
+
+    def maps(self, table: NeighbourTable, squared: bool = True) -> np.ndarray:
+        """(n, h, w) patch maps of this setting from a neighbour table."""
+        return method_maps(table, self.method, self.k, self.alpha, squared)
 
 
 @dataclass
 class Selection:
-    """One class's chosen (K, alpha), its validation metrics, and the search that chose it."""
+    """One class's chosen image (K, alpha) and map setting, their validation metrics, and the searches."""
 
     category: str
     k: int
@@ -58,6 +85,11 @@ class Selection:
     val_metrics: dict
     trials: int
     seconds: float
+    map: MapSetting | None = None  # None: the map is the image score's own (coupled)
+    map_val_metrics: dict = field(default_factory=dict)
+    map_trials: int = 0
+    calibration: dict = field(default_factory=dict)  # the image threshold and normalisation (Calibration.to_dict)
+    held_out_train: list[str] = field(default_factory=list)  # training images left out of the bank
 
 
 def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scoring: ScoringConfig,
@@ -95,21 +127,29 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         else:
             val_feats, val_pixel = extract_with_masks(detector, v.validation, data, "validation", features_cache)
             val_labels = np.array([s.label for s in v.validation])
+        if isinstance(v.validation, ValidationSet):
+            val_has_mask = np.ones(len(val_labels), bool)
+        else:
+            val_has_mask = np.array([s.label == 0 or s.mask_path is not None for s in v.validation])
         n, h, w, _ = val_feats.shape
-        val_masks = patch_masks(val_pixel, h, w) if val_pixel.any() else None
-        val_table = neighbour_table(detector.index, val_feats, tune.k_max, progress=f"{category} validation search")
+        val_masks = patch_masks(val_pixel, h, w) & val_has_mask[:, None, None] if val_pixel.any() else None
+        query_k = tune.k_max if tune.map_trials else 1  # KNN maps need each patch's K nearest
+        val_table = neighbour_table(detector.index, val_feats, tune.k_max, f"{category} validation search", query_k)
         test_feats, test_masks = extract_with_masks(detector, v.test, data, "test", features_cache)
-        test_table = neighbour_table(detector.index, test_feats, tune.k_max, progress=f"{category} test search")
+        test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", query_k)
         recall = None
         if detector.index.query_search != "exact":
             recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
                                           bank.recall_sample, bank.seed)
     finally:
         detector.close()
+    # as evaluate does: pixel metrics count normal images and anomalous ones that have a mask
+    test_has_mask = np.array([s.label == 0 or s.mask_path is not None for s in v.test])
     return ClassTables(category, val_table, val_labels, val_masks, test_table,
                        np.array([s.label for s in v.test]), test_masks if test_masks.any() else None,
                        [s.defect_type for s in v.test], v.record(),
-                       {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall)
+                       {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall,
+                       val_pixel if val_pixel.any() else None, val_has_mask, test_has_mask, scoring.sigma)
 
 
 def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: ScoringConfig) -> tuple[int, float, float]:
@@ -132,25 +172,100 @@ def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: Scor
     return best[1], best[2], best[0]
 
 
-def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfig) -> dict[str, float]:
-    """Metrics of LDKNN at (K, alpha) on the class's reported test images only."""
+def map_grid(tune: TuneConfig) -> list[MapSetting]:
+    """The global map search's grid: LDKNN at 6 K (geometric in k_min..k_max) x 5 alphas (0..map_alpha_max),
+    and KNN at the same K."""
+    ks = sorted({int(round(x)) for x in np.geomspace(tune.k_min, tune.k_max, 6)})
+    alphas = np.linspace(0.0, tune.map_alpha_max, 5)
+    return [MapSetting("ldknn", k, float(a)) for k in ks for a in alphas] + [MapSetting("knn", k) for k in ks]
+
+
+def validation_map_objective(c: ClassTables, setting: MapSetting, scoring: ScoringConfig) -> dict[str, float]:
+    """The map objective (mean of pixel AUROC and AUPRO) of a setting on the class's VALIDATION images."""
+    if c.val_pixel_masks is None:
+        raise ValueError(f"{c.category}: the validation images have no masks to choose a map setting on")
+    patch = setting.maps(c.val, scoring.squared)
+    pixel = pixel_maps(patch, c.val_pixel_masks.shape[-1], c.sigma)
+    return map_objective(pixel, c.val_pixel_masks, c.val_has_mask)
+
+
+def global_map_choice(all_tables: list[ClassTables], tune: TuneConfig,
+                      scoring: ScoringConfig) -> tuple[MapSetting, float]:
+    """The single map setting with the best mean VALIDATION map objective over the classes that have
+    validation masks, on `map_grid`.
+
+    Returns:
+        (setting, mean validation map objective).
+    """
+    with_masks = [c for c in all_tables if c.val_pixel_masks is not None]
+    if not with_masks:
+        raise ValueError("no class has validation masks to choose a map setting on")
+    best = (-math.inf, None)
+    for setting in map_grid(tune):
+        mean = float(np.mean([validation_map_objective(c, setting, scoring)["map_objective"] for c in with_masks]))
+        if mean > best[0]:
+            best = (mean, setting)
+    return best[1], best[0]
+
+
+def validation_calibration(c: ClassTables, k: int, alpha: float, tune: TuneConfig,
+                           scoring: ScoringConfig) -> Calibration:
+    """The image threshold and normalisation of LDKNN (K, alpha) from the class's VALIDATION scores."""
+    scores = image_scores(ldknn_maps(c.val, k, alpha, scoring.squared), scoring.image_score)
+    kind = c.split.get("kind", "validation") if isinstance(c.split, dict) else "validation"
+    source = (f"{c.category} {kind} validation: {int((c.val_labels == 0).sum())} normal, "
+              f"{int((c.val_labels == 1).sum())} anomalous")
+    return calibrate(c.val_labels, scores, tune.threshold, tune.quantile, source)
+
+
+def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfig,
+                     map_setting: MapSetting | None = None,
+                     calibration: Calibration | None = None) -> dict[str, float]:
+    """Metrics on the class's reported test images only: image metrics of LDKNN at (K, alpha), pixel
+    metrics of `map_setting`'s maps (default: the same LDKNN maps), and precision, recall and F1 at
+    `calibration`'s threshold when given (next to `image_f1`, the best F1 any threshold reaches)."""
     maps = ldknn_maps(c.test, k, alpha, scoring.squared)
     scores = image_scores(maps, scoring.image_score)
+    metrics = evaluate(c.test_labels, scores, c.test_types)
+    if calibration is not None:
+        metrics.update({f"{name}_at_threshold": v for name, v in
+                        threshold_metrics(c.test_labels, scores, calibration.threshold).items()})
+        metrics["threshold"] = calibration.threshold
     if c.test_masks is None or not scoring.pixel_metrics:
-        return evaluate(c.test_labels, scores, c.test_types)
-    pixel = pixel_maps(maps, c.test_masks.shape[-1], scoring.sigma)
-    return evaluate(c.test_labels, scores, c.test_types, c.test_masks, pixel)
+        return metrics
+    if map_setting is not None:
+        maps = map_setting.maps(c.test, scoring.squared)
+    keep = np.ones(len(c.test_labels), bool) if c.test_has_mask is None else c.test_has_mask
+    ids = np.flatnonzero(keep)
+    pixel = pixel_maps(maps[ids], c.test_masks.shape[-1], scoring.sigma)
+    pixel_metrics = evaluate(c.test_labels[ids], scores[ids], [c.test_types[i] for i in ids], c.test_masks[ids], pixel)
+    metrics.update({k: v for k, v in pixel_metrics.items() if k.startswith(("pixel_", "aupro"))})
+    return metrics
 
 
 def write_selection(out_dir: Path, selections: list[Selection], rows: list[dict], splits: dict, glob: dict) -> None:
     """selection.json / selection.csv (the per-class K and alpha), results.json, splits.json, atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"per_class": {s.category: {"k": s.k, "alpha": s.alpha, **s.val_metrics, "trials": s.trials}
-                             for s in selections}, "global": glob}
+    payload = {"per_class": {s.category: selection_record(s) for s in selections}, "global": glob}
     write_text_atomic(out_dir / "selection.json", json.dumps(payload, indent=1))
-    csv = ["category,k,alpha,val_image_auroc,val_pixel_auroc,trials"] + [
-        f"{s.category},{s.k},{s.alpha:.4f},{s.val_metrics.get('val_image_auroc', float('nan')):.4f},"
-        f"{s.val_metrics.get('val_pixel_auroc', float('nan')):.4f},{s.trials}" for s in selections]
+    nan = float("nan")
+    csv = ["category,k,alpha,val_image_auroc,val_pixel_auroc,trials,map_method,val_map_objective,threshold"] + [
+        f"{s.category},{s.k},{s.alpha:.4f},{s.val_metrics.get('val_image_auroc', nan):.4f},"
+        f"{s.val_metrics.get('val_pixel_auroc', nan):.4f},{s.trials},{s.map.spec if s.map else ''},"
+        f"{s.map_val_metrics.get('map_objective', nan):.4f},{s.calibration.get('threshold', nan):.6g}"
+        for s in selections]
     write_text_atomic(out_dir / "selection.csv", "\n".join(csv) + "\n")
     write_text_atomic(out_dir / "results.json", json.dumps({"results": rows}, indent=1))
     write_text_atomic(out_dir / "splits.json", json.dumps(splits, indent=1))
+
+
+def selection_record(s: Selection) -> dict:
+    """A class's choice as selection.json holds it (what `reb fit --selection` reads back)."""
+    out = {"k": s.k, "alpha": s.alpha, **s.val_metrics, "trials": s.trials}
+    if s.map is not None:
+        out.update(map_method=s.map.spec, **s.map_val_metrics, map_trials=s.map_trials)
+    if s.calibration:
+        out["calibration"] = s.calibration
+    if s.held_out_train:
+        out["held_out_train"] = s.held_out_train
+    return out

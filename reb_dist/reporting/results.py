@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from reb_dist.config import RunConfig
+from reb_dist.core.thresholds import Calibration, normalise
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import read_image, sample_mask
 from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
@@ -109,20 +110,44 @@ def category_plots(result: CategoryResult, out: Path) -> list[Path]:
     return paths
 
 
-def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None) -> list[dict]:
-    """A heatmap overlay per image (one colour scale for all) and scores.csv; returns the CSV rows."""
+def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None,
+                      calibration: Calibration | None = None) -> list[dict]:
+    """A heatmap overlay per image (one colour scale for all) and scores.csv; returns the CSV rows.
+
+    Args:
+        predictions: from `reb_dist.pipelines.predict.predict`.
+        out: the folder to write into.
+        threshold: flags images whose prediction has no `anomalous` yet (score >= threshold).
+        calibration: the model's; overlays then show `normalise` of each pixel map on the fixed
+            scale 0..1 (0.5 = the image threshold), comparable across runs. Without one, the
+            scale is the min..max of this run's maps.
+
+    scores.csv has columns image, score, then normalised_score and anomalous when every
+    prediction has them.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    # One colour scale for every overlay of the run, so heatmaps compare across images.
-    vmin = min(float(p.pixel_map.min()) for p in predictions)
-    vmax = max(float(p.pixel_map.max()) for p in predictions)
+    if calibration is not None:
+        vmin, vmax = 0.0, 1.0  # the calibrated scale: the same colours mean the same score everywhere
+    else:
+        # One colour scale for every overlay of the run, so heatmaps compare across images.
+        vmin = min(float(p.pixel_map.min()) for p in predictions)
+        vmax = max(float(p.pixel_map.max()) for p in predictions)
+    flags = [p.anomalous if p.anomalous is not None else (None if threshold is None else p.score >= threshold)
+             for p in predictions]
+    has_flags = bool(predictions) and all(f is not None for f in flags)
+    has_normalised = bool(predictions) and all(p.normalised_score is not None for p in predictions)
     rows = []
-    for p in predictions:
-        full = np.asarray(Image.fromarray(p.pixel_map).resize(p.image.shape[1::-1], Image.BILINEAR))
+    for p, flag in zip(predictions, flags):
+        pixel_map = p.pixel_map if calibration is None else normalise(p.pixel_map, calibration).astype(np.float32)
+        full = np.asarray(Image.fromarray(pixel_map).resize(p.image.shape[1::-1], Image.BILINEAR))
         save_png(heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax), out / f"{p.path.stem}_heatmap.png")
         row = {"image": str(p.path), "score": f"{p.score:.6g}"}
-        if threshold is not None:
-            row["anomalous"] = int(p.score >= threshold)
+        if has_normalised:
+            row["normalised_score"] = f"{p.normalised_score:.6g}"
+        if has_flags:
+            row["anomalous"] = int(flag)
         rows.append(row)
-    columns = ["image", "score"] + (["anomalous"] if threshold is not None else [])
+    columns = (["image", "score"] + (["normalised_score"] if has_normalised else [])
+               + (["anomalous"] if has_flags else []))
     write_text_atomic(out / "scores.csv", to_csv(rows, columns))
     return rows

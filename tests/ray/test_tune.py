@@ -11,7 +11,7 @@ from reb_dist.config import SAMPLE_DATA
 def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_run(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.k_max=12",
+    settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
                 "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
                 "output_dir=out"]
     assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
@@ -28,7 +28,13 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     all_test = {str(p) for p in (SAMPLE_DATA / "bottle" / "test").rglob("*.png")}
     assert validation | reported == all_test
     rows = json.loads((out / "results.json").read_text())["results"]
-    assert {r["variant"] for r in rows} == {"default", "global", "per_class"}
+    assert {r["variant"] for r in rows} == {"default", "global", "per_class", "per_class_decoupled", "global_decoupled"}
+    assert chosen["map_method"].split(":")[0] in ("ldknn", "knn") and chosen["map_trials"] == 3
+    decoupled = next(r for r in rows if r["variant"] == "per_class_decoupled")
+    assert decoupled["map_method"] == chosen["map_method"] and (decoupled["k"], decoupled["alpha"]) == (
+        chosen["k"], chosen["alpha"])
+    assert all("f1_at_threshold" in r["metrics"] and "image_f1" in r["metrics"] for r in rows)
+    assert 0 < chosen["calibration"]["threshold"]
     assert all(r["test_images"] == len(reported) for r in rows)  # metrics on the reported part only
     per_class = next(r for r in rows if r["variant"] == "per_class")
     assert (per_class["k"], per_class["alpha"]) == (chosen["k"], chosen["alpha"])
@@ -42,8 +48,20 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     assert class_run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert class_run.data.params["selected.k"] == str(chosen["k"])
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
-    assert len(trials) == 3 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
-    assert all("val_image_auroc" in r.data.metrics for r in trials)
+    assert class_run.data.params["selected.map_method"] == chosen["map_method"]
+    assert len(trials) == 6 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
+    assert sum("val_image_auroc" in r.data.metrics for r in trials) == 3
+    assert sum("map_objective" in r.data.metrics for r in trials) == 3
+
+    # the choice goes into a model: its settings, its threshold, its bank without the held-out images
+    assert main(["fit", "--selection", str(out / "selection.json"), "-o", "bottle.safetensors",
+                 "--set", "tracking.enabled=false"]) == 0
+    from reb_dist.io.model_file import load_model
+
+    model = load_model("bottle.safetensors")
+    assert (model.scoring.k, model.scoring.alpha, model.scoring.map_method) == (
+        chosen["k"], chosen["alpha"], chosen["map_method"])
+    assert model.calibration.threshold == chosen["calibration"]["threshold"]
 
     # the comparison report is built from the store alone
     assert main(["report", "--tracking-uri", uri, "-o", "report"]) == 0

@@ -1,7 +1,8 @@
-"""Patch scores on one memory bank: LDKNN and the KNN family it is compared with (REB Table 6).
+"""Patch scores on one memory bank: LDKNN and the baselines it is compared with (REB Tables 5-6).
 
-Every method scores a test patch from its nearest bank points; one faiss search with the largest
-K any method needs serves them all, so a benchmark of six methods costs one search.
+The KNN-family methods score a test patch from its nearest bank points; one faiss search with the
+largest K any of them needs serves them all, so a benchmark of six methods costs one search. GDE
+reads no neighbours: it scores the patch itself against one Gaussian of the whole bank.
 
   ldknn  dist(f, m_nn) - alpha * density(m_nn)              (REB eq. 3, 4)
   knn    mean distance to the K nearest bank points         (vanilla KNN)
@@ -9,6 +10,7 @@ K any method needs serves them all, so a benchmark of six methods costs one sear
   kthnn  distance to the K-th nearest bank point
   lof    local outlier factor of the patch w.r.t. the bank
   ldof   mean distance to the K nearest / their mean pairwise distance
+  gde    Mahalanobis distance to one Gaussian of the bank  (PaDiM-style, covariance + eps * I)
 """
 
 from __future__ import annotations
@@ -18,43 +20,75 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
+from reb_dist.core.ldknn.gaussian import FIT_CHUNK, GDE_EPS, GaussianDensity
 from reb_dist.core.ldknn.index import Index
 
-METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof")
+METHODS = ("ldknn", "knn", "nn1", "kthnn", "lof", "ldof", "gde")
 
 
 @dataclass(frozen=True)
 class ScoringMethod:
-    """A scoring method and its parameters: one of METHODS, K, alpha (LDKNN only), squared or plain L2."""
+    """A scoring method and its parameters: one of METHODS, K (unused by nn1 and gde), alpha (LDKNN
+    only), squared or plain distances (L2, or Mahalanobis for gde)."""
 
     name: str
     k: int = 9
     alpha: float = 1.0
     squared: bool = True  # squared L2 as the authors' code (and faiss) use; False = plain L2
+    # the anomaly map's own method (decoupled scoring); None: the map is this method's own (coupled)
+    map: ScoringMethod | None = None
 
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"unknown scoring method {self.name!r}; known: {', '.join(METHODS)}")
         if self.k < 1:
             raise ValueError(f"{self.name}: K must be >= 1, got {self.k}")
+        if self.map is not None and self.map.map is not None:
+            raise ValueError("a map method cannot have a map method of its own")
 
     @property
     def label(self) -> str:
-        """The name results and MLflow use, e.g. "ldknn(k=9,alpha=1)", "knn(k=9)", "nn1"."""
-        if self.name == "nn1":
-            return "nn1"
-        if self.name == "ldknn":
-            return f"ldknn(k={self.k},alpha={self.alpha:g})"
-        return f"{self.name}(k={self.k})"
+        """The name results and MLflow use, e.g. "ldknn(k=9,alpha=1)", "knn(k=9)", "nn1", "gde", and
+        "ldknn(k=40,alpha=1.7)+map:knn(k=9)" when the map is scored on its own."""
+        if self.name in ("nn1", "gde"):
+            own = self.name
+        elif self.name == "ldknn":
+            own = f"ldknn(k={self.k},alpha={self.alpha:g})"
+        else:
+            own = f"{self.name}(k={self.k})"
+        return own if self.map is None else f"{own}+map:{self.map.label}"
+
+    @property
+    def image(self) -> ScoringMethod:
+        """The method of the image score alone (this method without its map part)."""
+        return self if self.map is None else replace(self, map=None)
+
+    @property
+    def map_method(self) -> ScoringMethod:
+        """The method the anomaly map is scored with (this method itself when coupled)."""
+        return self.image if self.map is None else self.map
 
     @property
     def query_neighbours(self) -> int:
-        """How many nearest bank points of each test patch the method reads."""
-        return 1 if self.name in ("nn1", "ldknn") else self.k
+        """How many nearest bank points of each test patch the method (and its map) read (1 for gde,
+        which reads none, so a max over methods stays a valid search K; see `needs_search`)."""
+        own = 1 if self.name in ("nn1", "ldknn", "gde") else self.k
+        return own if self.map is None else max(own, self.map.query_neighbours)
+
+    @property
+    def needs_search(self) -> bool:
+        """Whether the method (or its map) reads a nearest-neighbour search of the test patches (all but gde)."""
+        return self.name != "gde" or (self.map is not None and self.map.needs_search)
 
 
-def parse_method(spec: str, k: int = 9, alpha: float = 1.0, squared: bool = True) -> ScoringMethod:
-    """'ldknn' or 'ldknn:k=5,alpha=0.5' -> ScoringMethod, defaults from the run's settings."""
+def parse_method(spec: str, k: int = 9, alpha: float = 1.0, squared: bool = True,
+                 map_spec: str = "") -> ScoringMethod:
+    """'ldknn' or 'ldknn:k=5,alpha=0.5' -> ScoringMethod, defaults from the run's settings; a
+    non-empty `map_spec` (same form) gives the anomaly map its own method."""
+    if map_spec.strip():
+        own = parse_method(spec, k, alpha, squared)
+        mapped = parse_method(map_spec, k, alpha, squared)
+        return own if mapped == own else replace(own, map=mapped)
     name, _, params = spec.strip().partition(":")
     method = ScoringMethod(name.strip().lower(), k, alpha, squared)
     for item in filter(None, (p.strip() for p in params.split(","))):
@@ -66,24 +100,50 @@ def parse_method(spec: str, k: int = 9, alpha: float = 1.0, squared: bool = True
 
 
 class BankScorer:
-    """Scores query patches against one bank (its index and lazily computed bank statistics)."""
+    """Scores query patches against one bank (its index, lazily computed bank statistics, and the
+    bank's Gaussian for gde, fitted on first use with covariance regularisation `gde_eps`)."""
 
-    def __init__(self, index: Index, stats: BankStats | None = None):
+    def __init__(self, index: Index, stats: BankStats | None = None, gde_eps: float = GDE_EPS):
         self.index = index
         self.stats = stats or BankStats(index)
+        self.gde_eps = gde_eps
+        self._gaussian: GaussianDensity | None = None
+
+    def gaussian(self) -> GaussianDensity:
+        """The bank's Gaussian (gde), fitted once from the index's vectors and cached.
+
+        Read through `Index.vectors` a chunk of ids at a time, so it works for any index (a sharded
+        bank fetches each chunk from its actors) and the bank is never held whole in float64.
+        """
+        if self._gaussian is None:
+            n = len(self.index)
+            chunks = (self.index.vectors(np.arange(s, min(s + FIT_CHUNK, n), dtype=np.int64))
+                      for s in range(0, n, FIT_CHUNK))
+            self._gaussian = GaussianDensity.fit_chunks(chunks, self.gde_eps)
+        return self._gaussian
 
     def score(self, methods: list[ScoringMethod], queries: np.ndarray,
               progress: bool = False) -> dict[ScoringMethod, np.ndarray]:
-        """{method: (m,) scores} for (m, d) queries, from one search."""
-        k_max = max(m.query_neighbours for m in methods)
-        dist2, ids = self.index.search(queries, k_max, progress="bank search" if progress else None)
-        return {m: self.score_neighbours(m, dist2, ids, progress) for m in methods}
+        """{method: (m,) scores} for (m, d) queries, from one search (none if only gde is asked)."""
+        if any(m.needs_search for m in methods):
+            k_max = max(m.query_neighbours for m in methods)
+            dist2, ids = self.index.search(queries, k_max, progress="bank search" if progress else None)
+        else:
+            dist2, ids = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        return {m: self.score_neighbours(m, dist2, ids, progress, queries=queries) for m in methods}
 
     def score_neighbours(self, method: ScoringMethod, dist2: np.ndarray, ids: np.ndarray,
-                         progress: bool = False) -> np.ndarray:
-        """Scores from a search already done (dist2/ids nearest first, at least K columns)."""
+                         progress: bool = False, queries: np.ndarray | None = None) -> np.ndarray:
+        """Scores from a search already done (dist2/ids nearest first, at least K columns).
+
+        gde ignores dist2/ids and needs the (m, d) `queries` themselves; the others ignore `queries`.
+        """
         k, sq = method.k, method.squared
         label = f"bank density K={k}" if progress else None
+        if method.name == "gde":
+            if queries is None:
+                raise ValueError("gde scores the query vectors themselves: pass queries= to score_neighbours")
+            return self.gaussian().score(queries, sq)
         if method.name == "nn1":
             return to_distance(dist2[:, 0], sq)
         if method.name == "ldknn":

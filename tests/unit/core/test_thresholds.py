@@ -1,0 +1,116 @@
+"""Calibration: F1 and quantile thresholds, normalisation around the threshold, flag metrics, round trip."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from reb_dist.core.thresholds import Calibration, calibrate, normalise, threshold_metrics
+
+# Hand-made: 5 normals, 3 anomalies, one normal (0.6) scoring above an anomaly (0.5).
+LABELS = np.array([0, 0, 0, 0, 1, 0, 1, 1])
+SCORES = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+
+
+def _hand_f1(t: float) -> float:
+    tp = sum(1 for y, s in zip(LABELS, SCORES) if y == 1 and s >= t)
+    fp = sum(1 for y, s in zip(LABELS, SCORES) if y == 0 and s >= t)
+    fn = sum(1 for y, s in zip(LABELS, SCORES) if y == 1 and s < t)
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def test_f1_threshold_is_a_score_with_the_best_f1():
+    cal = calibrate(LABELS, SCORES, "f1", source="hand")
+    assert cal.threshold in SCORES
+    assert _hand_f1(cal.threshold) == pytest.approx(max(_hand_f1(t) for t in SCORES))
+    # at 0.5: tp 3, fp 1 (0.6), fn 0 -> 6/7, better than 0.7 (4/5) or 0.4 (6/8)
+    assert cal.threshold == 0.5
+    assert (cal.method, cal.low, cal.high, cal.source, cal.quantile) == ("f1", 0.1, 0.8, "hand", None)
+
+
+def test_f1_needs_both_classes():
+    with pytest.raises(ValueError, match="one class"):
+        calibrate([0, 0, 0], [0.1, 0.2, 0.3], "f1")
+
+
+def test_quantile_threshold_is_the_quantile_of_normals_only():
+    rng = np.random.default_rng(0)
+    normals, anomalies = rng.normal(0, 1, 50), rng.normal(3, 1, 20)
+    labels = np.r_[np.zeros(50), np.ones(20)].astype(int)
+    cal = calibrate(labels, np.r_[normals, anomalies], "quantile", quantile=0.9)
+    assert cal.threshold == pytest.approx(np.quantile(normals, 0.9))
+    assert (cal.method, cal.quantile) == ("quantile", 0.9)
+    assert cal.low == min(normals.min(), anomalies.min()) and cal.high == max(normals.max(), anomalies.max())
+    # anomalies do not move the threshold, and normals alone are enough
+    other = calibrate(labels, np.r_[normals, anomalies + 10], "quantile", quantile=0.9)
+    assert other.threshold == cal.threshold
+    only = calibrate(np.zeros(50, int), normals, "quantile", quantile=0.9)
+    assert only.threshold == cal.threshold
+    with pytest.raises(ValueError, match="normal"):
+        calibrate(np.ones(3, int), [1.0, 2.0, 3.0], "quantile")
+    with pytest.raises(ValueError, match="quantile"):
+        calibrate(labels, np.r_[normals, anomalies], "quantile", quantile=1.5)
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="f1.*quantile"):
+        calibrate(LABELS, SCORES, "otsu")
+    with pytest.raises(ValueError, match="f1.*quantile"):
+        Calibration(threshold=1.0, method="otsu", low=0.0, high=2.0)
+
+
+def test_normalise_maps_threshold_to_half_and_the_range_to_0_1_clipped():
+    cal = Calibration(threshold=2.0, method="f1", low=1.0, high=5.0)
+    np.testing.assert_allclose(normalise([1.0, 1.5, 2.0, 3.5, 5.0], cal), [0.0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_array_equal(normalise([-10.0, 0.0, 6.0, 1e9], cal), [0.0, 0.0, 1.0, 1.0])
+    # any shape (a pixel map stack), float output
+    maps = np.full((2, 3, 4), 3.5, np.float32)
+    out = normalise(maps, cal)
+    assert out.shape == (2, 3, 4) and out.dtype == np.float64 and np.all(out == 0.75)
+    assert normalise(np.float32(2.0), cal).shape == ()
+    # >= 0.5 exactly when >= threshold, even a hair below it
+    just_below = np.nextafter(2.0, 0.0)
+    assert normalise(just_below, cal) < 0.5 <= normalise(2.0, cal)
+
+
+def test_normalise_with_a_zero_width_side():
+    at_low = Calibration(threshold=1.0, method="f1", low=1.0, high=3.0)
+    np.testing.assert_array_equal(normalise([0.5, 1.0, 2.0, 3.0], at_low), [0.0, 0.5, 0.75, 1.0])
+    at_high = Calibration(threshold=3.0, method="f1", low=1.0, high=3.0)
+    np.testing.assert_array_equal(normalise([1.0, 2.0, 3.0, 4.0], at_high), [0.0, 0.25, 0.5, 1.0])
+
+
+def test_threshold_metrics_against_a_hand_count():
+    m = threshold_metrics(LABELS, SCORES, 0.5)  # flagged 0.5 0.6 0.7 0.8: tp 3, fp 1, fn 0
+    assert m == pytest.approx({"precision": 3 / 4, "recall": 1.0, "f1": 6 / 7})
+    m = threshold_metrics(LABELS, SCORES, 0.65)  # flagged 0.7 0.8: tp 2, fp 0, fn 1
+    assert m == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 4 / 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undefined values are 0.0, silently
+        assert threshold_metrics(LABELS, SCORES, 0.9) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+        assert threshold_metrics([0, 0], [0.1, 0.2], 0.15) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_to_dict_from_dict_round_trip():
+    for cal in (calibrate(LABELS, SCORES, "f1", source="synthetic validation: 5 normal, 3 anomalous"),
+                calibrate(LABELS, SCORES, "quantile", quantile=0.95, source="x")):
+        values = json.loads(json.dumps(cal.to_dict()))
+        assert Calibration.from_dict(values) == cal
+        assert set(values) == {"threshold", "method", "low", "high", "source", "quantile"}
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"method": "f1", "low": 0.0, "high": 1.0}, "threshold"),
+    ({"threshold": 0.5, "method": "f1", "low": 0.0, "high": 1.0, "colour": 1}, "colour"),
+    ({"threshold": "high", "method": "f1", "low": 0.0, "high": 1.0}, "threshold"),
+    ({"threshold": 2.0, "method": "f1", "low": 0.0, "high": 1.0}, "low <= threshold <= high"),
+    ({"threshold": 0.5, "method": "quantile", "low": 0.0, "high": 1.0}, "quantile"),
+    ({"threshold": 0.5, "method": "bogus", "low": 0.0, "high": 1.0}, "f1, quantile"),
+    ([0.5, "f1"], "dict"),
+])
+def test_from_dict_rejects_bad_values_clearly(values, match):
+    with pytest.raises(ValueError, match=match):
+        Calibration.from_dict(values)

@@ -51,3 +51,21 @@ def test_the_configured_map_method_reaches_the_default_method(detector):
     assert detector.map_density_k is None
     with pytest.raises(ValueError, match="unknown scoring method"):
         parse_method("ldknn", map_spec="blur")
+
+
+def test_a_decoupled_run_reports_the_image_metrics_of_one_method_and_the_pixel_metrics_of_the_other(
+        detector, split, cfg):
+    from reb_dist.pipelines.evaluate import score_test_set
+
+    scoring = detector.scoring
+    try:
+        detector.scoring = dataclasses.replace(scoring, methods=["ldknn", "knn"], map_method="knn")
+        result = score_test_set(detector, split, cfg.data)
+    finally:
+        detector.scoring = scoring
+    by_label = {m.method.label: m.metrics for m in result.methods}
+    pair, knn = by_label["ldknn(k=9,alpha=1)+map:knn(k=9)"], by_label["knn(k=9)"]
+    coupled = score_test_set(detector, split, cfg.data, [parse_method("ldknn", 9, 1.0)]).methods[0].metrics
+    assert pair["image_auroc"] == coupled["image_auroc"] and pair["image_f1"] == coupled["image_f1"]
+    assert pair["pixel_auroc"] == knn["pixel_auroc"] and pair["aupro"] == knn["aupro"]
+    assert pair["aupro"] != coupled["aupro"]

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "<output_dir>/models/<category>.safetensors)")
     p.add_argument("--selection", help="a selection.json written by `reb tune`: each category's image and map "
                                        "settings and image threshold, its bank from the same images")
+    p.add_argument("--calibrate", action="store_true",
+                   help="hold out tune.fraction of the training images (normal + DefectMaker anomaly each) and "
+                        "save an image threshold (tune.threshold: f1 | quantile) taken on their scores")
 
     p = sub.add_parser("evaluate", help="score a category's test set with a saved model")
     _add_common(p)
@@ -112,7 +115,7 @@ def cmd_fit(args, command_line: str) -> int:
     """`reb fit`: see reb_dist.pipelines.runs.fit."""
     from reb_dist.pipelines.runs import fit
 
-    fit(load_config(args), args.output, args.selection)
+    fit(load_config(args), args.output, args.selection, args.calibrate)
     return 0
 
 

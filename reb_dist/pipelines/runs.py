@@ -19,7 +19,10 @@ from reb_dist.io.model_file import load_model, save_model
 from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.bank import index_factory, shard_folder
 from reb_dist.pipelines.evaluate import CategoryResult, categories_of, evaluate_category, fit_detector, load_category
+from reb_dist.core.thresholds import Calibration
+from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.pipelines.predict import Prediction, find_images, predict
+from reb_dist.pipelines.validation import ValidationSplit, synthetic_split
 from reb_dist.reporting.results import write_predictions, write_results
 
 
@@ -33,7 +36,8 @@ def output_files(output: str | None, categories: list[str], default_dir: Path, s
     return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
 
 
-def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None = None) -> dict[str, Path]:
+def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None = None,
+        calibrate: bool = False) -> dict[str, Path]:
     """Fit and save a model (bank + densities + settings) per category.
 
     Args:
@@ -42,6 +46,9 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
         selection: a `reb tune` selection.json: each category's image (K, alpha), map method and image
             threshold go into its model, and its bank leaves out the training images tune held out
             for validation, so the threshold was taken on this very bank (with the same bank settings).
+        calibrate: without a selection, hold out `tune.fraction` (default 0.1) of the training images,
+            each giving a normal and a DefectMaker anomaly, build the bank from the rest and take the
+            image threshold (`tune.threshold`) and normalisation from their scores.
 
     Returns:
         category -> model file written.
@@ -52,18 +59,43 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
     with tracker.run(cfg, "fit"):
         for category, path in paths.items():
             split = load_category(cfg.data, category)
-            run_cfg, calibration = cfg, None
+            run_cfg, calibration, validation = cfg, None, None
             if category in chosen:
                 run_cfg, calibration, split = apply_selection(cfg, chosen[category], split, selection)
+            elif calibrate:
+                validation = synthetic_split(split, cfg.tune.fraction or 0.1, cfg.tune.seed, cfg.data.image_size,
+                                             cfg.finetune.saliency)
+                split = replace(split, train=validation.train)
             with closing(fit_detector(run_cfg, split)) as detector:
+                if validation is not None:
+                    calibration = synthetic_calibration(detector, validation, cfg)
                 detector.calibration = calibration
                 save_model(detector, path)
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
             tracker.log_result(category, "fit", info)
             print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
-                  f"(+ densities K={cfg.scoring.k}) saved to {path}")
+                  f"(+ densities K={run_cfg.scoring.k}) saved to {path}")
+            if calibration is not None:
+                print(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
+                      f"{calibration.source})")
     return paths
+
+
+def synthetic_calibration(detector, validation: ValidationSplit, cfg: RunConfig) -> Calibration:
+    """The image threshold and normalisation of a fitted detector from a synthetic validation split
+    (held-out normal images and DefectMaker anomalies made from them; none of them is in the bank)."""
+    import torch
+
+    from reb_dist.io.data import preprocess
+
+    v = validation.validation
+    images = torch.stack([preprocess(im, detector.image_size) for im in v.images])
+    features = detector.extract(images.split(cfg.data.batch_size), desc="validation")
+    method = detector.default_method
+    scores = detector.score_features(features, [method])[method].image_scores
+    source = f"synthetic validation: {int((v.labels == 0).sum())} normal, {int((v.labels == 1).sum())} anomalous"
+    return calibrate_threshold(v.labels, scores, cfg.tune.threshold, cfg.tune.quantile, source)
 
 
 def read_selection(path: str | Path, categories: list[str]) -> dict[str, dict]:
@@ -86,8 +118,6 @@ def read_selection(path: str | Path, categories: list[str]) -> dict[str, dict]:
 def apply_selection(cfg: RunConfig, chosen: dict, split, source: str | Path):
     """(settings, calibration, split) of one category as tune chose them: LDKNN's (K, alpha), the
     map method, the image threshold, and the training images without the ones held out for validation."""
-    from reb_dist.core.thresholds import Calibration
-
     if cfg.scoring.methods[0].split(":")[0].strip().lower() != "ldknn":
         raise ConfigError(f"{source}: tune chose LDKNN settings, but the first method is {cfg.scoring.methods[0]!r}")
     scoring = replace(cfg.scoring, methods=["ldknn", *cfg.scoring.methods[1:]], k=int(chosen["k"]),

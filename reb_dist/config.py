@@ -163,6 +163,7 @@ class TuneConfig:
     # map_alpha_max), on validation pixel AUROC and AUPRO; trials per class, 0: no map search (coupled)
     map_trials: int = 40
     map_alpha_max: float = 1.0
+    multi_objective: bool = False  # also a coupled (K, alpha) from the Pareto front of image AUROC and map objective
     threshold: str = "f1"  # f1 | quantile: how the image threshold is taken from validation scores
     quantile: float = 0.99  # of the validation normals' scores, for threshold "quantile"
     concurrency: int = 0  # trials at once; 0: as many as the cluster has CPUs

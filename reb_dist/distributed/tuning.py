@@ -8,8 +8,10 @@ per class, each on its own validation objective: the image score's (K, alpha) on
 AUROC only breaks ties), then the map's (method, K, alpha) on pixel AUROC and AUPRO. The choices
 then score the reported test images, next to the best single global settings (chosen on the mean
 validation objectives over classes, as the paper's Tables 2-3 compare) and the fixed defaults, with
-an image threshold taken from the validation scores. MLflow gets one nested run per class, and one
-run per trial under it.
+an image threshold taken from the validation scores. With tune.multi_objective, a third search per
+class takes one coupled (K, alpha) for image score and map alike, as the paper, on both objectives
+at once (Optuna multi-objective); its Pareto front gives the choice (`pareto_choice`). MLflow gets
+one nested run per class, and one run per trial under it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from reb_dist.config import RunConfig, ScoringConfig, TrackingConfig, TuneConfig
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, map_objective, validation_objective
 from reb_dist.io.atomic import write_text_atomic
-from reb_dist.pipelines.selection import (ClassTables, MapSetting, Selection, class_tables, global_choice,
-                                          global_map_choice, reported_metrics, validation_calibration,
-                                          write_selection)
+from reb_dist.pipelines.selection import (ClassTables, MapSetting, Selection, class_tables, coupled_validation,
+                                          global_choice, global_map_choice, pareto_choice, pareto_front,
+                                          reported_metrics, validation_calibration, write_selection)
+
+PARETO_METRICS = ("val_image_auroc", "map_objective")  # the coupled search's two objectives, both maximised
 
 
 def _trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, image_score: str, squared: bool):
@@ -44,9 +48,19 @@ def _map_trial(config: dict, table: NeighbourTable, pixel_masks: np.ndarray, kee
     tune.report(map_objective(pixel_maps(patch, pixel_masks.shape[-1], sigma), pixel_masks, keep))
 
 
-def _search(trainable, param_space: dict, metric: str, trials: int, t: TuneConfig, name: str, category: str,
-            tracking: TrackingConfig, mlflow_parent: str | None):
-    """Run one Optuna search with Ray Tune and return its results (every trial must succeed)."""
+def _pareto_trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, pixel_masks: np.ndarray,
+                  keep: np.ndarray, image_score: str, sigma: float, squared: bool):
+    from ray import tune
+
+    maps = ldknn_maps(table, int(config["k"]), float(config["alpha"]), squared)
+    image = validation_objective(maps, labels, masks, lambda m: image_scores(m, image_score))
+    tune.report({**image, **map_objective(pixel_maps(maps, pixel_masks.shape[-1], sigma), pixel_masks, keep)})
+
+
+def _search(trainable, param_space: dict, metric: str | list[str], trials: int, t: TuneConfig, name: str,
+            category: str, tracking: TrackingConfig, mlflow_parent: str | None):
+    """Run one Optuna search with Ray Tune and return its results (every trial must succeed); a list
+    of metrics is a multi-objective search, every one maximised."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -64,7 +78,8 @@ def _search(trainable, param_space: dict, metric: str, trials: int, t: TuneConfi
         tune.with_resources(trainable, {"cpu": 0.5}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=OptunaSearch(metric=metric, mode="max", seed=t.seed),
+            search_alg=OptunaSearch(metric=metric, mode=["max"] * len(metric) if isinstance(metric, list)
+                                    else "max", seed=t.seed),
             num_samples=trials, max_concurrent_trials=concurrency,
             reuse_actors=True,  # a trial is milliseconds of numpy; a new worker per trial was ~10 s of imports
             trial_name_creator=lambda trial: f"{category}-{trial.trial_id}"),
@@ -131,12 +146,43 @@ def search_map(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, track
     return setting, metrics, len(results)
 
 
+def search_pareto(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, tracking: TrackingConfig,
+                  backbone_name: str,
+                  mlflow_parent: str | None = None) -> tuple[list[dict], list[dict], dict | None, dict]:
+    """Ray Tune + OptunaSearch (multi-objective) over one COUPLED LDKNN (K, alpha), the image score's
+    and the map's, on one class's VALIDATION images and masks: validation image AUROC and the map
+    objective (mean of pixel AUROC and AUPRO), both maximised; tune.trials trials, K in
+    k_min..k_max, alpha in alpha_min..alpha_max.
+
+    Returns:
+        (every trial's K, alpha and validation metrics, their `pareto_front`, its `pareto_choice`
+        against the reference, the reference: the default scoring.k / scoring.alpha on the same images).
+    """
+    from ray import tune
+
+    trainable = tune.with_parameters(_pareto_trial, table=tables.val, labels=tables.val_labels,
+                                     masks=tables.val_masks, pixel_masks=tables.val_pixel_masks,
+                                     keep=tables.val_has_mask, image_score=scoring.image_score, sigma=tables.sigma,
+                                     squared=scoring.squared)
+    space = {"k": tune.randint(t.k_min, t.k_max + 1), "alpha": tune.uniform(t.alpha_min, t.alpha_max)}
+    results = _search(trainable, space, list(PARETO_METRICS), t.trials, t,
+                      f"tune-pareto-{tables.category}-{backbone_name}", tables.category, tracking, mlflow_parent)
+    # get_best_result takes one metric: every trial's pair is read from the grid instead
+    kept = ("val_", "objective", "map_objective")
+    trials = [{"k": int(r.config["k"]), "alpha": float(r.config["alpha"]),
+               **{k: float(v) for k, v in r.metrics.items() if k.startswith(kept)}} for r in results]
+    front = pareto_front(trials)
+    reference = coupled_validation(tables, scoring.k, scoring.alpha, scoring)
+    return trials, front, pareto_choice(front, reference), reference
+
+
 def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[Selection], list[dict], dict]:
     """The whole per-class search: tables, a Tune search per class, the global choice, test metrics.
 
     Returns (selections, result rows, global choice) and writes them under <output_dir>/tune/.
     """
     from reb_dist.distributed.runtime import ensure_ray
+    from reb_dist.reporting.plots import pareto_plot, save_figure
 
     if cfg.scoring.k > cfg.tune.k_max:
         raise ValueError(f"scoring.k={cfg.scoring.k} (the default compared against) exceeds tune.k_max={cfg.tune.k_max}")
@@ -156,6 +202,18 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
                     s.map, s.map_val_metrics, s.map_trials = search_map(c, cfg.tune, cfg.scoring, cfg.tracking,
                                                                         cfg.backbone.name, run_id)
                     params["selected.map_method"] = s.map.spec
+                if cfg.tune.multi_objective and c.val_pixel_masks is not None:
+                    trials, s.pareto, s.pareto_choice, reference = search_pareto(
+                        c, cfg.tune, cfg.scoring, cfg.tracking, cfg.backbone.name, run_id)
+                    if s.pareto_choice is not None:
+                        params.update({"selected.pareto_k": s.pareto_choice["k"],
+                                       "selected.pareto_alpha": s.pareto_choice["alpha"]})
+                    plot = save_figure(pareto_plot(trials, s.pareto, s.pareto_choice, reference, category),
+                                       Path(cfg.output_dir) / "tune" / f"pareto_{category}.png", 120)
+                    tracker.log_artifact(plot)
+                    # what `reb report` redraws the plot from
+                    tracker.log_text(json.dumps({"trials": trials, "front": s.pareto, "choice": s.pareto_choice,
+                                                 "reference": reference}, indent=1), f"pareto_{category}.json")
                 tracker.log_params(params)
                 tracker.log_metrics({**s.val_metrics, **s.map_val_metrics})
                 tracker.log_text(json.dumps(c.split, indent=1), "split.json")
@@ -165,7 +223,9 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
                   f"{s.val_metrics['val_image_auroc']:.4f}, {s.trials} trials); map "
                   + (f"{s.map.spec} (validation pixel AUROC {s.map_val_metrics['val_map_pixel_auroc']:.4f}, "
                      f"AUPRO {s.map_val_metrics['val_map_aupro']:.4f}, {s.map_trials} trials)" if s.map else
-                     "coupled") + f"; {s.seconds:.0f} s")
+                     "coupled")
+                  + (f"; Pareto K={s.pareto_choice['k']}, alpha={s.pareto_choice['alpha']:.3f} (front of "
+                     f"{len(s.pareto)})" if s.pareto_choice else "") + f"; {s.seconds:.0f} s")
             tables.append(c)
             selections.append(s)
         gk, ga, gobj = global_choice(tables, cfg.tune, cfg.scoring)
@@ -180,6 +240,8 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
                         "per_class": (s.k, s.alpha, None)}
             if s.map is not None:
                 variants.update(per_class_decoupled=(s.k, s.alpha, s.map), global_decoupled=(gk, ga, gmap))
+            if s.pareto_choice is not None:  # coupled: its map is the same LDKNN's
+                variants["per_class_pareto"] = (s.pareto_choice["k"], s.pareto_choice["alpha"], None)
             for variant, (k, a, map_setting) in variants.items():
                 calibration = validation_calibration(c, k, a, cfg.tune, cfg.scoring)
                 metrics = reported_metrics(c, k, a, cfg.scoring, map_setting, calibration)

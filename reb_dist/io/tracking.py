@@ -10,9 +10,12 @@ from their driver through `SweepLog`; `collect_results` reads everything back fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import yaml
 
@@ -175,7 +178,9 @@ def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[lis
     """Every FINISHED result and tune-trial run of an MLflow store, for `reb report`.
 
     Result runs (tagged `category` and `method`) become one row each, keyed by (category, backbone,
-    weights, method), the newest run winning; tune trial runs (tag kind=trial) become trial rows.
+    weights, method), the newest run winning; tune trial runs (tag kind=trial) become trial rows. A
+    tune class run with a Pareto search (param selected.pareto_k) adds, the newest per class, one
+    trial row {"category", "pareto"}: its pareto_<category>.json (trials, front, choice, reference).
 
     Args:
         uri: the MLflow tracking URI.
@@ -190,12 +195,16 @@ def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[lis
     exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
     results: dict[tuple, dict] = {}
     trials = []
+    pareto: dict[str, dict] = {}
     for run in client.search_runs([e.experiment_id for e in exps], "attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time ASC"], max_results=50000):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         if tags.get("kind") == "trial" and "k" in params:
             trials.append({"category": tags.get("category", "?"), "k": int(params["k"]),
                            "alpha": float(params["alpha"]), **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        elif tags.get("kind") == "class" and "selected.pareto_k" in params:
+            pareto[tags["category"]] = {"category": tags["category"],
+                                        "pareto": _run_json(client, run.info.run_id, f"pareto_{tags['category']}.json")}
         elif "category" in tags and "method" in tags and "image_auroc" in metrics:
             backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(client, tags)
             weights = params.get("weights", "imagenet")
@@ -204,7 +213,13 @@ def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[lis
             key = (category, backbone, weights, tags["method"])
             results[key] = {"category": key[0], "backbone": key[1], "weights": key[2], "method": key[3],
                             **{m: metrics[m] for m in REPORT_METRICS if m in metrics}, "run_id": run.info.run_id}
-    return sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"])), trials
+    rows = sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"]))
+    return rows, trials + [pareto[c] for c in sorted(pareto)]
+
+
+def _run_json(client, run_id: str, name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
 
 
 def _parent_backbone(client, tags: dict) -> str:

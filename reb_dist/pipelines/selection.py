@@ -5,8 +5,10 @@ A class's bank is fitted once and its validation and reported test images search
 resulting `NeighbourTable`s give LDKNN (and KNN) maps for any (K, alpha) by a gather and a
 subtraction. The image score's (K, alpha) and the map's (method, K, alpha) are chosen separately,
 each by its own validation objective: image AUROC for the first, pixel AUROC and AUPRO for the
-second. Ray Tune (reb_dist.distributed.tuning) searches per class over the tables; the global
-choices, the image thresholds and the test metrics are computed here.
+second. Optionally (tune.multi_objective) one coupled (K, alpha), as the paper, is chosen from the
+Pareto front of both objectives (`pareto_front`, `pareto_choice`). Ray Tune
+(reb_dist.distributed.tuning) searches per class over the tables; the global choices, the image
+thresholds and the test metrics are computed here.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Selection:
     map_trials: int = 0
     calibration: dict = field(default_factory=dict)  # the image threshold and normalisation (Calibration.to_dict)
     held_out_train: list[str] = field(default_factory=list)  # training images left out of the bank
+    pareto: list[dict] = field(default_factory=list)  # the coupled search's Pareto front (`pareto_front`)
+    pareto_choice: dict | None = None  # the front point `pareto_choice` picks (None: no coupled search)
 
 
 def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scoring: ScoringConfig,
@@ -208,6 +212,60 @@ def global_map_choice(all_tables: list[ClassTables], tune: TuneConfig,
     return best[1], best[0]
 
 
+def coupled_validation(c: ClassTables, k: int, alpha: float, scoring: ScoringConfig) -> dict[str, float]:
+    """Both validation objectives of one coupled LDKNN (K, alpha), image score and map alike:
+    `validation_objective`'s image AUROC and `validation_map_objective`'s map objective."""
+    image = validation_objective(ldknn_maps(c.val, k, alpha, scoring.squared), c.val_labels, c.val_masks,
+                                 lambda maps: image_scores(maps, scoring.image_score))
+    return {"k": k, "alpha": alpha, **image, **validation_map_objective(c, MapSetting("ldknn", k, alpha), scoring)}
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The non-dominated points of a two-objective search, both objectives maximised.
+
+    A point dominates another when it is at least as good on `val_image_auroc` and on
+    `map_objective` and better on one. Points with a non-finite objective are left out, and of points
+    with equal values only the first stands on the front.
+
+    Args:
+        points: dicts with ``val_image_auroc`` and ``map_objective`` (e.g. the trials, with K and alpha).
+
+    Returns:
+        The front's points (the given dicts), by increasing image AUROC (so by decreasing map objective).
+    """
+    finite = [p for p in points if math.isfinite(p["val_image_auroc"]) and math.isfinite(p["map_objective"])]
+    # by image AUROC descending, map objective descending, then given order (the sort is stable):
+    # a point is on the front iff its map objective beats every point before it
+    ranked = sorted(finite, key=lambda p: (-p["val_image_auroc"], -p["map_objective"]))
+    front, best_map = [], -math.inf
+    for p in ranked:
+        if p["map_objective"] > best_map:
+            front.append(p)
+            best_map = p["map_objective"]
+    return front[::-1]
+
+
+def pareto_choice(front: list[dict], reference: dict) -> dict | None:
+    """The one setting taken from a Pareto front: the highest validation image AUROC among the front
+    points whose validation map objective is at least the reference's (the default K and alpha on the
+    same validation images), so the map is never worse than the default's; if none is, the point with
+    the highest map objective.
+
+    Args:
+        front: `pareto_front`'s points.
+        reference: a dict with ``map_objective`` (e.g. `coupled_validation` of the default).
+
+    Returns:
+        A point of `front`, or None when the front is empty.
+    """
+    if not front:
+        return None
+    good = [p for p in front if p["map_objective"] >= reference["map_objective"]]
+    if good:
+        return max(good, key=lambda p: p["val_image_auroc"])  # the first of equals (on a front: the same point)
+    return max(front, key=lambda p: p["map_objective"])
+
+
 def validation_calibration(c: ClassTables, k: int, alpha: float, tune: TuneConfig,
                            scoring: ScoringConfig) -> Calibration:
     """The image threshold and normalisation of LDKNN (K, alpha) from the class's VALIDATION scores."""
@@ -268,4 +326,6 @@ def selection_record(s: Selection) -> dict:
         out["calibration"] = s.calibration
     if s.held_out_train:
         out["held_out_train"] = s.held_out_train
+    if s.pareto_choice is not None:
+        out.update(pareto=s.pareto, pareto_choice=s.pareto_choice)
     return out

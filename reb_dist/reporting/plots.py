@@ -1,4 +1,4 @@
-"""Figures: ROC curves, heatmap overlays, heatmap and defect galleries.
+"""Figures: ROC curves, heatmap overlays, heatmap and defect galleries, a tune search's Pareto front.
 
 Figures use ``matplotlib.figure.Figure`` directly (never pyplot), so nothing depends on a GUI
 backend or on global pyplot state, and rendering is safe in worker processes and threads.
@@ -197,3 +197,41 @@ def defect_gallery(rows: Sequence[Sequence[tuple[str, np.ndarray, np.ndarray]]],
             if r == 0:
                 axes[r, c].set_title(title, fontsize="x-small")
     return save_figure(fig, path, dpi)
+
+
+def pareto_plot(trials: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]],
+                choice: Mapping[str, Any] | None, reference: Mapping[str, Any] | None, category: str) -> Any:
+    """The coupled (K, alpha) search's trade-off: every trial as a grey point (x = validation image
+    AUROC, y = validation map objective), the Pareto front as a line, the choice and the default
+    (`reference`) marked. Save it with `save_figure`.
+
+    Args:
+        trials, front: dicts with ``val_image_auroc`` and ``map_objective`` (front points also K and alpha).
+        choice: the front point chosen, or None.
+        reference: the default setting's point, or None.
+        category: the class, in the title.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.add_subplot()
+    ax.scatter([t["val_image_auroc"] for t in trials], [t["map_objective"] for t in trials], s=18, c="grey",
+               alpha=0.6, label=f"trials ({len(trials)})")
+    ax.plot([p["val_image_auroc"] for p in front], [p["map_objective"] for p in front], "-o", c="tab:blue",
+            ms=4, lw=1.5, label="Pareto front")
+    if reference is not None:
+        ax.scatter([reference["val_image_auroc"]], [reference["map_objective"]], marker="X", s=120, c="black",
+                   label=f"default (K={reference['k']}, alpha={reference['alpha']:.3g})", zorder=3)
+    if choice is not None:
+        ax.scatter([choice["val_image_auroc"]], [choice["map_objective"]], marker="*", s=250, c="red",
+                   label=f"choice (K={choice['k']}, alpha={choice['alpha']:.3g})", zorder=4)
+    ax.set_xlabel("validation image AUROC")
+    ax.set_ylabel("validation map objective (pixel AUROC + AUPRO) / 2")
+    ax.set_title(f"{category}: coupled (K, alpha), Pareto front")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    return fig

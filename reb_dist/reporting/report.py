@@ -3,7 +3,9 @@
 Result runs (tagged `category` and `method`; benchmark, tune and sweep runs all are) become one
 table row each, keyed by backbone and weights; the newest run wins where a (category, backbone,
 method) was measured more than once. Tune trial runs (tag kind=trial, params k and alpha) become a
-K/alpha scatter per class. Written: report.md, report.csv, auroc_by_class.png, k_alpha_<class>.png.
+K/alpha scatter per class, and a class's multi-objective tune search (its pareto_<class>.json) its
+Pareto plot. Written: report.md, report.csv, auroc_by_class.png, k_alpha_<class>.png,
+pareto_<class>.png.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import numpy as np
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.tracking import REPORT_METRICS as METRICS
 from reb_dist.io.tracking import collect_results
-from reb_dist.reporting.plots import save_figure
+from reb_dist.reporting.plots import pareto_plot, save_figure
 
 __all__ = ["collect_results", "write_report"]
 
 
 def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[Path]:
-    """report.md / report.csv of `rows`, AUROC bars per class, a K/alpha scatter per tuned class.
+    """report.md / report.csv of `rows`, AUROC bars per class, a K/alpha scatter per tuned class, a
+    Pareto plot per class tuned with tune.multi_objective.
 
     Args:
         rows, trials: what `collect_results` returned.
@@ -46,9 +49,15 @@ def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[
     write_text_atomic(written[1], "\n".join(csv) + "\n")
     if rows:
         written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
+    searches = [t for t in trials if "pareto" in t]  # collect_results' Pareto records, one per class
+    trials = [t for t in trials if "pareto" not in t]
     for category in sorted({t["category"] for t in trials}):
         written.append(_k_alpha_surface([t for t in trials if t["category"] == category], category,
                                         out / f"k_alpha_{category}.png"))
+    for search in searches:
+        p = search["pareto"]
+        written.append(save_figure(pareto_plot(p["trials"], p["front"], p["choice"], p["reference"],
+                                               search["category"]), out / f"pareto_{search['category']}.png", 120))
     return written
 
 

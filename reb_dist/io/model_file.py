@@ -25,16 +25,20 @@ from reb_dist.io.tensor_files import read_tensors
 MODEL_FORMAT = "reb-dist-model/1"
 
 
-def save_model(detector: Detector, path: str | Path, density: np.ndarray | None = None) -> Path:
+def save_model(detector: Detector, path: str | Path, density: np.ndarray | None = None,
+               category: str | None = None, dataset_root: str | Path | None = None) -> Path:
     """Write a fitted detector's bank, densities and settings to `path` atomically.
 
     The detector's calibration (image threshold + normalisation range), when it has one, goes in
-    the metadata as "calibration" (JSON of `Calibration.to_dict`).
+    the metadata as "calibration" (JSON of `Calibration.to_dict`); the category and dataset root
+    the bank was fitted on, when given, as "category" and "dataset_root" (see `model_metadata`).
 
     Args:
         detector: a detector with a bank.
         path: the .safetensors file to write.
         density: every bank point's density for the detector's K; computed when not given.
+        category: the category the bank was fitted on (a detector does not know it).
+        dataset_root: the dataset root it came from.
 
     Returns:
         `path` as a Path.
@@ -52,6 +56,10 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
         "scoring": json.dumps(detector.scoring.__dict__),
         "image_size": str(detector.image_size),
     }
+    if category is not None:
+        metadata["category"] = str(category)
+    if dataset_root is not None:
+        metadata["dataset_root"] = str(dataset_root)
     if detector.calibration is not None:
         metadata["calibration"] = json.dumps(detector.calibration.to_dict())
     tensors = {"bank": detector.bank, "density": np.asarray(density, np.float32)}
@@ -104,6 +112,18 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
         raise ModelFileError(f"{path}: {exc}") from exc
     detector.calibration = calibration
     return detector
+
+
+def model_metadata(path: str | Path) -> dict[str, str]:
+    """A model file's metadata without loading its bank or backbone: "format", "backbone", "scoring",
+    "image_size", ... and, in files written with them, "category" and "dataset_root" (older files
+    lack them).
+
+    Raises:
+        ModelFileError: the file is missing or not a model file.
+    """
+    meta, _ = read_tensors(Path(path), MODEL_FORMAT, "model file")
+    return dict(meta)
 
 
 def _read_calibration(path: Path, text: str | None) -> Calibration | None:

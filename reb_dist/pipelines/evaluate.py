@@ -55,14 +55,20 @@ class CategoryResult:
 
 
 def categories_of(data: DataConfig) -> list[str]:
-    """The categories a run covers: data.categories, else every category found under the root."""
+    """The categories a run covers: data.categories, else every category found under the root.
+
+    Raises:
+        DatasetError: the root holds no category (e.g. it is a category folder itself: the message
+            then says which --root and --categories to use).
+    """
     if data.layout == "folder":  # one custom set; its name is the category
         return data.categories[:1] or [data.resolved_root().name]
     return data.categories or list_categories(data.layout, data.resolved_root())
 
 
 def load_category(data: DataConfig, category: str) -> ClassSplit:
-    """The category's split, few-shot applied, every file opened once when `check_files`."""
+    """The category's split, few-shot applied, every file opened once when `check_files` (images too
+    small for `data.image_size` refused then)."""
     folders = {}
     if data.layout == "folder":
         folders = dict(train_dir=data.train_dir, test_normal_dir=data.test_normal_dir,
@@ -71,7 +77,7 @@ def load_category(data: DataConfig, category: str) -> ClassSplit:
     if data.few_shot:
         split.train = few_shot(split.train, data.few_shot)
     if data.check_files:
-        check_split(split)
+        check_split(split, resize_to=data.image_size)
     return split
 
 

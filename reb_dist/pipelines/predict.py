@@ -13,21 +13,27 @@ from reb_dist.core.detector import Detector
 from reb_dist.core.thresholds import normalise
 from reb_dist.errors import DatasetError
 from reb_dist.io.data import is_image_file, preprocess, read_image
+from reb_dist.io.data.images import check_image_side
 
 
 @dataclass
 class Prediction:
     """One image's prediction: its score and pixel map (at the detector's image size), and, when
-    known, its normalised score and whether it is flagged anomalous."""
+    known, its normalised score and whether it is flagged anomalous.
+
+    An image that could not be scored (unreadable, too small...) has `error` set, a NaN score and
+    no image or pixel map.
+    """
 
     path: Path
-    image: np.ndarray  # the image as read, uint8 (H, W, 3)
+    image: np.ndarray | None  # the image as read, uint8 (H, W, 3); None when it could not be
     score: float
-    pixel_map: np.ndarray  # (S, S) float32, S = the detector's image size
+    pixel_map: np.ndarray | None  # (S, S) float32, S = the detector's image size; None on error
     # normalise(score, the model's calibration): 0..1, 0.5 at the calibrated threshold; None without one
     normalised_score: float | None = None
     # score >= the threshold used; None when there is none (no calibration and none given)
     anomalous: bool | None = None
+    error: str | None = None  # why the image could not be scored; None when it was
 
 
 def find_images(items: Iterable[str | Path]) -> list[Path]:
@@ -54,7 +60,8 @@ def predict(detector: Detector, paths: list[Path], batch_size: int = 16,
             stays on one fixed scale.
 
     Returns:
-        One prediction per path, in order.
+        One prediction per path, in order; a file that cannot be read or is too small for the
+        detector's image size gets one with `error` set, and the others are scored all the same.
     """
     method = detector.default_method
     calibration = detector.calibration
@@ -63,13 +70,23 @@ def predict(detector: Detector, paths: list[Path], batch_size: int = 16,
     out = []
     for s in range(0, len(paths), batch_size):
         chunk = paths[s:s + batch_size]
-        images = [read_image(p) for p in chunk]
-        batch = torch.stack([preprocess(im, detector.image_size) for im in images])
-        scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
-        for p, image, score, pixel_map in zip(chunk, images, scores.image_scores,
-                                              detector.pixel_maps(scores.patch_maps)):
-            score = float(score)  # compare in float64, as the threshold was computed (not float32)
-            normalised = None if calibration is None else float(normalise(score, calibration))
-            flagged = None if threshold is None else score >= threshold
-            out.append(Prediction(p, image, score, pixel_map, normalised, flagged))
+        images: dict[int, np.ndarray] = {}
+        done: dict[int, Prediction] = {}
+        for i, p in enumerate(chunk):
+            try:
+                images[i] = read_image(p)
+                check_image_side(p, images[i].shape[1::-1], detector.image_size)
+            except DatasetError as exc:  # one bad file must not cost the others their scores
+                images.pop(i, None)
+                done[i] = Prediction(p, None, float("nan"), None, error=exc.problem)
+        if images:
+            batch = torch.stack([preprocess(im, detector.image_size) for im in images.values()])
+            scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
+            for (i, image), score, pixel_map in zip(images.items(), scores.image_scores,
+                                                   detector.pixel_maps(scores.patch_maps)):
+                score = float(score)  # compare in float64, as the threshold was computed (not float32)
+                normalised = None if calibration is None else float(normalise(score, calibration))
+                flagged = None if threshold is None else score >= threshold
+                done[i] = Prediction(chunk[i], image, score, pixel_map, normalised, flagged)
+        out += [done[i] for i in range(len(chunk))]
     return out

@@ -8,14 +8,15 @@ table, and writes its files under `cfg.output_dir`. `reb_dist.cli` only parses a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from reb_dist.config import RunConfig
-from reb_dist.errors import ConfigError
-from reb_dist.io.model_file import load_model, save_model
+from reb_dist.errors import ConfigError, DatasetError
+from reb_dist.io.model_file import load_model, model_metadata, save_model
 from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.bank import index_factory, shard_folder
 from reb_dist.pipelines.evaluate import CategoryResult, categories_of, evaluate_category, fit_detector, load_category
@@ -70,7 +71,7 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
                 if validation is not None:
                     calibration = synthetic_calibration(detector, validation, cfg)
                 detector.calibration = calibration
-                save_model(detector, path)
+                save_model(detector, path, category=category, dataset_root=cfg.data.resolved_root().absolute())
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
             tracker.log_result(category, "fit", info)
@@ -131,17 +132,47 @@ def apply_selection(cfg: RunConfig, chosen: dict, split, source: str | Path):
 def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> CategoryResult:
     """Score one category's test set with a saved model (its first method), report and log it.
 
-    The model's own backbone, scoring and image size are used; they are returned in the result
-    files and MLflow params as `resolved` / `model.*`, and `cfg` is left as given.
+    The model's own backbone, scoring and image size are used; where `cfg` asks for other values,
+    one warning line per setting on stderr says so. They are returned in the result files and
+    MLflow params as `resolved` / `model.*`, and `cfg` is left as given. Features are computed on
+    `cfg.backbone.device`. The category is the one the model was fitted on when `cfg` names none
+    (models saved before categories were stored: the one category under the root).
+
+    Raises:
+        ConfigError: `cfg.data.categories` names another category than the model was fitted on,
+            or (for a model without one) not exactly one category.
     """
-    categories = categories_of(cfg.data)
+    fitted_on = model_metadata(model).get("category")  # None in model files older than the field
+    asked = cfg.data.categories  # non-empty only when the user chose (--categories / data.categories)
+    if fitted_on is not None and asked and asked != [fitted_on]:
+        raise ConfigError(f"{model} was fitted on category '{fitted_on}', but the settings ask for "
+                          f"'{', '.join(asked)}' (--categories): its scores there would mean nothing")
+    if fitted_on is not None and not asked and cfg.data.layout != "folder":
+        categories = [fitted_on]
+    else:
+        categories = categories_of(cfg.data)
     if len(categories) != 1:
         raise ConfigError(f"a model belongs to one category; choose one of {categories} with --categories")
     category = categories[0]
-    detector = load_model(model, bank=cfg.bank,
+    detector = load_model(model, cfg.backbone.device, bank=cfg.bank,
                           index_factory=index_factory(cfg.bank, shard_folder(cfg.bank, cfg.output_dir, category)))
     resolved = {"model": str(model), "backbone": asdict(detector.backbone_config),
                 "scoring": asdict(detector.scoring), "image_size": detector.image_size}
+    if fitted_on is not None:
+        resolved["category"] = fitted_on
+    # Say so wherever the user's settings differ from the model's (device is the user's to choose,
+    # finetuned is read by benchmark only): a silently replaced --backbone or k misleads.
+    def show(value) -> str:
+        return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+    differences = [(f"backbone.{k}", v, getattr(detector.backbone_config, k))
+                   for k, v in asdict(cfg.backbone).items() if k not in ("device", "finetuned")]
+    differences += [(f"scoring.{k}", v, getattr(detector.scoring, k)) for k, v in asdict(cfg.scoring).items()]
+    differences.append(("data.image_size", cfg.data.image_size, detector.image_size))
+    for key, yours, models in differences:
+        if yours != models:
+            print(f"warning: {key}: your settings say {show(yours)}, but {model} was fitted with "
+                  f"{show(models)}: the model's value is used", file=sys.stderr)
     tracker = Tracker(cfg.tracking)
     with closing(detector), tracker.run(cfg, "evaluate"):
         tracker.log_params({f"model.{k}": v for k, v in _flat(resolved).items()})
@@ -192,11 +223,17 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
     Args:
         model: a model file from `fit`.
         images: image files or folders.
-        output: the folder for `<stem>_heatmap.png` overlays and scores.csv.
+        output: the folder for `<stem>_heatmap.png` overlays (made unique where stems repeat, see
+            `write_predictions`) and scores.csv.
         threshold: flag images whose score is at least this (an `anomalous` column); None: the
             model's saved (calibrated) threshold, if it has one, else no flags.
         device: where features are computed (default: the model's).
         batch_size: images per feature batch.
+
+    Raises:
+        DatasetError: some images could not be scored (unreadable, too small, ...): raised after the
+            others' overlays and scores.csv (with an error column) are written, naming each bad image
+            with its problem.
     """
     with closing(load_model(model, device)) as detector:
         calibration = detector.calibration
@@ -211,6 +248,12 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
             print("no threshold: none given and the model has no calibration, so images are not flagged")
         predictions = predict(detector, find_images(images), batch_size, threshold)
     write_predictions(predictions, Path(output), threshold, calibration)
+    failed = [p for p in predictions if p.error is not None]
+    if failed:  # a non-zero exit, though the good images' results are written
+        others = "".join(f"\n{p.path}: {p.error}" for p in failed[1:])
+        raise DatasetError(failed[0].path, f"{failed[0].error}{others}\n{len(predictions) - len(failed)} of "
+                                           f"{len(predictions)} images scored; overlays and scores.csv "
+                                           f"(with an error column) in {output}")
     return predictions
 
 

@@ -112,7 +112,8 @@ def category_plots(result: CategoryResult, out: Path) -> list[Path]:
 
 def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None,
                       calibration: Calibration | None = None) -> list[dict]:
-    """A heatmap overlay per image (one colour scale for all) and scores.csv; returns the CSV rows.
+    """A heatmap overlay per scored image (one colour scale for all) and scores.csv; returns the CSV
+    rows (a scored one also names its `overlay` file).
 
     Args:
         predictions: from `reb_dist.pipelines.predict.predict`.
@@ -122,32 +123,49 @@ def write_predictions(predictions: list[Prediction], out: Path, threshold: float
             scale 0..1 (0.5 = the image threshold), comparable across runs. Without one, the
             scale is the min..max of this run's maps.
 
-    scores.csv has columns image, score, then normalised_score and anomalous when every
-    prediction has them.
+    Overlays are named `<stem>_heatmap.png`; an image whose stem is already taken (a/x.png after
+    b/x.png) gets `<stem>-2_heatmap.png` (-3, ...), so no overlay overwrites another.
+
+    scores.csv has columns image (the path as given), score, then normalised_score and anomalous
+    when every scored prediction has them, overlay when a name had to be made unique, and error
+    when an image could not be scored (its row has an empty score and the problem).
     """
     out.mkdir(parents=True, exist_ok=True)
+    scored = [p for p in predictions if p.error is None]
     if calibration is not None:
         vmin, vmax = 0.0, 1.0  # the calibrated scale: the same colours mean the same score everywhere
-    else:
+    elif scored:
         # One colour scale for every overlay of the run, so heatmaps compare across images.
-        vmin = min(float(p.pixel_map.min()) for p in predictions)
-        vmax = max(float(p.pixel_map.max()) for p in predictions)
+        vmin = min(float(p.pixel_map.min()) for p in scored)
+        vmax = max(float(p.pixel_map.max()) for p in scored)
     flags = [p.anomalous if p.anomalous is not None else (None if threshold is None else p.score >= threshold)
              for p in predictions]
-    has_flags = bool(predictions) and all(f is not None for f in flags)
-    has_normalised = bool(predictions) and all(p.normalised_score is not None for p in predictions)
+    has_flags = bool(scored) and all(f is not None for p, f in zip(predictions, flags) if p.error is None)
+    has_normalised = bool(scored) and all(p.normalised_score is not None for p in scored)
+    taken: set[str] = set()  # lower case: two names differing in case are one file on macOS/Windows
+    renamed = False
     rows = []
     for p, flag in zip(predictions, flags):
+        row = {"image": str(p.path)}
+        if p.error is not None:
+            rows.append({**row, "error": p.error})
+            continue
+        stem, n = p.path.stem, 1
+        while (name := f"{stem}{'' if n == 1 else f'-{n}'}_heatmap.png").lower() in taken:
+            n += 1
+        taken.add(name.lower())
+        renamed |= n > 1
         pixel_map = p.pixel_map if calibration is None else normalise(p.pixel_map, calibration).astype(np.float32)
         full = np.asarray(Image.fromarray(pixel_map).resize(p.image.shape[1::-1], Image.BILINEAR))
-        save_png(heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax), out / f"{p.path.stem}_heatmap.png")
-        row = {"image": str(p.path), "score": f"{p.score:.6g}"}
+        save_png(heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax), out / name)
+        row.update(score=f"{p.score:.6g}", overlay=name)
         if has_normalised:
             row["normalised_score"] = f"{p.normalised_score:.6g}"
         if has_flags:
             row["anomalous"] = int(flag)
         rows.append(row)
     columns = (["image", "score"] + (["normalised_score"] if has_normalised else [])
-               + (["anomalous"] if has_flags else []))
+               + (["anomalous"] if has_flags else []) + (["overlay"] if renamed else [])
+               + (["error"] if len(scored) < len(predictions) else []))
     write_text_atomic(out / "scores.csv", to_csv(rows, columns))
     return rows

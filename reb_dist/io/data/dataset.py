@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from reb_dist.io.data.images import check_image_side, read_image, read_mask
 from reb_dist.io.data.images import image_size as image_size_of
-from reb_dist.io.data.images import read_image, read_mask
 from reb_dist.io.data.samples import Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,7 +48,8 @@ class ImageDataset(Dataset):
     """dict(image=3xSxS float32, mask=1xSxS float32 0/1, label=int, index=int) per sample.
 
     The mask is all zero for normal images, for anomalous ones without a mask, and when with_masks=False
-    (then no mask file is read), so batches always collate the same keys.
+    (then no mask file is read), so batches always collate the same keys. An image too small for
+    `image_size` (see `min_image_side`) raises a DatasetError naming it.
 
     Args:
         samples: The samples, indexed in this order.
@@ -67,6 +68,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         image = read_image(s.image_path)
+        # also here, not only in check_split: data.check_files=false skips that check
+        check_image_side(s.image_path, image.shape[1::-1], self.image_size)
         if self.with_masks and s.mask_path is not None:
             size = (image.shape[1], image.shape[0])
             mask = resize_mask(read_mask(s.mask_path, size, image=s.image_path), self.image_size)

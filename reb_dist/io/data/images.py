@@ -24,6 +24,10 @@ _SKIPPED_SUFFIXES = frozenset({".txt", ".md"})
 _SKIPPED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 _SKIPPED_STEMS = frozenset({"readme", "license", "licence", "copying"})
 
+# Stage 2 of every supported backbone has stride 8, so patch features form an (S/8 x S/8) grid for
+# images resized to S: a source shorter than that has fewer pixels than feature cells.
+FEATURE_STRIDE = 8
+
 
 def is_image_file(path: str | Path) -> bool:
     """True if the file name has an image extension (case-insensitive)."""
@@ -181,6 +185,26 @@ def read_mask(
         raise DatasetError(path, f"mask is {mask.shape[1]}x{mask.shape[0]} but {owner} is "
                                  f"{expected_size[0]}x{expected_size[1]}")
     return mask
+
+
+def min_image_side(image_size: int) -> int:
+    """The shortest side (pixels) a source image may have to be resized to `image_size`: the side of
+    the patch-feature grid (image_size / 8, e.g. 32 px at 256), below which every feature would be
+    made up by upsampling."""
+    return max(1, int(image_size) // FEATURE_STRIDE)
+
+
+def check_image_side(path: str | Path, size: tuple[int, int], image_size: int) -> None:
+    """Refuse an image of (W, H) `size` too small to be resized to `image_size` (see `min_image_side`).
+
+    Raises:
+        DatasetError: naming the file, its size and the minimum.
+    """
+    width, height = size
+    if min(width, height) < (least := min_image_side(image_size)):
+        raise DatasetError(path, f"image is only {width}x{height} pixels: its shorter side must be at least "
+                                 f"{least} px (the feature grid at image size {image_size}), or upsampling "
+                                 "would make up its features")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

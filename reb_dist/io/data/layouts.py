@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from reb_dist.io.data.images import image_size, is_skipped_file, list_images, read_image, read_mask
+from reb_dist.io.data.images import check_image_side, image_size, is_skipped_file, list_images, read_image, read_mask
 from reb_dist.io.data.samples import NORMAL, ClassSplit, Sample
 from reb_dist.errors import DatasetError
 
@@ -65,8 +65,9 @@ def _category_dir(root: str | Path, category: str, layout: str) -> Path:
         raise DatasetError(root, "dataset root folder not found")
     cat = root / category
     if not cat.is_dir():
-        known = ", ".join(list_categories(layout, root)) or "none"
-        raise DatasetError(cat, f"category folder not found (categories of layout '{layout}' here: {known})")
+        known = ", ".join(list_categories(layout, root, allow_empty=True)) or "none"
+        raise DatasetError(cat, f"category folder not found (categories of layout '{layout}' here: "
+                                f"{known}){_category_folder_hint(layout, root)}")
     return cat
 
 
@@ -243,17 +244,23 @@ def load_split(layout: str, root: str | Path, category: str | None = None, **kw)
                 if kw.get(k) is not None}
         return folder(**dirs, name=kw.pop("name", category or Path(root).name), **kw)
     if category is None:
-        known = ", ".join(list_categories(key, root)) or "none"
+        known = ", ".join(list_categories(key, root, allow_empty=True)) or "none"
         raise ValueError(f"layout '{key}' needs a category (categories in {root}: {known})")
     return LAYOUTS[key](root, category, **kw)
 
 
-def list_categories(layout: str, root: str | Path) -> list[str]:
+def list_categories(layout: str, root: str | Path, *, allow_empty: bool = False) -> list[str]:
     """Return the sorted subfolders of root with the training folder the layout expects (e.g. train/good).
+
+    Args:
+        layout: A key of `LAYOUTS` or an alias, but not "folder".
+        root: The dataset root.
+        allow_empty: Return an empty list instead of raising when no category is found.
 
     Raises:
         ValueError: If the layout is unknown or is "folder".
-        DatasetError: If `root` is not a folder.
+        DatasetError: If `root` is not a folder, or (unless `allow_empty`) holds no category; when
+            `root` is itself a category folder, the message says which --root and --categories to use.
     """
     key = _layout_name(layout)
     if key == "folder":
@@ -261,21 +268,38 @@ def list_categories(layout: str, root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(root, "dataset root folder not found")
-    return sorted(p.name for p in root.iterdir() if (p / _TRAIN_DIR[key]).is_dir())
+    found = sorted(p.name for p in root.iterdir() if (p / _TRAIN_DIR[key]).is_dir())
+    if not found and not allow_empty:
+        # without this, fit and benchmark loop over nothing and exit 0 having done nothing
+        raise DatasetError(root, f"no categories of layout '{key}' in this folder (a category is a subfolder "
+                                 f"with {_TRAIN_DIR[key]}/){_category_folder_hint(key, root)}")
+    return found
 
 
-def check_split(split: ClassSplit, deep: bool = True, workers: int = 8) -> int:
+def _category_folder_hint(layout: str, root: Path) -> str:
+    """Advice to append to an error when `root` has the layout's training folder (it is a category
+    folder, not a dataset root); empty otherwise."""
+    if not (root / _TRAIN_DIR[layout]).is_dir():
+        return ""
+    parent = root.absolute().parent
+    return f"; this looks like a category folder: use --root {parent} --categories {root.name}"
+
+
+def check_split(split: ClassSplit, deep: bool = True, workers: int = 8, resize_to: int | None = None) -> int:
     """Open every image and mask once, so bad input is reported before a long computation starts.
 
     deep=True decodes all pixels (catches truncated files); deep=False reads headers only.
-    Masks are checked against their image's size. Raises the first DatasetError in sample order, saying how
-    many other files are bad; returns the number of samples checked.
+    Masks are checked against their image's size; with `resize_to` (the run's image size), images
+    too small to be resized to it (see `min_image_side`) are refused. Raises the first DatasetError
+    in sample order, saying how many other files are bad; returns the number of samples checked.
     """
     samples = split.train + split.test + list(split.extras.get("validation", []))
 
     def check(s: Sample) -> DatasetError | None:
         try:
             size = read_image(s.image_path).shape[1::-1] if deep else image_size(s.image_path)
+            if resize_to is not None:
+                check_image_side(s.image_path, size, resize_to)
             if s.mask_path is not None:
                 if deep or s.mask_path.is_dir():
                     read_mask(s.mask_path, size, image=s.image_path)

@@ -6,6 +6,11 @@ metadata) and is held by one actor. An actor that dies (killed, out of memory, i
 restarted by Ray from its file and the call it was answering is retried; when restarts run out the
 search raises, so no partial or silently wrong scores come back.
 
+Every shard file carries the fingerprint of its whole bank and its shard number. An actor is given
+both when it is created and checks its file against them each time it loads it, after a restart too
+(Ray runs the constructor again), since the file may have been rewritten by another bank since the
+bank was opened: a mismatch fails the search with an error naming the file and both fingerprints.
+
 `ShardedBank` implements the `Index` protocol (reb_dist.core.ldknn.index), as the in-process
 `BankIndex` does, so `BankScorer`, `BankStats` and the detector use it unchanged. Shard files are
 `reb_dist.io.shard_file`'s.
@@ -14,6 +19,7 @@ search raises, so no partial or silently wrong scores come back.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +28,7 @@ from tqdm.auto import tqdm
 from reb_dist.core.ldknn.approx import resolve_neighbour_search
 from reb_dist.core.ldknn.search import BankIndex, as_float32, check_self_search, drop_self, merge_nearest
 from reb_dist.errors import ModelFileError, RebError
-from reb_dist.io.shard_file import read_shard, write_shards
+from reb_dist.io.shard_file import load_shard, read_shard, write_shards
 
 class BankShard:
     """What one actor holds: a `BankIndex` over its shard, answering with global ids.
@@ -31,6 +37,9 @@ class BankShard:
 
     Args:
         path: Shard file written by `reb_dist.io.shard_file.write_shards`.
+        bank_id: Fingerprint of the bank this shard must belong to; None trusts the file's header (in
+            process only: `ShardedBank` always passes the fingerprint it opened).
+        shard: Shard number the file must hold; None trusts the header.
         neighbour_search: Candidate search for the density build, already resolved for the whole
             bank by the caller so that every shard searches the same way.
         nprobe: IVF lists probed per query by the approximate index; 0 scales it to the list count.
@@ -40,15 +49,18 @@ class BankShard:
             neighbour_search.
     """
 
-    def __init__(self, path: str, neighbour_search: str = "auto", nprobe: int = 0,
-                 use_gpu: bool = False, threads: int | None = None, query_search: str = "exact"):
+    def __init__(self, path: str, bank_id: str | None = None, shard: int | None = None,
+                 neighbour_search: str = "auto", nprobe: int = 0, use_gpu: bool = False,
+                 threads: int | None = None, query_search: str = "exact"):
         if threads:  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1; whole CPUs get their count
             import faiss
 
             faiss.omp_set_num_threads(threads)
-        vectors, meta = read_shard(path)
+        # checked on every (re)load: after a Ray restart the file may hold another bank by now
+        vectors, meta = load_shard(path, bank_id, shard)
         self.path = path
         self.offset, self.total, self.bank_id = meta["offset"], meta["total"], meta["bank_id"]
+        self.shard = meta["shard"]
         # "auto" is resolved for the WHOLE bank by the caller, so every shard uses the same search
         self.index = BankIndex(vectors, use_gpu=use_gpu, dtype=str(vectors.dtype),
                                neighbour_search=neighbour_search, nprobe=nprobe, query_search=query_search)
@@ -57,11 +69,12 @@ class BankShard:
         """Describe this shard.
 
         Returns:
-            A dict with the actor's ``pid``, the shard's ``offset`` in the bank, its ``size``, the
-            bank's ``total`` size and ``bank_id``, and the vectors' ``dim`` and storage ``dtype``.
+            A dict with the actor's ``pid``, the ``shard`` number, its ``offset`` in the bank, its
+            ``size``, the bank's ``total`` size and ``bank_id``, and the vectors' ``dim`` and
+            storage ``dtype``.
         """
-        return {"pid": os.getpid(), "offset": self.offset, "size": len(self.index), "total": self.total,
-                "bank_id": self.bank_id, "dim": self.index.dim, "dtype": self.index.dtype}
+        return {"pid": os.getpid(), "shard": self.shard, "offset": self.offset, "size": len(self.index),
+                "total": self.total, "bank_id": self.bank_id, "dim": self.index.dim, "dtype": self.index.dtype}
 
     def search(self, queries: np.ndarray, k: int, approximate: bool = False,
                exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -109,8 +122,11 @@ class ShardedBank:
         if not shard_paths:
             raise ValueError("a sharded bank needs at least one shard file")
         self.paths = [str(p) for p in shard_paths]
+        headers = [read_shard(p, with_vectors=False)[1] for p in self.paths]
+        self._check_shards(headers)
+        self.bank_id = headers[0]["bank_id"]  # what every actor checks its file against, at each load
         # "auto" is decided by the WHOLE bank's size, so that every shard searches the same way
-        total = read_shard(self.paths[0], with_vectors=False)[1]["total"]
+        total = headers[0]["total"]
         self.neighbour_search = neighbour_search = resolve_neighbour_search(neighbour_search, total)
         self.query_search = query_search = resolve_neighbour_search(query_search, total)
         self._started_ray = ensure_ray()
@@ -120,16 +136,17 @@ class ShardedBank:
             max_restarts=max_restarts, max_task_retries=max_restarts,
             scheduling_strategy="SPREAD")  # on a cluster, shards (and their memory) go to different nodes
         threads = max(1, int(cpus_per_shard))
-        self.actors = [remote.remote(p, neighbour_search, nprobe, gpus_per_shard > 0, threads, query_search)
-                       for p in self.paths]
+        self.actors = [remote.remote(p, self.bank_id, i, neighbour_search, nprobe, gpus_per_shard > 0, threads,
+                                     query_search)
+                       for i, p in enumerate(self.paths)]
         infos = self._gather([a.info.remote() for a in self.actors], "open")
-        self._check_shards(infos)
         self.offsets = np.array([i["offset"] for i in infos] + [infos[0]["total"]], dtype=np.int64)
         self.dim, self.dtype = infos[0]["dim"], infos[0]["dtype"]
 
     @classmethod
     def create(cls, bank: np.ndarray, directory: str | Path, num_shards: int,
-               sizes: list[int] | None = None, dtype: str = "float32", **kw) -> ShardedBank:
+               sizes: list[int] | None = None, dtype: str = "float32", by_fingerprint: bool = False,
+               **kw) -> ShardedBank:
         """Cut `bank` (n, d) into shard files under `directory` and open them.
 
         Args:
@@ -138,30 +155,31 @@ class ShardedBank:
             num_shards: Number of shards (and actors).
             sizes: Points per shard; None lets `write_shards` split the bank.
             dtype: Storage dtype of the shard files, "float32" or "float16".
+            by_fingerprint: Write to `directory/<bank fingerprint>/`, so banks never share files.
             **kw: Keyword arguments of `ShardedBank`.
 
         Returns:
             The opened `ShardedBank`.
         """
-        return cls(write_shards(bank, directory, num_shards, sizes, dtype), **kw)
+        return cls(write_shards(bank, directory, num_shards, sizes, dtype, by_fingerprint), **kw)
 
-    def _check_shards(self, infos: list[dict]) -> None:
-        infos_sorted = sorted(zip(infos, self.paths), key=lambda t: t[0]["offset"])
-        if [p for _, p in infos_sorted] != self.paths:
+    def _check_shards(self, headers: list[dict]) -> None:
+        """The files' headers: one bank, each shard once, in bank order (contents: see `BankShard`)."""
+        first = headers[0]
+        for header, path in zip(headers, self.paths):
+            if header["bank_id"] != first["bank_id"] or header["total"] != first["total"]:
+                raise ModelFileError(f"{path}: belongs to another bank ({header['bank_id']}) than "
+                                     f"{self.paths[0]} ({first['bank_id']})")
+        held = [h["shard"] for h in headers]
+        if sorted(held) != list(range(first["shards"])):
+            raise ModelFileError(f"{self.paths}: hold shards {held} of the {first['shards']} of bank "
+                                 f"{first['bank_id']} (a shard is missing or repeated)")
+        if held != sorted(held):
             raise ModelFileError(f"{self.paths}: shard files must be given in bank order")
-        expected = 0
-        for info, path in infos_sorted:
-            if info["bank_id"] != infos[0]["bank_id"] or info["total"] != infos[0]["total"]:
-                raise ModelFileError(f"{path}: belongs to another bank than {self.paths[0]}")
-            if info["offset"] != expected:
-                raise ModelFileError(f"{path}: starts at point {info['offset']}, expected {expected} "
-                                     "(a shard is missing or repeated)")
-            expected += info["size"]
-        if expected != infos[0]["total"]:
-            raise ModelFileError(f"{self.paths[-1]}: shards hold {expected} of {infos[0]['total']} points")
 
     def _gather(self, refs: list, what: str, shards: list[int] | None = None) -> list:
-        """ray.get, turning an actor lost beyond its restarts into an error that names the shard."""
+        """ray.get, turning an actor lost beyond its restarts, or one whose constructor refused its
+        file (a shard rewritten by another bank), into an error that names the shard."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -170,6 +188,15 @@ class ShardedBank:
             try:
                 out.append(ray.get(ref))
             except RayActorError as exc:
+                if exc.actor_init_failed:
+                    # Ray passes the constructor's exception on as text only, its traceback ending in
+                    # "module.Class: message" (load_shard's names the file and both fingerprints)
+                    last = str(exc).strip().splitlines()[-1]
+                    raised = re.fullmatch(r"([\w.]+): (.*)", last)
+                    refused = raised is not None and raised[1].endswith(".ModelFileError")
+                    raise (ModelFileError if refused else RebError)(
+                        f"bank shard {shard} could not (re)load its file during {what}; no scores were "
+                        f"returned: {raised[2] if refused else last}") from exc
                 raise RebError(f"{self.paths[shard]}: bank shard {shard} failed during {what} and could not "
                                f"be restarted; no scores were returned ({type(exc).__name__})") from exc
         return out

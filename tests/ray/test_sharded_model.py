@@ -18,7 +18,9 @@ def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray
     sharded = load_model(path, device="cpu", bank=bank, index_factory=index_factory(bank, tmp_path / "shards"))
     try:
         assert type(sharded.scorer.index).__name__ == "ShardedBank"
-        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        [folder] = (tmp_path / "shards").iterdir()  # one sub-folder per bank, named by its fingerprint
+        assert folder.name == sharded.scorer.index.bank_id
+        assert sorted(p.name for p in folder.iterdir()) == [
             "bank.json", "shard-000-of-002.safetensors", "shard-001-of-002.safetensors"]
         got = sharded.score_features(test_features, methods)
     finally:

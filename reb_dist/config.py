@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -197,7 +198,9 @@ class RunConfig:
         preset = values.get("preset", "exact") if isinstance(values, dict) else "exact"
         if preset not in PRESETS:
             raise ConfigError(f"{source}: preset {preset!r} is unknown; known: {sorted(PRESETS)}")
-        return _build(cls, _merge(PRESETS[preset], values), source)
+        cfg = _build(cls, _merge(PRESETS[preset], values), source)
+        cfg.validate(source)
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -217,20 +220,54 @@ class RunConfig:
             apply_override(values, item)
         return cls.from_dict(values, str(path) if path else "settings")
 
+    def validate(self, source: str = "settings") -> None:
+        """Check every setting with a fixed set of values or a range, before any data is read.
+
+        Choice lists come from the code that reads each setting (see `_choices`), method specs are
+        parsed by the scorers' own `parse_method`, numbers are checked against `RANGES` (floats must
+        also be finite), and a few pairs against each other (tune.k_min <= tune.k_max, ...).
+        What depends on the data (few_shot against a class's images, K against its bank) is checked
+        where the data is loaded (`reb_dist.pipelines.evaluate`).
+
+        Raises:
+            ConfigError: naming `source` and, for each bad setting, its key, its value and what is allowed.
+        """
+        problems = []
+        values = self._values()
+        choices = _choices()
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{key}={value!r} is not a number; allowed: a finite number")
+            elif key in RANGES and value is not None and not _in_interval(value, RANGES[key]):
+                problems.append(f"{key}={value!r} is out of range; allowed: {_describe(RANGES[key])}")
+            elif key in choices and value not in choices[key]:
+                problems.append(f"{key}={value!r} is unknown; allowed: {', '.join(map(str, choices[key]))}")
+        problems += _device_problems(self.backbone.device)
+        problems += _method_problems(self.scoring)
+        for low, high in (("tune.k_min", "tune.k_max"), ("tune.alpha_min", "tune.alpha_max")):
+            if values[low] > values[high]:  # nan compares False and is reported above
+                problems.append(f"{low}={values[low]!r} is more than {high}={values[high]!r}; "
+                                f"allowed: {low} <= {high}")
+        if problems:  # every bad setting at once, on one line
+            raise ConfigError(f"{source}: " + "; ".join(problems))
+
+    def _values(self) -> dict[str, object]:
+        """section.key -> value, the values themselves (`flat` gives them as text)."""
+        out: dict[str, object] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
     def to_dict(self) -> dict:
         """The settings as a nested dict of plain values."""
         return asdict(self)
 
     def flat(self) -> dict[str, str]:
         """section.key -> value as text: the form MLflow params take."""
-        out = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{k}": json.dumps(v) if isinstance(v, list) else str(v)
-                            for k, v in values.items()})
-            else:
-                out[section] = str(values)
-        return out
+        return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in self._values().items()}
 
     def dump(self, path: str | Path) -> None:
         """Write the settings as YAML (loadable with `RunConfig.load`), atomically."""
@@ -247,6 +284,155 @@ PRESETS: dict[str, dict] = {
     "fast": {"bank": {"coreset_ratio": 0.1, "coreset_method": "fast", "query_search": "ivf",
                       "neighbour_search": "ivf", "nprobe": 0}},
 }
+
+
+# section.key -> the interval its value must lie in: "[" and "]" include the bound, "(" and ")" do not.
+# Optional settings left at None are not checked; every float setting must also be finite.
+RANGES: dict[str, str] = {
+    "data.image_size": "[1, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.num_workers": "[0, inf)",
+    "data.few_shot": "[0, inf)",  # 0: every training image
+    "backbone.layer_dim": "[1, inf)",
+    "backbone.target_dim": "[1, inf)",
+    "bank.coreset_ratio": "(0, 1]",
+    "bank.coreset_projection_dim": "[0, inf)",  # 0: no projection
+    "bank.seed": "[0, inf)",  # numpy refuses negative seeds
+    "bank.nprobe": "[0, inf)",  # 0: a fraction of the lists
+    "bank.recall_sample": "[1, inf)",  # recall on no query would be NaN
+    "bank.shards": "[0, inf)",
+    "bank.shard_cpus": "[0, inf)",
+    "bank.shard_gpus": "[0, inf)",
+    "scoring.k": "[1, inf)",
+    "scoring.sigma": "[0, inf)",  # 0: no blur
+    "finetune.steps": "[1, inf)",
+    "finetune.images_per_step": "[1, inf)",
+    "finetune.micro_batch": "[1, inf)",
+    "finetune.freeze_steps": "[0, inf)",
+    "finetune.lr": "(0, inf)",
+    "finetune.momentum": "[0, 1]",
+    "finetune.weight_decay": "[0, inf)",
+    "finetune.blend_prob": "[0, 1]",
+    "finetune.checkpoint_every": "[1, inf)",  # steps are counted modulo it
+    "finetune.num_workers": "[1, inf)",
+    "finetune.cpus_per_worker": "(0, inf)",
+    "finetune.data_workers": "[1, inf)",
+    "finetune.data_cpus": "(0, inf)",
+    "finetune.torch_threads": "[1, inf)",
+    "finetune.seed": "[0, inf)",
+    "finetune.fail_at_step": "[1, inf)",
+    "tracking.heatmap_examples": "[0, inf)",
+    "cache.max_gb": "[0, inf)",
+    "tune.fraction": "[0, 1)",  # 0: the validation kind's default (0.1 synthetic, 0.3 test)
+    "tune.k_min": "[1, inf)",
+    "tune.k_max": "[1, inf)",
+    "tune.trials": "[1, inf)",
+    "tune.map_trials": "[0, inf)",  # 0: no map search
+    "tune.map_alpha_max": "[0, inf)",
+    "tune.quantile": "(0, 1)",
+    "tune.concurrency": "[0, inf)",  # 0: as many as the cluster has CPUs
+    "tune.seed": "[0, inf)",
+}
+# Choices read only here or as text (the fine-tuning loss tells "ce" from anything else, use_gpu
+# compares text), so this is their one list.
+FINETUNE_LOSSES = ("bce", "ce")
+USE_GPU = ("auto", "true", "false")
+
+
+def _choices() -> dict[str, tuple]:
+    """section.key -> its allowed values, each list taken from the code that reads the setting.
+
+    Imported here rather than at the top: those modules load torch, and `import reb_dist.config`
+    stays light (the CLI's --help, `import reb_dist`); settings are checked once per load.
+    """
+    from reb_dist.core.anomaly_map import IMAGE_SCORE_REDUCTIONS
+    from reb_dist.core.backbones import available_backbones
+    from reb_dist.core.defectmaker import TASKS
+    from reb_dist.core.features import AGGREGATIONS
+    from reb_dist.core.ldknn import CORESET_METHODS
+    from reb_dist.core.ldknn.approx import NEIGHBOUR_SEARCHES
+    from reb_dist.core.ldknn.search import STORAGE_DTYPES
+    from reb_dist.core.ssl_model import BN_STATS
+    from reb_dist.core.thresholds import METHODS as THRESHOLDS
+    from reb_dist.io.data import LAYOUTS
+    from reb_dist.pipelines.validation import KINDS
+
+    return {
+        "preset": tuple(PRESETS),
+        "data.layout": tuple(LAYOUTS),
+        "backbone.name": tuple(available_backbones()),
+        "backbone.aggregation": AGGREGATIONS,
+        "bank.coreset_method": CORESET_METHODS,
+        "bank.dtype": STORAGE_DTYPES,
+        "bank.neighbour_search": NEIGHBOUR_SEARCHES,
+        "bank.query_search": NEIGHBOUR_SEARCHES,
+        "scoring.image_score": IMAGE_SCORE_REDUCTIONS,
+        "finetune.task": tuple(TASKS),
+        "finetune.bn_stats": BN_STATS,
+        "finetune.loss": FINETUNE_LOSSES,
+        "finetune.use_gpu": USE_GPU,
+        "tune.validation": KINDS,
+        "tune.threshold": THRESHOLDS,
+    }
+
+
+def _device_problems(device: str) -> list[str]:
+    """backbone.device: "auto" or a device torch can parse (what `Detector` passes to torch.device)."""
+    if device == "auto":
+        return []
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return [f"backbone.device={device!r} is unknown; allowed: auto, cpu, cuda, cuda:N (or another "
+                f"device torch names, e.g. mps)"]
+    return []
+
+
+def _method_problems(scoring: ScoringConfig) -> list[str]:
+    """scoring.methods and scoring.map_method, parsed as the scorers parse them (`parse_method`).
+
+    Each spec is parsed with the scorers' defaults: what it inherits (scoring.k, scoring.alpha) is
+    checked as those settings, so a bad K is reported once, under its own key.
+    """
+    from reb_dist.core.ldknn import METHODS, parse_method
+
+    allowed = f"{', '.join(METHODS)}, each optionally with :k=N,alpha=X (N >= 1, X finite)"
+    if not scoring.methods:
+        return [f"scoring.methods=[] is empty; allowed: one or more of {allowed}"]
+    problems = []
+    specs = [(f"scoring.methods entry {spec!r}", spec) for spec in scoring.methods]
+    if scoring.map_method.strip():
+        specs.append((f"scoring.map_method={scoring.map_method!r}", scoring.map_method))
+    for named, spec in specs:
+        try:
+            method = parse_method(spec)
+        except ValueError as exc:
+            problems.append(f"{named} cannot be used ({exc}); allowed: {allowed}")
+            continue
+        if not math.isfinite(method.alpha):
+            problems.append(f"{named} has alpha={method.alpha!r}; allowed: {allowed}")
+    return problems
+
+
+def _bounds(interval: str) -> tuple[float, float, bool, bool]:
+    """"(0, 1]" -> (0.0, 1.0, low bound excluded, high bound included) as (low, high, low_in, high_in)."""
+    low, high = (float(b) for b in interval[1:-1].split(","))
+    return low, high, interval[0] == "[", interval[-1] == "]"
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high, low_in, high_in = _bounds(interval)
+    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+
+
+def _describe(interval: str) -> str:
+    """">= 1", "> 0" or "in (0, 1]": an interval as the error message says it."""
+    low, high, low_in, _ = _bounds(interval)
+    if math.isinf(high):
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {interval}"
 
 
 def _merge(base: dict, values: dict) -> dict:
@@ -293,6 +479,20 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+def _split_list(text: str) -> list[str]:
+    """"ldknn:k=5,alpha=0.5,knn" -> ["ldknn:k=5,alpha=0.5", "knn"]: items split at commas, except that a
+    `key=value` piece after a method's parameters is the next parameter of that method, not an item."""
+    items: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if items and ":" in items[-1] and "=" in piece and ":" not in piece:
+            items[-1] += f",{piece}"
+        else:
+            items.append(piece)
+    return items
+
+
 def _coerce(value, hint, where: str):
     """Check a value against its annotation; ints are accepted for floats, a string for a list."""
     origin = typing.get_origin(hint)
@@ -303,7 +503,7 @@ def _coerce(value, hint, where: str):
         return _coerce(value, inner[0], where)
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = _split_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)

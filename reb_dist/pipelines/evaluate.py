@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import DataLoader
 
-from reb_dist.config import DataConfig, RunConfig
+from reb_dist.config import DataConfig, RunConfig, ScoringConfig
 from reb_dist.core.detector import Detector
-from reb_dist.core.ldknn import ScoringMethod
+from reb_dist.core.ldknn import ScoringMethod, parse_method
 from reb_dist.core.metrics import evaluate
+from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split,
                               sample_mask)
 from reb_dist.io.feature_cache import FeatureCache, extraction_settings
@@ -68,17 +69,73 @@ def categories_of(data: DataConfig) -> list[str]:
 
 def load_category(data: DataConfig, category: str) -> ClassSplit:
     """The category's split, few-shot applied, every file opened once when `check_files` (images too
-    small for `data.image_size` refused then)."""
+    small for `data.image_size` refused then).
+
+    Raises:
+        ConfigError: data.few_shot asks for more training images than the category has.
+        DatasetError: a folder or file of the category cannot be used.
+    """
     folders = {}
     if data.layout == "folder":
         folders = dict(train_dir=data.train_dir, test_normal_dir=data.test_normal_dir,
                        test_anomalous_dir=data.test_anomalous_dir, mask_dir=data.mask_dir)
     split = load_split(data.layout, data.resolved_root(), category, **folders)
     if data.few_shot:
+        if data.few_shot > len(split.train):  # the setting is what to change, so name it
+            raise ConfigError(f"data.few_shot={data.few_shot} asks for more training images than category "
+                              f"'{split.name}' has ({len(split.train)} in {split.root}); allowed: 1 to "
+                              f"{len(split.train)}, or 0 for all of them")
         split.train = few_shot(split.train, data.few_shot)
     if data.check_files:
         check_split(split, resize_to=data.image_size)
     return split
+
+
+def load_categories(data: DataConfig, categories: list[str]) -> dict[str, tuple[ClassSplit, float]]:
+    """Every category's split (`load_category`) and the seconds it took, all loaded and checked before
+    any is computed: a bad file in the last category then stops a run before hours spent on the first.
+
+    Raises:
+        DatasetError, ConfigError: as the first category with a problem raises it; the message also
+            names every other category's problem, since each category is checked even after one fails.
+    """
+    loaded, errors = {}, []
+    for category in categories:
+        start = time.perf_counter()
+        try:
+            loaded[category] = (load_category(data, category), time.perf_counter() - start)
+        except (DatasetError, ConfigError) as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        first, others = errors[0], "".join(f"\n{e}" for e in errors[1:])
+        if isinstance(first, DatasetError):
+            raise DatasetError(first.path, f"{first.problem}{others}") from first
+        raise ConfigError(f"{first}{others}") from first
+    return loaded
+
+
+def check_bank_size(scoring: ScoringConfig, bank_size: int, split: ClassSplit, coreset_ratio: float = 1.0) -> None:
+    """Refuse a K the bank cannot serve, before any density or neighbour search reads past its end.
+
+    A density is the mean distance to the K nearest *other* bank points, so every K in use (scoring.k,
+    whose densities a saved model carries, and each method spec's own k=) must be below the bank size.
+
+    Raises:
+        ConfigError: naming the setting with the largest K, the bank size and how it came about.
+    """
+    wanted = [("scoring.k", scoring.k)]
+    specs = [(f"scoring.methods entry {m!r}", m) for m in scoring.methods]
+    if scoring.map_method.strip():
+        specs.append((f"scoring.map_method={scoring.map_method!r}", scoring.map_method))
+    wanted += [(named, parse_method(spec, scoring.k).k) for named, spec in specs]
+    named, k = max(wanted, key=lambda w: w[1])
+    if k >= bank_size:
+        raise ConfigError(f"{named}: K={k} needs a memory bank of more than {k} points, but the bank of "
+                          f"'{split.name}' has {bank_size} ({len(split.train)} training image(s), "
+                          f"bank.coreset_ratio={coreset_ratio:g}); allowed: K up to {bank_size - 1}, or more "
+                          f"training images (data.few_shot) or a larger bank.coreset_ratio")
 
 
 def loader(samples: list[Sample], data: DataConfig, with_masks: bool = False,
@@ -167,11 +224,17 @@ def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
     train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
                                FeatureCache.from_config(cfg.cache))
     detector.fit_features(train)
+    try:
+        check_bank_size(cfg.scoring, len(detector.bank), split, cfg.bank.coreset_ratio)
+    except ConfigError:
+        detector.close()  # a sharded bank's actors are stopped
+        raise
     return detector
 
 
 def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None = None,
-                      methods: list[ScoringMethod] | None = None, examples: int = 0) -> CategoryResult:
+                      methods: list[ScoringMethod] | None = None, examples: int = 0,
+                      split: ClassSplit | None = None, load_s: float = 0.0) -> CategoryResult:
     """Fit (unless a fitted detector is given), score the test set with every method, compute metrics.
 
     Args:
@@ -180,13 +243,16 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
         detector: a fitted detector (e.g. a loaded model): its own image size and scoring are used.
         methods: what to score with (default: the detector's configured methods).
         examples: how many test images keep their pixel maps for heatmap galleries.
+        split: the category's split, already loaded and checked (`load_categories`), taking `load_s`
+            seconds; None loads it here.
 
     Returns:
         The category's result; a detector fitted here is closed again (its shard actors stopped).
     """
-    start = time.perf_counter()
-    split = load_category(cfg.data, category)
-    load_s = time.perf_counter() - start
+    start = time.perf_counter() - (load_s if split is not None else 0.0)  # "total" includes the loading
+    if split is None:
+        split = load_category(cfg.data, category)
+        load_s = time.perf_counter() - start
     cache = FeatureCache.from_config(cfg.cache)
     if detector is not None:
         return score_test_set(detector, split, cfg.data, methods, examples, start, load_s, cache)

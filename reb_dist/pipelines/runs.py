@@ -19,7 +19,8 @@ from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.model_file import load_model, model_metadata, save_model
 from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.bank import index_factory, shard_folder
-from reb_dist.pipelines.evaluate import CategoryResult, categories_of, evaluate_category, fit_detector, load_category
+from reb_dist.pipelines.evaluate import (CategoryResult, categories_of, evaluate_category, fit_detector,
+                                         load_categories, load_category)
 from reb_dist.core.thresholds import Calibration
 from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.pipelines.predict import Prediction, find_images, predict
@@ -187,19 +188,27 @@ def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
 
     With `backbone.finetuned`, each category is also scored with its fine-tuned weights (the
     "defectmaker" variant: REB = fine-tuned + LDKNN, DefectMaker = fine-tuned + KNN).
+
+    Raises:
+        DatasetError, ConfigError: a category's files or its few-shot count cannot be used; every
+            category is loaded and checked before the first is computed, so this comes first.
     """
     start = time.perf_counter()
     tracker = Tracker(cfg.tracking)
     print(f"# {command_line}")
+    # every category's files are read before any features are computed: a bad image in the last
+    # category must not throw away the work on the others
+    splits = load_categories(cfg.data, categories_of(cfg.data))
     results = []
     with tracker.run(cfg, "benchmark"):
-        for category in categories_of(cfg.data):
+        for category, (split, load_s) in splits.items():
             variants = [("", cfg)]
             if cfg.backbone.finetuned:
                 weights = cfg.backbone.finetuned.format(category=category)
                 variants.append(("defectmaker", replace(cfg, backbone=replace(cfg.backbone, weights=weights))))
             for variant, run_cfg in variants:
-                result = evaluate_category(run_cfg, category, examples=cfg.tracking.heatmap_examples)
+                result = evaluate_category(run_cfg, category, examples=cfg.tracking.heatmap_examples,
+                                           split=split, load_s=load_s)
                 result.variant = variant
                 results.append(result)
                 for m in result.methods:

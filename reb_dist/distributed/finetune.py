@@ -1,21 +1,25 @@
 """Driver of a fine-tuning run: DefectMaker stream (Ray Data) -> TorchTrainer (Ray Train) -> backbone file.
 
 A run is named; its checkpoints live under `finetune.storage_path/<name>`. Running the same command
-again after an interruption resumes from the newest checkpoint there. The result is a backbone
-weights file (safetensors, the backbone's own key names) that `backbone.weights=` loads.
+again after an interruption resumes from the newest checkpoint there; within one command, a worker
+that dies (an OOM kill, a lost node) is restarted by Ray Train from that checkpoint too, up to
+`MAX_FAILURES` times. The result is a backbone weights file (safetensors, the backbone's own key
+names) that `backbone.weights=` loads.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from reb_dist.config import RunConfig
-from reb_dist.distributed.train_loop import (BACKBONE_FILE, STATE_FILE, TrainLoopSettings, micro_batches_per_step,
-                                             train_loop_per_worker)
+from reb_dist.distributed.train_loop import (BACKBONE_FILE, TrainLoopSettings, latest_checkpoint,
+                                             micro_batches_per_step, train_loop_per_worker)
 from reb_dist.errors import RebError
 from reb_dist.io.atomic import copy_atomic, write_text_atomic
 
@@ -24,6 +28,11 @@ SETTINGS_FILE = "reb_settings.json"
 # settings that decide where and how fast a run trains, not what it learns: free to change on resume
 RESOURCE_SETTINGS = {"checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker", "data_workers", "data_cpus",
                      "torch_threads", "storage_path", "run_name", "fail_at_step"}
+# Worker deaths (an OOM kill, a lost node) one command survives; each retry resumes from the newest
+# checkpoint. More would only repeat a failure that is not transient.
+MAX_FAILURES = 2
+# testing: rank 0 SIGKILLs itself after this step, on the first attempt only (a real worker death)
+KILL_WORKER_ENV = "REB_TEST_KILL_WORKER_AT_STEP"
 
 
 @dataclass
@@ -64,26 +73,6 @@ def check_run_settings(run_dir: Path, settings: dict) -> None:
                        f"two experiments. Name a new run (--set finetune.run_name=...) or remove that folder.")
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
-    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none."""
-    best, best_step = None, 0
-    if not run_dir.is_dir():
-        return None, 0
-    from safetensors import safe_open
-
-    for state in run_dir.rglob(BACKBONE_FILE):
-        if not (state.parent / STATE_FILE).is_file():
-            continue  # a checkpoint copy that did not finish
-        try:
-            with safe_open(str(state), framework="numpy") as f:
-                step = int((f.metadata() or {}).get("step", 0))
-        except Exception:
-            continue
-        if step > best_step:
-            best, best_step = state.parent, step
-    return best, best_step
-
-
 def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> float:
     """Base images (each giving one sample per class) all workers consume in one step."""
     f = cfg.finetune
@@ -117,10 +106,10 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     name = run_name(cfg, category)
     run_dir = storage / name
     check_run_settings(run_dir, run_settings(cfg, category))
-    checkpoint_dir, start_step = latest_checkpoint(run_dir)
+    start_step = latest_checkpoint(run_dir)[1]
     train_metrics = {}
     if start_step < f.steps:
-        train_metrics = _train(cfg, name, storage, run_dir, checkpoint_dir, start_step, paths, class_names)
+        train_metrics = _train(cfg, name, storage, run_dir, paths, class_names)
     else:  # a finished run only has its backbone copied out: no Ray, no trainer
         print(f"{name}: already trained {start_step} steps")
     final_dir, final_step = latest_checkpoint(run_dir)
@@ -134,33 +123,50 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     return FinetuneResult(output, run_dir, start_step, train_metrics or (metrics[-1] if metrics else {}))
 
 
-def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_dir: Path | None,
-           start_step: int, paths: list[str], class_names: list[str]) -> dict:
+def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], per_step: float, workers: int):
+    """The DefectMaker stream from the newest checkpoint of `run_dir` on (`per_step` base images a step).
+
+    Ray Train calls this each time it starts the worker group, first and after a worker died, so a
+    retry reads on from its checkpoint instead of from the start of the stream; the train loop
+    resumes from the same scan of `run_dir`, so model and data agree.
+    """
+    from reb_dist.distributed.defect_stream import defect_dataset
+
+    f = cfg.finetune
+    start_step = latest_checkpoint(run_dir)[1]
+    remaining = max(0, f.steps - start_step)
+    # A resumed run skips exactly the base images the earlier steps consumed; a small margin
+    # covers micro-batches that straddle the end of the stream.
+    return defect_dataset(
+        paths, math.ceil(start_step * per_step), math.ceil(max(remaining, 1) * per_step) + 2 * workers * 8,
+        task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency,
+        run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
+
+
+def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[str],
+           class_names: list[str]) -> dict:
     """Run (or resume) the TorchTrainer fed by the DefectMaker stream; the last reported metrics."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from reb_dist.distributed.runtime import ensure_ray
-    from reb_dist.distributed.defect_stream import defect_dataset
 
     f = cfg.finetune
     started_ray = ensure_ray()
     try:
-        import ray
+        import ray.data
 
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 if f.use_gpu == "auto" else f.use_gpu.lower() == "true"
         workers = min(f.num_workers, int(gpus)) if use_gpu else f.num_workers
-        remaining = max(0, f.steps - start_step)
-        per_step = base_images_per_step(cfg, len(class_names), workers)
-        # A resumed run skips exactly the base images the earlier steps consumed; a small margin
-        # covers micro-batches that straddle the end of the stream.
-        dataset = defect_dataset(
-            paths, math.ceil(start_step * per_step), math.ceil(max(remaining, 1) * per_step) + 2 * workers * 8,
-            task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency,
-            run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
+        stream = partial(_resumed_stream, cfg, run_dir, paths, base_images_per_step(cfg, len(class_names), workers),
+                         workers)
+        # Ray Train builds the stream in its controller (where defect_dataset's own setting is lost) but
+        # ingests it with the driver's DataContext options: keep the row order a resumed stream needs.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        kill_at = os.environ.get(KILL_WORKER_ENV)
         settings = TrainLoopSettings(f, cfg.backbone.name, cfg.backbone.weights, tuple(class_names),
-                                     str(run_dir / METRICS_FILE), str(checkpoint_dir) if checkpoint_dir else None)
+                                     str(run_dir / METRICS_FILE), str(run_dir), int(kill_at) if kill_at else None)
         resources = {"CPU": f.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"settings": settings},
@@ -169,8 +175,10 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, checkpoint_d
             run_config=ray.train.RunConfig(
                 name=name, storage_path=str(storage),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=0)),
-            datasets={"train": dataset})
+                # fail_at_step stands for the whole run being stopped, not a worker dying: no retry
+                failure_config=ray.train.FailureConfig(
+                    max_failures=0 if f.fail_at_step is not None else MAX_FAILURES)),
+            datasets={"train": stream})
         return trainer.fit().metrics or {}
     finally:
         if started_ray:

@@ -2,14 +2,17 @@
 
 One step = one optimiser update over `images_per_step` images (all workers together), accumulated
 over micro-batches; SGD with momentum, cosine decay, backbone frozen for the first `freeze_steps`.
-Rank 0 writes a checkpoint every `checkpoint_every` steps; a restarted run continues from it with
-the same data order, because every sample's seed depends only on its global index.
+Rank 0 writes a checkpoint every `checkpoint_every` steps; a restarted run (a new command, or Ray
+Train's retry after a worker died) continues from the newest one with the same data order, because
+every sample's seed depends only on its global index.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from reb_dist.core.ssl_model import SSLClassifier
 
 STATE_FILE = "train_state.pt"
 BACKBONE_FILE = "backbone.safetensors"
+KILLED_MARKER = "killed_worker_at_step"  # testing: kill_worker_at_step already fired in this run folder
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,42 @@ class TrainLoopSettings:
     weights: str | None  # start weights (None: ImageNet)
     class_names: tuple[str, ...]
     metrics_file: str | None = None  # rank 0 appends one JSON line per step
-    # Ray Train V2 restores a run of the same name by itself; this covers a run folder that was
-    # copied or whose Ray snapshot is gone.
-    resume_from: str | None = None
+    # The run folder: every start of the loop (a new command or a retry) resumes from its newest
+    # complete checkpoint, the same scan that places the start of the data stream, so the model and the
+    # stream cannot disagree (Ray's own latest checkpoint can lag: a worker killed right after
+    # reporting takes the report with it, while the checkpoint is already on disk).
+    run_dir: str | None = None
+    kill_worker_at_step: int | None = None  # testing: rank 0 SIGKILLs itself after this step, once per run_dir
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none."""
+    best, best_step = None, 0
+    if not run_dir.is_dir():
+        return None, 0
+    from safetensors import safe_open
+
+    for state in run_dir.rglob(BACKBONE_FILE):
+        if not (state.parent / STATE_FILE).is_file():
+            continue  # a checkpoint copy that did not finish
+        try:
+            with safe_open(str(state), framework="numpy") as f:
+                step = int((f.metadata() or {}).get("step", 0))
+        except Exception:
+            continue
+        if step > best_step:
+            best, best_step = state.parent, step
+    return best, best_step
+
+
+def kill_once(marker: Path) -> None:
+    """Testing: die as an OOM kill or a lost node would (SIGKILL, no Python cleanup), unless `marker`
+    shows an earlier attempt of this run already did, so that the retry can finish."""
+    try:
+        marker.open("x").close()
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -91,15 +128,14 @@ def train_loop_per_worker(config: dict) -> None:
         lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and settings.resume_from:
-        checkpoint = ray.train.Checkpoint(settings.resume_from)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    checkpoint_dir = latest_checkpoint(Path(settings.run_dir))[0] if settings.run_dir else None
+    if checkpoint_dir is not None:
+        state = torch.load(checkpoint_dir / STATE_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        if rank == 0:
+            print(f"resuming from step {start_step}: {checkpoint_dir}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
 
     steps, freeze = f.steps, f.freeze_steps
@@ -169,5 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ckpt)
         else:
             ray.train.report(metrics)
+        if settings.kill_worker_at_step == done and rank == 0 and settings.run_dir:
+            kill_once(Path(settings.run_dir) / f"{KILLED_MARKER}_{done}")
         if f.fail_at_step == done:
             raise RuntimeError(f"interrupted on purpose after step {done} (fail_at_step)")

@@ -117,6 +117,7 @@ class FinetuneConfig:
     blend_prob: float = 0.5
     saliency: str = "spectral"  # spectral | whole | a folder of precomputed saliency maps
     checkpoint_every: int = 20
+    max_failures: int = 2  # worker deaths (OOM kill, lost node) a run survives, each resumed from the newest checkpoint
     num_workers: int = 2  # Ray Train workers; GPUs when the cluster has them
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
@@ -314,6 +315,7 @@ RANGES: dict[str, str] = {
     "finetune.weight_decay": "[0, inf)",
     "finetune.blend_prob": "[0, 1]",
     "finetune.checkpoint_every": "[1, inf)",  # steps are counted modulo it
+    "finetune.max_failures": "[0, inf)",
     "finetune.num_workers": "[1, inf)",
     "finetune.cpus_per_worker": "(0, inf)",
     "finetune.data_workers": "[1, inf)",

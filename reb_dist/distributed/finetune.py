@@ -3,7 +3,7 @@
 A run is named; its checkpoints live under `finetune.storage_path/<name>`. Running the same command
 again after an interruption resumes from the newest checkpoint there; within one command, a worker
 that dies (an OOM kill, a lost node) is restarted by Ray Train from that checkpoint too, up to
-`MAX_FAILURES` times. The result is a backbone weights file (safetensors, the backbone's own key
+`finetune.max_failures` times (default 2). The result is a backbone weights file (safetensors, the backbone's own key
 names) that `backbone.weights=` loads.
 """
 
@@ -26,11 +26,8 @@ from reb_dist.io.atomic import copy_atomic, write_text_atomic
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "reb_settings.json"
 # settings that decide where and how fast a run trains, not what it learns: free to change on resume
-RESOURCE_SETTINGS = {"checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker", "data_workers", "data_cpus",
-                     "torch_threads", "storage_path", "run_name", "fail_at_step"}
-# Worker deaths (an OOM kill, a lost node) one command survives; each retry resumes from the newest
-# checkpoint. More would only repeat a failure that is not transient.
-MAX_FAILURES = 2
+RESOURCE_SETTINGS = {"checkpoint_every", "max_failures", "num_workers", "use_gpu", "cpus_per_worker", "data_workers",
+                     "data_cpus", "torch_threads", "storage_path", "run_name", "fail_at_step"}
 # testing: rank 0 SIGKILLs itself after this step, on the first attempt only (a real worker death)
 KILL_WORKER_ENV = "REB_TEST_KILL_WORKER_AT_STEP"
 
@@ -177,7 +174,7 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # fail_at_step stands for the whole run being stopped, not a worker dying: no retry
                 failure_config=ray.train.FailureConfig(
-                    max_failures=0 if f.fail_at_step is not None else MAX_FAILURES)),
+                    max_failures=0 if f.fail_at_step is not None else f.max_failures)),
             datasets={"train": stream})
         return trainer.fit().metrics or {}
     finally:

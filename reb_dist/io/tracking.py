@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import re
+import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +22,124 @@ from pathlib import Path
 import yaml
 
 from reb_dist.config import RunConfig, TrackingConfig
+from reb_dist.errors import RebError
+from reb_dist.io.atomic import file_lock, host_id, pid_alive
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPORT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+HOST_TAG, PID_TAG = "reb.host", "reb.pid"
+
+
+class TrackingStoreError(RebError):
+    """An MLflow store cannot be used (half-migrated, older schema, unreadable); says how to recover."""
+
+
+def process_tags() -> dict[str, str]:
+    """The tags naming the process that writes a run: what tells later whether it still runs."""
+    return {HOST_TAG: host_id(), PID_TAG: str(os.getpid())}
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///` store URI (relative to the working folder as MLflow reads it);
+    None for any other store or an in-memory one."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def open_store(uri: str, experiment: str | None = None):
+    """An MLflow client on `uri`, its store created or migrated by one process at a time.
+
+    Two processes creating a new sqlite store at once both ran its schema migrations and left it
+    half-migrated, so every later run failed. A sqlite store is therefore opened under a lock file
+    `<db>.lock` beside it: the first process creates it, the others wait and then open it.
+
+    Args:
+        uri: the MLflow tracking URI.
+        experiment: an experiment name to create if missing (under the same lock).
+
+    Returns:
+        (client, the experiment's id or None).
+
+    Raises:
+        TrackingStoreError: the store is half-migrated, of an older schema or cannot be opened;
+            the message names it and says how to recover.
+    """
+    import mlflow
+
+    db = sqlite_path(uri)
+    with file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext():
+        if db is not None:
+            _check_no_interrupted_migration(db)
+        try:
+            client = mlflow.MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates / migrates the store now, under the lock
+            experiment_id = None
+            if experiment:
+                exp = client.get_experiment_by_name(experiment)
+                experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        except Exception as exc:
+            raise _store_error(uri, db, exc) from exc
+    return client, experiment_id
+
+
+def _check_no_interrupted_migration(db: Path) -> None:
+    """Refuse a store whose schema migration was interrupted: alembic's `_alembic_tmp_*` tables are
+    left only then (under the lock nobody else migrates it now)."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)) as con:
+            left = [row[0] for row in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name GLOB '_alembic_tmp_*'")]
+    except sqlite3.DatabaseError as exc:
+        raise TrackingStoreError(f"{db}: not a readable SQLite MLflow store ({exc}). Move it aside "
+                                 f"(mv {db} {db}.broken) to start a new one, or run with --no-mlflow") from exc
+    if left:
+        raise TrackingStoreError(
+            f"{db}: the MLflow store is half-migrated (table {', '.join(left)} left by an interrupted schema "
+            f"migration, e.g. two runs creating it at once), so no run can use it. To recover, move it aside "
+            f"(mv {db} {db}.broken) and rerun to start a new store; or, to keep its runs, back it up, drop "
+            f"the leftover table(s) (sqlite3 {db} '{'; '.join(f'DROP TABLE {t}' for t in left)}') and run "
+            f"`mlflow db upgrade sqlite:///{db}`")
+
+
+def _store_error(uri: str, db: Path | None, exc: Exception) -> TrackingStoreError:
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "out-of-date database schema" in cause:  # MLflow's own check: a store of an older MLflow
+        return TrackingStoreError(
+            f"{db or uri}: the MLflow store has an older schema than this MLflow ({cause}). Back it up, then run "
+            f"`mlflow db upgrade {uri}`; or move it aside{f' (mv {db} {db}.broken)' if db else ''} to start a new one")
+    return TrackingStoreError(
+        f"{db or uri}: cannot open the MLflow store: {cause}. If it is damaged, move it aside"
+        f"{f' (mv {db} {db}.broken)' if db else ''} to start a new one; or run with --no-mlflow")
+
+
+def fail_dead_runs(client, experiment_ids: list[str] | None = None) -> list[str]:
+    """Mark FAILED the RUNNING runs of this host whose process is gone (killed: it could not end
+    them), saying so in one line on stderr.
+
+    Runs of other hosts are left alone: whether their process runs cannot be told from here.
+
+    Returns:
+        The ids of the runs marked.
+    """
+    ids = [e.experiment_id for e in client.search_experiments()] if experiment_ids is None else experiment_ids
+    if not ids:
+        return []
+    host = host_id().replace("'", "")
+    running = client.search_runs(ids, f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+                                 max_results=50000)
+    dead = [r for r in running
+            if r.data.tags.get(PID_TAG, "").isdigit() and not pid_alive(int(r.data.tags[PID_TAG]))]
+    for run in dead:
+        client.set_terminated(run.info.run_id, "FAILED")
+    if dead:
+        names = ", ".join(f"{r.info.run_name} (pid {r.data.tags[PID_TAG]})" for r in dead[:5])
+        print(f"mlflow: marked {len(dead)} run(s) FAILED, left RUNNING by a process that is gone (killed?): "
+              f"{names}{', ...' if len(dead) > 5 else ''}", file=sys.stderr)
+    return [r.info.run_id for r in dead]
 
 
 class Tracker:
@@ -42,6 +159,7 @@ class Tracker:
     def run(self, config: RunConfig, command: str, run_name: str | None = None):
         """The command's parent run, open for the block: settings as params, config.yaml as artefact.
 
+        Opening it first marks FAILED the runs of killed processes of this host (`fail_dead_runs`).
         The run is named `run_name`, else tracking.run_name, else "<command>-<backbone>".
         """
         if not self.enabled:
@@ -49,10 +167,12 @@ class Tracker:
             return
         import mlflow
 
+        client, experiment_id = open_store(self.cfg.uri, self.cfg.experiment)
+        fail_dead_runs(client)
         mlflow.set_tracking_uri(self.cfg.uri)
-        mlflow.set_experiment(self.cfg.experiment)
+        mlflow.set_experiment(experiment_id=experiment_id)
         name = run_name or self.cfg.run_name or f"{command}-{config.backbone.name}"
-        with mlflow.start_run(run_name=name) as active:
+        with mlflow.start_run(run_name=name, tags=process_tags()) as active:
             self.run_id = active.info.run_id
             mlflow.set_tags({"command": command, "backbone": config.backbone.name, "preset": config.preset})
             mlflow.log_params(config.flat())
@@ -66,7 +186,7 @@ class Tracker:
             return
         import mlflow
 
-        with mlflow.start_run(run_name=f"{category}/{method_label}", nested=True):
+        with mlflow.start_run(run_name=f"{category}/{method_label}", nested=True, tags=process_tags()):
             mlflow.set_tags({"category": category, "method": method_label})
             if extra_params:
                 mlflow.log_params({k: str(v) for k, v in extra_params.items()})
@@ -80,7 +200,7 @@ class Tracker:
             return
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True) as active:
+        with mlflow.start_run(run_name=name, nested=True, tags=process_tags()) as active:
             mlflow.set_tags(tags)
             yield active.info.run_id
 
@@ -140,18 +260,14 @@ class SweepLog:
     """
 
     def __init__(self, uri: str, experiment: str, sweep: str, spec: dict, output: str):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.client, self.experiment_id = open_store(uri, experiment)
         self.sweep = sweep
         stale = self.client.search_runs([self.experiment_id],
                                         f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'")
         for run in stale:
             self.client.set_terminated(run.info.run_id, "FAILED")
         run = self.client.create_run(self.experiment_id, run_name=f"sweep-{sweep}",
-                                     tags={"sweep": sweep, "kind": "sweep", "output": output})
+                                     tags={"sweep": sweep, "kind": "sweep", "output": output, **process_tags()})
         self.run_id = run.info.run_id
         self.client.log_text(self.run_id, yaml.safe_dump(spec), "sweep.yaml")
 
@@ -177,6 +293,7 @@ class SweepLog:
 def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Every FINISHED result and tune-trial run of an MLflow store, for `reb report`.
 
+    Runs of this host left RUNNING by a killed process are first marked FAILED (`fail_dead_runs`).
     Result runs (tagged `category` and `method`) become one row each, keyed by (category, backbone,
     weights, method), the newest run winning; tune trial runs (tag kind=trial) become trial rows. A
     tune class run with a Pareto search (param selected.pareto_k) adds, the newest per class, one
@@ -189,10 +306,9 @@ def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[lis
     Returns:
         (result rows, trial rows), as plain dicts.
     """
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    client, _ = open_store(uri)
     exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
+    fail_dead_runs(client, [e.experiment_id for e in exps])
     results: dict[tuple, dict] = {}
     trials = []
     pareto: dict[str, dict] = {}

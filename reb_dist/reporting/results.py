@@ -4,6 +4,8 @@ predictions (overlays + scores.csv), each logged to MLflow through the run's tra
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from reb_dist.config import RunConfig
 from reb_dist.core.thresholds import Calibration, normalise
-from reb_dist.io.atomic import write_text_atomic
+from reb_dist.io.atomic import copy_atomic, file_lock, write_text_atomic
 from reb_dist.io.data import read_image, sample_mask
 from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
 from reb_dist.reporting.tables import results_table_markdown, results_table_text, to_csv
@@ -48,7 +50,12 @@ def columns_of(rows: list[dict]) -> list[str]:
 
 def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, command_line: str,
                   config: RunConfig, name: str, wall: float | None = None, resolved: dict | None = None) -> list[dict]:
-    """Print the table; write results.md, results.json, config.yaml and plots to `out`; log them.
+    """Print the table; write results.md, results.json, config.yaml and plots to this run's folder
+    `out/runs/<time>-<id>/`, copy them to `out` (where readers look: the latest run's); log them.
+
+    Runs writing to one `out` at once (two benchmarks in one folder) each keep their own folder; the
+    copies in `out` are the set of one run, the last to finish (copied under the lock file
+    `out/.results.lock`), and its results.json names that run's folder (key "run").
 
     Args:
         results: every category's result.
@@ -64,28 +71,36 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
         The table rows.
     """
     rows = result_rows(results)
-    out.mkdir(parents=True, exist_ok=True)
+    # the time orders the folders; the random part keeps runs started in the same second apart
+    run = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    folder = out / run
+    folder.mkdir(parents=True)
     print()
     columns = columns_of(rows)
     print(results_table_text(rows, columns))
     markdown = results_table_markdown(rows, columns)
     footer = (f"\n\nCommand: `{command_line}`  \nPreset: {config.preset}"
-              + (f"  \nWall time: {wall:.0f} s" if wall else "") + "\n")
-    write_text_atomic(out / "results.md", markdown + footer)
-    payload = {"command": command_line, "wall_seconds": wall, "config": config.to_dict(),
+              + (f"  \nWall time: {wall:.0f} s" if wall else "") + f"  \nRun folder: {run}\n")
+    files = [write_text_atomic(folder / "results.md", markdown + footer)]
+    payload = {"command": command_line, "run": run, "wall_seconds": wall, "config": config.to_dict(),
                "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,
                             "timings": r.timings, "bank_size": r.bank_size} for r in results for m in r.methods]}
     if resolved:
         payload["resolved"] = resolved
-    write_text_atomic(out / "results.json", json.dumps(payload, indent=2, default=float))
-    config.dump(out / "config.yaml")
+    files.append(write_text_atomic(folder / "results.json", json.dumps(payload, indent=2, default=float)))
+    config.dump(folder / "config.yaml")
+    files.append(folder / "config.yaml")
     tracker.log_text(markdown + footer, f"{name}_results.md")
     tracker.log_table(rows, f"{name}_results.json")
     for r in results:
-        for path in category_plots(r, out):
+        for path in category_plots(r, folder):
             tracker.log_artifact(path, "plots")
+            files.append(path)
+    with file_lock(out / ".results.lock"):  # so the latest files in `out` are all one run's
+        for path in files:
+            copy_atomic(path, out / path.name)
     if wall is not None:
-        print(f"\nwall time {wall:.0f} s; results in {out}/results.md")
+        print(f"\nwall time {wall:.0f} s; results in {out}/results.md (this run's: {folder}/)")
     return rows
 
 

@@ -12,7 +12,7 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
-                "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
+                "tune.multi_objective=true", "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
                 "output_dir=out"]
     assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
 
@@ -28,7 +28,8 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     all_test = {str(p) for p in (SAMPLE_DATA / "bottle" / "test").rglob("*.png")}
     assert validation | reported == all_test
     rows = json.loads((out / "results.json").read_text())["results"]
-    assert {r["variant"] for r in rows} == {"default", "global", "per_class", "per_class_decoupled", "global_decoupled"}
+    assert {r["variant"] for r in rows} == {"default", "global", "per_class", "per_class_decoupled", "global_decoupled",
+                                            "per_class_pareto"}
     assert chosen["map_method"].split(":")[0] in ("ldknn", "knn") and chosen["map_trials"] == 3
     decoupled = next(r for r in rows if r["variant"] == "per_class_decoupled")
     assert decoupled["map_method"] == chosen["map_method"] and (decoupled["k"], decoupled["alpha"]) == (
@@ -38,6 +39,16 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     assert all(r["test_images"] == len(reported) for r in rows)  # metrics on the reported part only
     per_class = next(r for r in rows if r["variant"] == "per_class")
     assert (per_class["k"], per_class["alpha"]) == (chosen["k"], chosen["alpha"])
+
+    # the coupled multi-objective search: a Pareto front, mutually non-dominated, and its choice
+    front, choice = chosen["pareto"], chosen["pareto_choice"]
+    assert front and choice in front
+    pairs = [(p["val_image_auroc"], p["map_objective"]) for p in front]
+    assert not any(a != b and a[0] >= b[0] and a[1] >= b[1] for a in pairs for b in pairs)  # none dominates another
+    assert all(1 <= p["k"] <= 12 and 0.0 <= p["alpha"] <= 2.0 for p in front)
+    pareto_row = next(r for r in rows if r["variant"] == "per_class_pareto")
+    assert (pareto_row["k"], pareto_row["alpha"], pareto_row["map_method"]) == (choice["k"], choice["alpha"], "")
+    assert (out / "pareto_bottle.png").stat().st_size > 1000
 
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])
@@ -49,9 +60,12 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     assert class_run.data.params["selected.k"] == str(chosen["k"])
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
     assert class_run.data.params["selected.map_method"] == chosen["map_method"]
-    assert len(trials) == 6 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
-    assert sum("val_image_auroc" in r.data.metrics for r in trials) == 3
-    assert sum("map_objective" in r.data.metrics for r in trials) == 3
+    assert len(trials) == 9 and all(r.data.tags["mlflow.parentRunId"] == class_run.info.run_id for r in trials)
+    # 3 image trials, 3 map trials, 3 coupled two-objective trials
+    assert sum("val_image_auroc" in r.data.metrics and "map_objective" not in r.data.metrics for r in trials) == 3
+    assert sum("map_objective" in r.data.metrics and "val_image_auroc" not in r.data.metrics for r in trials) == 3
+    assert class_run.data.params["selected.pareto_k"] == str(choice["k"])
+    assert {"pareto_bottle.png", "pareto_bottle.json"} <= {a.path for a in client.list_artifacts(class_run.info.run_id)}
 
     # the choice goes into a model: its settings, its threshold, its bank without the held-out images
     assert main(["fit", "--selection", str(out / "selection.json"), "-o", "bottle.safetensors",
@@ -70,6 +84,7 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
         assert f"| bottle | efficientnet_lite0 | imagenet | ldknn[{variant}]" in report
     assert (tmp_path / "report" / "k_alpha_bottle.png").stat().st_size > 1000
     assert (tmp_path / "report" / "auroc_by_class.png").is_file()
+    assert (tmp_path / "report" / "pareto_bottle.png").stat().st_size > 1000
 
 
 def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(local_ray, tmp_path):
@@ -82,35 +97,3 @@ def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(lo
     selection = search_k_alpha(disagreeing_tables(), tune, ScoringConfig(), TrackingConfig(enabled=False), "t")
     assert selection.alpha < CROSSOVER and selection.val_metrics["objective"] == 1.0
     assert selection.trials == 16
-
-
-def test_tiny_multi_objective_tune_keeps_a_pareto_front_and_its_choice(local_ray, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=0", "tune.k_max=12",
-                "tune.multi_objective=true", "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}",
-                f"tracking.uri={uri}", "output_dir=out"]
-    assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
-
-    out = tmp_path / "out" / "tune"
-    chosen = json.loads((out / "selection.json").read_text())["per_class"]["bottle"]
-    front, choice = chosen["pareto"], chosen["pareto_choice"]
-    assert front and choice in front
-    pairs = [(p["val_image_auroc"], p["map_objective"]) for p in front]
-    assert not any(a != b and a[0] >= b[0] and a[1] >= b[1] for a in pairs for b in pairs)  # none dominates another
-    assert all(1 <= p["k"] <= 12 and 0.0 <= p["alpha"] <= 2.0 for p in front)
-    rows = json.loads((out / "results.json").read_text())["results"]
-    assert {r["variant"] for r in rows} == {"default", "global", "per_class", "per_class_pareto"}
-    pareto_row = next(r for r in rows if r["variant"] == "per_class_pareto")
-    assert (pareto_row["k"], pareto_row["alpha"], pareto_row["map_method"]) == (choice["k"], choice["alpha"], "")
-    assert (out / "pareto_bottle.png").stat().st_size > 1000
-
-    client = mlflow.MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])
-    class_run = next(r for r in runs if r.data.tags.get("kind") == "class")
-    assert class_run.data.params["selected.pareto_k"] == str(choice["k"])
-    assert {"pareto_bottle.png", "pareto_bottle.json"} <= {a.path for a in client.list_artifacts(class_run.info.run_id)}
-    assert sum(r.data.tags.get("kind") == "trial" for r in runs) == 6  # 3 image + 3 coupled, no map trials
-
-    assert main(["report", "--tracking-uri", uri, "-o", "report"]) == 0
-    assert (tmp_path / "report" / "pareto_bottle.png").stat().st_size > 1000

@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--shards", default="2,4")
     p.add_argument("--sample", type=int, default=20000)
     p.add_argument("--k", type=int, default=9)
+    p.add_argument("--nprobe", default="0", help="IVF lists visited per query, comma-separated; 0: 1/48 of the lists")
     args = p.parse_args()
     cfg = RunConfig.load(None, [f"data.root={args.root}", f"data.categories=[{args.category}]", "backbone.device=cpu",
                                 "tracking.enabled=false", *args.overrides])
@@ -49,20 +50,22 @@ def main() -> None:
     bank = detector.bank
     points = np.sort(np.random.default_rng(0).choice(len(bank), min(args.sample, len(bank)), replace=False))
     exact = densities(BankIndex(bank, neighbour_search="exact"), points, args.k)
-    single = densities(BankIndex(bank, neighbour_search="ivf"), points, args.k)
     print_command()
     print(f"bank {bank.shape[0]:,} x {bank.shape[1]}, {len(points):,} sampled bank points, K = {args.k}")
     print("| densities | median abs. rel. difference | max abs. rel. difference | min signed | same K neighbours |")
     print("|---|---:|---:|---:|---:|")
-    compare("single-index IVF", single, exact, "exact")
     ensure_ray()
-    with tempfile.TemporaryDirectory(prefix="reb-bench-ivf-") as tmp:
-        for num in [int(x) for x in args.shards.split(",") if x]:
-            with ShardedBank.create(bank, Path(tmp) / str(num), num, neighbour_search="ivf",
-                                    cpus_per_shard=max(0.5, 2 / num)) as sharded:
-                got = densities(sharded, points, args.k)
-            compare(f"{num}-shard IVF", got, exact, "exact")
-            compare(f"{num}-shard IVF", got, single, "single-index IVF")
+    for nprobe in [int(x) for x in args.nprobe.split(",")]:
+        tag = f"nprobe {nprobe or '1/48 of the lists'}"
+        single = densities(BankIndex(bank, neighbour_search="ivf", nprobe=nprobe), points, args.k)
+        compare(f"single-index IVF, {tag}", single, exact, "exact")
+        with tempfile.TemporaryDirectory(prefix="reb-bench-ivf-") as tmp:
+            for num in [int(x) for x in args.shards.split(",") if x]:
+                with ShardedBank.create(bank, Path(tmp) / str(num), num, neighbour_search="ivf", nprobe=nprobe,
+                                        cpus_per_shard=max(0.5, 2 / num)) as sharded:
+                    got = densities(sharded, points, args.k)
+                compare(f"{num}-shard IVF, {tag}", got, exact, "exact")
+                compare(f"{num}-shard IVF, {tag}", got, single, "single-index IVF")
 
 
 if __name__ == "__main__":

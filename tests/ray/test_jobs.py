@@ -100,7 +100,7 @@ def test_sweep_job_is_stopped_resubmitted_and_runs_every_cell_once(cluster, tmp_
     sweep.write_text("""
 name: jobtest
 max_concurrent: 1
-base: {backbone: {device: cpu}, data: {check_files: false}, scoring: {pixel_metrics: false}}
+base: {backbone: {device: cpu}, data: {check_files: false}, scoring: {pixel_metrics: false}, cache: {enabled: false}}
 grid:
   datasets:
     - {name: full, root: sample, categories: [bottle]}

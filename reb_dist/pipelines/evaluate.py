@@ -276,7 +276,7 @@ def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
     types = [s.defect_type for s in split.test]
     groups = [s.group for s in split.test]
     pixel = detector.scoring.pixel_metrics and split.has_masks
-    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in split.test])
+    has_mask = pixel_countable(split.test)
     example_ids = example_indices(labels, examples)
 
     results = []
@@ -298,6 +298,11 @@ def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
     timings = {"load_and_check": load_s, **detector.timings.seconds, "total": time.perf_counter() - start}
     return CategoryResult(split.name, split, labels, types, results, timings, len(detector.bank),
                           detector.bank.shape[1], detector.image_size)
+
+
+def pixel_countable(samples: list[Sample]) -> np.ndarray:
+    """(n,) bool: the samples pixel metrics count: normal images, and anomalous ones with a mask."""
+    return np.array([s.label == 0 or s.mask_path is not None for s in samples])
 
 
 def example_indices(labels: np.ndarray, n: int) -> list[int]:

@@ -34,7 +34,7 @@ from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import preprocess
 from reb_dist.io.feature_cache import FeatureCache
 from reb_dist.pipelines.bank import index_factory
-from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category
+from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category, pixel_countable
 from reb_dist.pipelines.validation import ValidationSet, make_split
 
 
@@ -134,7 +134,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         if isinstance(v.validation, ValidationSet):
             val_has_mask = np.ones(len(val_labels), bool)
         else:
-            val_has_mask = np.array([s.label == 0 or s.mask_path is not None for s in v.validation])
+            val_has_mask = pixel_countable(v.validation)
         n, h, w, _ = val_feats.shape
         val_masks = patch_masks(val_pixel, h, w) & val_has_mask[:, None, None] if val_pixel.any() else None
         query_k = tune.k_max if tune.map_trials else 1  # KNN maps need each patch's K nearest
@@ -148,7 +148,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
     finally:
         detector.close()
     # as evaluate does: pixel metrics count normal images and anomalous ones that have a mask
-    test_has_mask = np.array([s.label == 0 or s.mask_path is not None for s in v.test])
+    test_has_mask = pixel_countable(v.test)
     return ClassTables(category, val_table, val_labels, val_masks, test_table,
                        np.array([s.label for s in v.test]), test_masks if test_masks.any() else None,
                        [s.defect_type for s in v.test], v.record(),

@@ -21,6 +21,7 @@ from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.bank import index_factory, shard_folder
 from reb_dist.pipelines.evaluate import (CategoryResult, categories_of, evaluate_category, fit_detector,
                                          load_categories, load_category)
+from reb_dist.core.ldknn import parse_method
 from reb_dist.core.thresholds import Calibration
 from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.pipelines.predict import Prediction, find_images, predict
@@ -120,7 +121,7 @@ def read_selection(path: str | Path, categories: list[str]) -> dict[str, dict]:
 def apply_selection(cfg: RunConfig, chosen: dict, split, source: str | Path):
     """(settings, calibration, split) of one category as tune chose them: LDKNN's (K, alpha), the
     map method, the image threshold, and the training images without the ones held out for validation."""
-    if cfg.scoring.methods[0].split(":")[0].strip().lower() != "ldknn":
+    if parse_method(cfg.scoring.methods[0]).name != "ldknn":
         raise ConfigError(f"{source}: tune chose LDKNN settings, but the first method is {cfg.scoring.methods[0]!r}")
     scoring = replace(cfg.scoring, methods=["ldknn", *cfg.scoring.methods[1:]], k=int(chosen["k"]),
                       alpha=float(chosen["alpha"]), map_method=chosen.get("map_method", ""))

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="compare backbones and methods across everything an MLflow store holds "
                                       "(table, AUROC per class per backbone, K/alpha surface per class)")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None,
+                   help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", action="append", help="only these experiments (repeatable; default: all)")
     p.add_argument("--output", "-o", default="outputs/report")
 
@@ -160,11 +161,13 @@ def cmd_tune(args, command_line: str) -> int:
 
 def cmd_report(args, command_line: str) -> int:
     """`reb report`: a comparison report of everything an MLflow store holds."""
+    from reb_dist.io.tracking import resolve_uri
     from reb_dist.reporting.report import collect_results, write_report
 
-    rows, trials = collect_results(args.tracking_uri, args.experiment)
+    uri = resolve_uri(args.tracking_uri)
+    rows, trials = collect_results(uri, args.experiment)
     if not rows and not trials:
-        raise SystemExit(f"{args.tracking_uri}: no finished result or trial runs to report")
+        raise SystemExit(f"{uri}: no finished result or trial runs to report")
     for path in write_report(rows, trials, args.output):
         print(path)
     return 0

@@ -135,7 +135,8 @@ class TrackingConfig:
     """MLflow: on/off, store URI, experiment, run name, heatmap examples (section `tracking`)."""
 
     enabled: bool = True
-    uri: str = "sqlite:///mlflow.db"
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db (MLflow's precedence; reb_dist.io.tracking)
+    uri: str | None = None
     experiment: str = "reb-dist"
     run_name: str | None = None
     heatmap_examples: int = 8

@@ -71,8 +71,10 @@ def _search(trainable, param_space: dict, metric: str | list[str], trials: int, 
     if tracking.enabled and mlflow_parent:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+        from reb_dist.io.tracking import resolve_uri
+
         callbacks.append(MLflowLoggerCallback(
-            tracking_uri=tracking.uri, experiment_name=tracking.experiment, save_artifact=False,
+            tracking_uri=resolve_uri(tracking.uri), experiment_name=tracking.experiment, save_artifact=False,
             tags={"mlflow.parentRunId": mlflow_parent, "category": category, "kind": "trial"}))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 0.5}),

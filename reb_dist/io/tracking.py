@@ -5,11 +5,15 @@ A command opens one parent run (its settings as params); each (category, method)
 nested run tagged with category, method and backbone, so runs compare side by side in the MLflow UI
 (e.g. filter `tags.method = 'ldknn(k=9,alpha=1)'`, group by `params.backbone.name`). Sweeps log
 from their driver through `SweepLog`; `collect_results` reads everything back for `reb report`.
+
+Which store: `resolve_uri`, MLflow's own precedence (an explicit URI, else MLFLOW_TRACKING_URI, else
+the local default sqlite:///mlflow.db), used by every command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -28,10 +32,18 @@ from reb_dist.io.atomic import file_lock, host_id, pid_alive
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPORT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 HOST_TAG, PID_TAG = "reb.host", "reb.pid"
+DEFAULT_URI = "sqlite:///mlflow.db"  # the store when neither the settings nor the environment name one
+URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 class TrackingStoreError(RebError):
     """An MLflow store cannot be used (half-migrated, older schema, unreadable); says how to recover."""
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI to use, as MLflow resolves it: `uri` when set (tracking.uri, --tracking-uri),
+    else the MLFLOW_TRACKING_URI environment variable, else `DEFAULT_URI` (./mlflow.db)."""
+    return uri or os.environ.get(URI_ENV) or DEFAULT_URI
 
 
 def process_tags() -> dict[str, str]:
@@ -153,6 +165,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig):
         self.cfg = cfg
         self.enabled = cfg.enabled
+        self.uri = resolve_uri(cfg.uri)
         self.run_id: str | None = None
 
     @contextlib.contextmanager
@@ -160,18 +173,21 @@ class Tracker:
         """The command's parent run, open for the block: settings as params, config.yaml as artefact.
 
         Opening it first marks FAILED the runs of killed processes of this host (`fail_dead_runs`).
-        The run is named `run_name`, else tracking.run_name, else "<command>-<backbone>".
+        The run is named `run_name`, else tracking.run_name, else "<command>-<backbone>". Its params
+        show the store actually used as tracking.uri (`resolve_uri`).
         """
         if not self.enabled:
             yield self
             return
         import mlflow
 
-        client, experiment_id = open_store(self.cfg.uri, self.cfg.experiment)
+        client, experiment_id = open_store(self.uri, self.cfg.experiment)
         fail_dead_runs(client)
-        mlflow.set_tracking_uri(self.cfg.uri)
+        mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(experiment_id=experiment_id)
         name = run_name or self.cfg.run_name or f"{command}-{config.backbone.name}"
+        # the params say which store was used, however it was chosen
+        config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=self.uri))
         with mlflow.start_run(run_name=name, tags=process_tags()) as active:
             self.run_id = active.info.run_id
             mlflow.set_tags({"command": command, "backbone": config.backbone.name, "preset": config.preset})
@@ -290,7 +306,7 @@ class SweepLog:
         self.client.set_terminated(self.run_id, status)
 
 
-def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+def collect_results(uri: str | None, experiments: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Every FINISHED result and tune-trial run of an MLflow store, for `reb report`.
 
     Runs of this host left RUNNING by a killed process are first marked FAILED (`fail_dead_runs`).
@@ -300,13 +316,13 @@ def collect_results(uri: str, experiments: list[str] | None = None) -> tuple[lis
     trial row {"category", "pareto"}: its pareto_<category>.json (trials, front, choice, reference).
 
     Args:
-        uri: the MLflow tracking URI.
+        uri: the MLflow tracking URI (None: `resolve_uri`'s choice).
         experiments: only these experiment names (default: all).
 
     Returns:
         (result rows, trial rows), as plain dicts.
     """
-    client, _ = open_store(uri)
+    client, _ = open_store(resolve_uri(uri))
     exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
     fail_dead_runs(client, [e.experiment_id for e in exps])
     results: dict[tuple, dict] = {}

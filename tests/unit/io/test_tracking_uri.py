@@ -1,0 +1,52 @@
+"""Which MLflow store a command writes to: MLflow's precedence (explicit setting, else
+MLFLOW_TRACKING_URI, else ./mlflow.db), on real sqlite stores."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from reb_dist.cli import main
+from reb_dist.config import RunConfig
+from reb_dist.io.tracking import DEFAULT_URI, Tracker, resolve_uri
+
+
+def test_resolve_uri_explicit_then_environment_then_local_default(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == DEFAULT_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_uri(None) == resolve_uri("") == "sqlite:///env.db"
+    assert resolve_uri("sqlite:///explicit.db") == "sqlite:///explicit.db"
+    assert RunConfig.load().tracking.uri is None  # the default means "not set", so the environment counts
+
+
+def test_benchmark_and_report_follow_mlflow_tracking_uri(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    rc = main(["benchmark", "--methods", "knn", "--set", "data.few_shot=4", "--set", "output_dir=out",
+               "--set", "tracking.heatmap_examples=0", "--set", "cache.enabled=false"])
+    assert rc == 0
+    assert not (tmp_path / "mlflow.db").exists()
+    client = mlflow.MlflowClient(other)
+    runs = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("command") == "benchmark"]
+    assert len(parent) == 1 and parent[0].data.params["tracking.uri"] == other  # the store used, logged
+    assert {r.data.tags.get("method") for r in runs if r.data.tags.get("category") == "bottle"} == {"knn(k=9)"}
+
+    # `reb report` without --tracking-uri reads the same store
+    capsys.readouterr()
+    assert main(["report", "-o", "report"]) == 0
+    assert "knn(k=9)" in (tmp_path / "report" / "report.md").read_text()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_explicit_uri_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    explicit = f"sqlite:///{tmp_path / 'explicit.db'}"
+    cfg = RunConfig.load(None, [f"tracking.uri={explicit}"])
+    with Tracker(cfg.tracking).run(cfg, "fit") as tracker:
+        run_id = tracker.run_id
+    assert mlflow.MlflowClient(explicit).get_run(run_id).data.params["tracking.uri"] == explicit
+    assert not (tmp_path / "env.db").exists() and not (tmp_path / "mlflow.db").exists()

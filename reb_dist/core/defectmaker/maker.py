@@ -9,7 +9,10 @@ on any machine, and a training run can be replayed exactly from its seeds.
 
 Order of random draws in ``make`` (changing it changes every sample; keep it):
   augmentation (brightness, contrast, saturation, dihedral k) -> centre -> blend coin ->
-  shape -> (fill -> fill jitter -> fuse weight), repeated only when a fill left the image unchanged.
+  shape [-> (centre -> shape) again while an object class's shape is under 95% on the object] ->
+  (fill -> fill jitter -> fuse weight), repeated only when a fill left the image unchanged.
+Where no object is found (textures, saliency "whole", the cutpaste task) nothing is redrawn, so those
+samples are what they were before on-object placement existed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from reb_dist.core.defectmaker.fills import (
     to_gray,
 )
 from reb_dist.core.defectmaker.fusing import BLUR_RADIUS, BLUR_SIGMA, ERODE_RADIUS, composite, soften
+from reb_dist.core.defectmaker.placement import object_core, object_mask, on_object_fraction, place_on_object
 from reb_dist.core.defectmaker.saliency import (
     DEFAULT_THRESHOLD,
     load_saliency_folder,
@@ -127,7 +131,7 @@ def fuse_radii(height: int, width: int) -> tuple[int, float, int]:
 def synthesize(rng: np.random.Generator, image: np.ndarray, shape: str, fill: str, fusing: str, centre: Centre,
                source_image: np.ndarray | None = None,
                weight_range: tuple[float, float] = SOLID_WEIGHT_RANGE,
-               gray: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+               gray: bool = False, hard: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Draw one defect into a uint8 HxWx3 image: (image with defect, float32 mask, meta).
 
     shape: a key of SHAPES; fill: "noise" or "cut_paste" (from `source_image`, or from the image itself
@@ -135,6 +139,8 @@ def synthesize(rng: np.random.Generator, image: np.ndarray, shape: str, fill: st
     shape). The fill is drawn only over the shape's bounding box (grown by the blur radius for blending),
     then colour-jittered; with `gray` it is turned grey, so a grey image's defect cannot be found by colour.
     Draws from `rng`: shape, then per fill attempt: fill, jitter, fuse weight w ~ U(weight_range).
+    `hard`: the bool shape already drawn around `centre` (DefectMaker's on-object placement); then no
+    shape is drawn here.
 
     Returns:
         The uint8 image with the defect, the float32 HxW mask in [0, 1], and meta (shape, fill,
@@ -151,7 +157,7 @@ def synthesize(rng: np.random.Generator, image: np.ndarray, shape: str, fill: st
         raise ValueError(f"unknown fusing {fusing!r}; expected 'paste' or 'blend'")
     h, w = image.shape[:2]
     erode_r, sigma, blur_r = fuse_radii(h, w)
-    hard = SHAPES[shape](rng, h, w, centre)
+    hard = SHAPES[shape](rng, h, w, centre) if hard is None else np.asarray(hard, dtype=bool)
     ys, xs = np.nonzero(hard)
     margin = blur_r if fusing == "blend" else 0
     y0, y1 = max(0, int(ys.min()) - margin), min(h, int(ys.max()) + 1 + margin)
@@ -203,6 +209,9 @@ class DefectMaker:
         "whole" (anywhere; for textures), or a folder of precomputed maps matched by image stem (pass
         `image_path` to make); an image without a map there falls back to "spectral", and
         meta["saliency"] says which was used. The cutpaste task centres anywhere, as CutPaste does.
+        Object classes also keep each defect's area at least 95% on the object (placement.py): the
+        object is the given or folder map thresholded, or for "spectral" placement.object_mask, which
+        finds no object on textures (the frame is not a plain background), so they are unaffected.
     augmentation: jitter (0.1) and one of the 8 flips/rotations of the base image before the defect,
         as the authors train; note that with image_size=None a transpose swaps a non-square H and W.
     keep_gray: give grey images grey fills.
@@ -288,6 +297,19 @@ class DefectMaker:
             return spectral_residual_saliency(base), "spectral-fallback"
         return spectral_residual_saliency(base), "spectral"
 
+    def object_for(self, image: np.ndarray, sal: np.ndarray | None, origin: str) -> np.ndarray | None:
+        """bool mask at the working size of `image` where defects must lie, for `saliency_for`'s (map,
+        origin), or None when they may lie anywhere (no map, a texture, a salient region too small to
+        trust). A given or folder map is taken as it is; the spectral case's estimated object keeps a
+        2 px (at 256) margin inside its outline, for the estimate's own error."""
+        if sal is None:
+            return None
+        if origin in ("given", "folder"):
+            obj = saliency_region(sal, self.saliency_threshold)
+            return None if obj.all() else obj
+        obj = object_mask(self.prepare(image))
+        return None if obj.all() else object_core(obj)
+
     def make(self, image: np.ndarray, class_id: int, seed: int, source_image: np.ndarray | None = None,
              saliency_map: np.ndarray | None = None, image_path: str | Path | None = None) -> DefectSample:
         """The `class_id` variant of `image`, deterministic in (image, class_id, seed, source, map).
@@ -315,13 +337,14 @@ class DefectMaker:
         """
         resolved = None
         if self.num_classes > 1:
-            resolved = self.saliency_for(image, saliency_map, image_path)
+            sal, origin = self.saliency_for(image, saliency_map, image_path)
+            resolved = (sal, origin, self.object_for(image, sal, origin))
         return [self._make(image, c, derive_seed(seed, c), source_image, saliency_map, image_path, resolved)
                 for c in range(self.num_classes)]
 
     def _make(self, image: np.ndarray, class_id: int, seed: int, source_image: np.ndarray | None,
               saliency_map: np.ndarray | None, image_path: str | Path | None,
-              resolved: tuple[np.ndarray | None, str] | None) -> DefectSample:
+              resolved: tuple[np.ndarray | None, str, np.ndarray | None] | None) -> DefectSample:
         if not 0 <= int(class_id) < self.num_classes:
             raise ValueError(f"class_id must be in 0..{self.num_classes - 1} for task {self.task!r}, got {class_id}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -338,14 +361,22 @@ class DefectMaker:
             work, factors, k = self._augment(rng, base)
         meta: dict[str, Any] = {"task": self.task, "class_name": spec.name, "seed": seed, "dihedral": k,
                                 "jitter": factors, "shape": None, "fill": None, "fusing": None,
-                                "weight": None, "centre": None, "bbox": None, "saliency": None}
+                                "weight": None, "centre": None, "bbox": None, "saliency": None,
+                                "on_object": None, "placement_tries": None, "placement_cut": None}
         h, w = work.shape[:2]
         if spec.shape is None:
             return DefectSample(work, np.zeros((h, w), dtype=np.float32), class_id, meta)
 
-        sal, origin = resolved if resolved is not None else self.saliency_for(image, saliency_map, image_path)
+        if resolved is None:
+            sal, origin = self.saliency_for(image, saliency_map, image_path)
+            resolved = (sal, origin, self.object_for(image, sal, origin))
+        sal, origin, obj = resolved
         region = saliency_region(None if sal is None else dihedral(sal, k), self.saliency_threshold,
                                  shape=(h, w))
+        if obj is not None:
+            obj = dihedral(obj, k)
+            on = region & obj  # centres on the object (the spectral map's rim blur spills off it)
+            region = on if on.any() else obj
         centre = sample_centre(rng, region)
         blend_coin = float(rng.uniform())
         fusing = "blend" if (self.task != "cutpaste" and blend_coin < self.blend_prob) else "paste"
@@ -353,8 +384,14 @@ class DefectMaker:
         if source_image is not None:
             source = resize(as_rgb(source_image), base.shape[0], base.shape[1])
         weight_range = CLUMP_WEIGHT_RANGE if spec.shape == "bezier_clump" else SOLID_WEIGHT_RANGE
+        hard, tries, cut = None, None, None
+        if obj is not None:
+            hard, centre, tries, cut = place_on_object(rng, SHAPES[spec.shape], obj, region, centre)
         out, mask, defect_meta = synthesize(rng, work, spec.shape, spec.fill, fusing, centre, source,
-                                            weight_range, gray)
+                                            weight_range, gray, hard)
         meta.update(defect_meta)
         meta["saliency"] = origin
+        meta["placement_tries"] = tries  # shapes drawn to fit the object (None: no object, drawn once)
+        meta["placement_cut"] = cut  # True when no shape fitted and the last was cut to the object
+        meta["on_object"] = None if obj is None else on_object_fraction(mask, obj)
         return DefectSample(out, mask, class_id, meta)

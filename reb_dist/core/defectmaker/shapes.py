@@ -9,7 +9,7 @@ mislabelled training example.
 Reproducibility: all randomness comes from the caller's ``np.random.Generator``, drawn in a fixed order;
 geometry uses scalar ``math`` trigonometry and plain float64 arithmetic, and rasterising goes through
 PIL's integer polygon filler, so the same generator state gives the same mask on any machine.
-Pixel sizes quoted "at 256 px" (scar widths) scale with sqrt(H*W)/256.
+Pixel sizes quoted "at 256 px" (scar boxes, stroke widths) scale with sqrt(H*W)/256.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ RECT_SCAR_WIDTH = (2.0, 16.0)  # CutPaste's scar, px at 256
 RECT_SCAR_HEIGHT = (10.0, 25.0)
 BEZIER_SCAR_WIDTH = (7.0, 21.0)  # DefectMaker's Bezier-scar box, px at 256 (METHOD-NOTES)
 BEZIER_SCAR_HEIGHT = (15.0, 30.0)
+SCAR_STROKE = (2.0, 5.0)  # px at 256: the Bezier-scar's line width (a scratch, issue 15)
+SCAR_SAMPLES = 24  # points along the scar's curve
 ROTATION_RANGE = (-45.0, 45.0)  # degrees
 CONTROL_POINTS = (5, 6)  # Bezier control points per curve, inclusive
 CLUMP_CELL = (6.0, 14.0)  # blob-field cell size, px at 256: a few cells per shape gives several pieces
@@ -208,17 +210,32 @@ def bezier(rng: np.random.Generator, height: int, width: int, centre: Centre | N
 
 
 def bezier_scar(rng: np.random.Generator, height: int, width: int, centre: Centre | None = None) -> np.ndarray:
-    """DefectMaker's Bezier-scar: the Bezier curve in a thin box (7-21 x 15-30 px at 256), rotated [-45, 45].
+    """DefectMaker's Bezier-scar: a thin curved stroke (2-5 px wide at 256) inside a rotated scar box.
 
-    Real scratches are thin and curved; a curved shape bounded by a scar box imitates them better than
-    CutPaste's straight scar. Returns and raises as `rectangle`.
+    The scar box is the paper's (7-21 px across, 15-30 px long at 256, rotated U[-45, 45] deg); the
+    curve is a cubic Bezier from one short side of the box to the other whose four control points sit
+    at random places across the box, so it bends within the box (a Bezier lies in its control points'
+    hull). Drawn as a line SCAR_STROKE px wide, it is a scratch, not a small filled blob (issue 15).
+    Returns and raises as `rectangle`.
     """
     c = _check(height, width, centre)
+    s = size_scale(height, width)
 
     def draw() -> np.ndarray:
         sh, sw, angle = scar_size(rng, height, width, BEZIER_SCAR_WIDTH, BEZIER_SCAR_HEIGHT)
-        outline = bezier_outline(rng) * [sw - 1, sh - 1]
-        return rasterize(_rotate(outline, angle) + [c[1], c[0]], height, width)
+        stroke = max(1, int(round(rng.uniform(SCAR_STROKE[0], SCAR_STROKE[1]) * s)))
+        sway = max(0.0, (sw - stroke) / 2.0)  # keeps the stroke's edges inside the box
+        across = rng.uniform(-sway, sway, size=4)
+        along = np.array([-0.5, -1.0 / 6.0, 1.0 / 6.0, 0.5]) * (sh - stroke)
+        control = np.stack([across, along], axis=1)  # (x, y): the box's long side runs along y
+        t = np.linspace(0.0, 1.0, SCAR_SAMPLES)[:, None]
+        u = 1.0 - t
+        curve = (u * u * u * control[0] + 3.0 * u * u * t * control[1] + 3.0 * u * t * t * control[2]
+                 + t * t * t * control[3])
+        points = np.rint(_rotate(curve, angle) + [c[1], c[0]]).tolist()
+        canvas = Image.new("L", (width, height), 0)
+        ImageDraw.Draw(canvas).line([(int(x), int(y)) for x, y in points], fill=1, width=stroke, joint="curve")
+        return np.asarray(canvas, dtype=bool)
 
     return _non_empty(draw, height, width, c)
 

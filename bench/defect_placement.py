@@ -1,0 +1,122 @@
+"""DefectMaker placement: how much of each synthetic defect lies on the object, and how thin the scars are.
+
+For each class, every defect variant (6 per image) of the first --images training images is made as
+fine-tuning makes it (256 px, default settings unless --saliency/--set), and its area (mask >= 0.5)
+is compared with the weight-free object mask of placement.object_mask, turned like the sample
+(dihedral augmentation). A texture gets the whole image as its object mask, so its on-object share is
+1 by definition; what matters there is that centres still spread over the whole image (the share of
+centres in the outer quarter band of each side is 0.75 for uniform centres). Scar shapes are measured
+directly: widths from the distance transform (placement.stroke_widths), in px at 256.
+
+Prints figures and the command that made them. Example:
+    .venv/bin/python bench/defect_placement.py --images 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from common import print_command
+
+DEFAULT_DATA = ("bottle=../shared/data/mvtec_ad", "pill=../shared/data/mvtec_ad",
+                "magnetic_tile=../shared/data/magnetic_tile")
+
+
+def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: int = 4) -> dict:
+    from reb_dist.core.defectmaker import dihedral
+    from reb_dist.core.defectmaker.placement import object_mask, on_object_fraction
+    from reb_dist.io.data import read_image
+
+    fractions, border, by_class, found, cut = [], [], {}, [], []
+    secs, made, rows = 0.0, 0, []
+    for i in range(min(n_images, len(paths))):
+        image = read_image(paths[i])
+        source = read_image(paths[(i + 1) % len(paths)])
+        t = time.perf_counter()
+        samples = maker.sample_all(image, seed + i, source_image=source, image_path=paths[i])
+        secs += time.perf_counter() - t
+        made += len(samples)
+        if i < gallery_images:
+            rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
+        obj = object_mask(maker.prepare(image))
+        found.append(not obj.all())
+        for s in samples[1:]:
+            f = on_object_fraction(s.mask, dihedral(obj, s.meta["dihedral"]))
+            fractions.append(f)
+            cut.append(bool(s.meta.get("placement_cut")))
+            by_class.setdefault(maker.classes[s.class_id], []).append(f)
+            h, w = s.mask.shape
+            cy, cx = s.meta["centre"]
+            border.append(min(cy, h - 1 - cy) < h / 4 or min(cx, w - 1 - cx) < w / 4)
+    f = np.array(fractions)
+    return {"n": f.size, "mean": f.mean(), "p5": np.percentile(f, 5), "ok": (f >= 0.95).mean(),
+            "border": float(np.mean(border)), "found": float(np.mean(found)), "per_s": made / secs,
+            "cut": float(np.mean(cut)), "by_class": by_class, "rows": rows,
+            "worst_class": min(by_class.items(), key=lambda kv: np.mean(kv[1]))}
+
+
+def save_gallery(rows, by_class: dict, category: str, path) -> None:
+    """The fine-tuning gallery (reporting.plots.defect_gallery) with each class's on-object share in its title."""
+    from reb_dist.reporting.plots import defect_gallery
+
+    titled = [(f"{name}\non object {np.mean(by_class[name]):.3f}" if name in by_class else f"{name} ({category})",
+               image, mask) for name, image, mask in rows[0]]
+    defect_gallery([titled, *rows[1:]], path)
+
+
+def scar_figures(draws: int) -> dict:
+    from reb_dist.core.defectmaker import SHAPES
+    from reb_dist.core.defectmaker.placement import stroke_widths
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name in ("bezier_scar", "rectangle_scar", "bezier"):
+        med, top, area = [], [], []
+        for _ in range(draws):
+            m = SHAPES[name](rng, 256, 256, (128, 128))
+            w = stroke_widths(m)
+            med.append(np.median(w))
+            top.append(w.max())
+            area.append(int(m.sum()))
+        out[name] = (np.median(med), np.percentile(med, 5), np.percentile(med, 95), np.max(top), np.median(area))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", action="append", default=None, metavar="CATEGORY=ROOT",
+                   help=f"classes and their data roots (default: {' '.join(DEFAULT_DATA)})")
+    p.add_argument("--images", type=int, default=20, help="base images per class (6 defects each)")
+    p.add_argument("--saliency", default="spectral")
+    p.add_argument("--scar-draws", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gallery-dir", default=None, help="also write DIR/defect_gallery_CATEGORY.png")
+    args = p.parse_args()
+
+    from reb_dist.config import RunConfig
+    from reb_dist.core.defectmaker import DefectMaker
+    from reb_dist.pipelines.evaluate import load_category
+
+    print_command()
+    maker = DefectMaker(image_size=256, saliency=args.saliency)
+    print("class | samples | on-object mean | 5th pct | share >= 95% | centres in outer band | "
+          "object found | cut to the object | worst class (mean) | samples/s")
+    for item in args.data or DEFAULT_DATA:
+        category, root = item.split("=", 1)
+        cfg = RunConfig.load(None, [f"data.root={root}", "data.image_size=256"])
+        paths = [str(s.image_path) for s in load_category(cfg.data, category).train]
+        r = placement_figures(maker, paths, args.images, args.seed)
+        name, worst = r["worst_class"]
+        if args.gallery_dir:
+            save_gallery(r["rows"], r["by_class"], category, f"{args.gallery_dir}/defect_gallery_{category}.png")
+        print(f"{category} | {r['n']} | {r['mean']:.3f} | {r['p5']:.3f} | {r['ok']:.1%} | {r['border']:.2f} | "
+              f"{r['found']:.0%} of images | {r['cut']:.1%} | {name} ({np.mean(worst):.3f}) | {r['per_s']:.1f}")
+    print(f"shape (256 px, {args.scar_draws} draws) | median width | 5th-95th pct of median | max width | median area")
+    for name, (med, lo, hi, top, area) in scar_figures(args.scar_draws).items():
+        print(f"{name} | {med:.1f} | {lo:.1f}-{hi:.1f} | {top:.1f} | {area:.0f}")
+
+
+if __name__ == "__main__":
+    main()

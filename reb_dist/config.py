@@ -117,6 +117,13 @@ class FinetuneConfig:
     blend_prob: float = 0.5
     saliency: str = "spectral"  # spectral | whole | a folder of precomputed saliency maps
     checkpoint_every: int = 20
+    # keep every checkpoint and, after training, score the test set with each one's backbone (and the
+    # start weights): the learning curve, in MLflow and <output_dir>/finetune/<category>/learning_curve.*
+    evaluate_checkpoints: bool = False
+    # ray: Ray Data stream -> Ray Train workers (a cluster or a local Ray); local: the same loop and rows
+    # as one Ray Train worker, in this process, without Ray (a lone GPU machine; the same seed gives the
+    # same weights as num_workers=1 on Ray)
+    engine: str = "ray"
     max_failures: int = 2  # worker deaths (OOM kill, lost node) a run survives, each resumed from the newest checkpoint
     num_workers: int = 2  # Ray Train workers; GPUs when the cluster has them
     use_gpu: str = "auto"  # auto | true | false
@@ -340,6 +347,7 @@ RANGES: dict[str, str] = {
 # compares text), so this is their one list.
 FINETUNE_LOSSES = ("bce", "ce")
 USE_GPU = ("auto", "true", "false")
+FINETUNE_ENGINES = ("ray", "local")
 
 
 def _choices() -> dict[str, tuple]:
@@ -374,6 +382,7 @@ def _choices() -> dict[str, tuple]:
         "finetune.bn_stats": BN_STATS,
         "finetune.loss": FINETUNE_LOSSES,
         "finetune.use_gpu": USE_GPU,
+        "finetune.engine": FINETUNE_ENGINES,
         "tune.validation": KINDS,
         "tune.threshold": THRESHOLDS,
     }

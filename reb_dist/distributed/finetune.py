@@ -10,7 +10,7 @@ names) that `backbone.weights=` loads.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,15 +18,16 @@ from functools import partial
 from pathlib import Path
 
 from reb_dist.config import RunConfig
-from reb_dist.distributed.train_loop import (BACKBONE_FILE, TrainLoopSettings, latest_checkpoint,
-                                             micro_batches_per_step, train_loop_per_worker)
+from reb_dist.pipelines.ssl_training import (BACKBONE_FILE, TrainLoopSettings, latest_checkpoint, stream_window,
+                                             train_in_process)
 from reb_dist.errors import RebError
 from reb_dist.io.atomic import copy_atomic, write_text_atomic
 
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SETTINGS_FILE = "reb_settings.json"
 # settings that decide where and how fast a run trains, not what it learns: free to change on resume
-RESOURCE_SETTINGS = {"checkpoint_every", "max_failures", "num_workers", "use_gpu", "cpus_per_worker", "data_workers",
+RESOURCE_SETTINGS = {"engine", "evaluate_checkpoints", "checkpoint_every", "max_failures", "num_workers", "use_gpu", "cpus_per_worker", "data_workers",
                      "data_cpus", "torch_threads", "storage_path", "run_name", "fail_at_step"}
 # testing: rank 0 SIGKILLs itself after this step, on the first attempt only (a real worker death)
 KILL_WORKER_ENV = "REB_TEST_KILL_WORKER_AT_STEP"
@@ -70,13 +71,6 @@ def check_run_settings(run_dir: Path, settings: dict) -> None:
                        f"two experiments. Name a new run (--set finetune.run_name=...) or remove that folder.")
 
 
-def base_images_per_step(cfg: RunConfig, num_classes: int, workers: int) -> float:
-    """Base images (each giving one sample per class) all workers consume in one step."""
-    f = cfg.finetune
-    micro_per_step = micro_batches_per_step(f.images_per_step, f.micro_batch, workers)
-    return micro_per_step * f.micro_batch * workers / num_classes
-
-
 def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) -> FinetuneResult:
     """Fine-tune (or resume, or reuse a finished run) and write the backbone to `output`.
 
@@ -105,10 +99,12 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     check_run_settings(run_dir, run_settings(cfg, category))
     start_step = latest_checkpoint(run_dir)[1]
     train_metrics = {}
-    if start_step < f.steps:
+    if start_step < f.steps and f.engine == "local":
+        train_metrics = _train_local(cfg, run_dir, paths, class_names)
+    elif start_step < f.steps:
         train_metrics = _train(cfg, name, storage, run_dir, paths, class_names)
     else:  # a finished run only has its backbone copied out: no Ray, no trainer
-        print(f"{name}: already trained {start_step} steps")
+        log.info(f"{name}: already trained {start_step} steps")
     final_dir, final_step = latest_checkpoint(run_dir)
     if final_dir is None or final_step < f.steps:
         raise RebError(f"{run_dir}: training stopped at step {final_step} of {f.steps}")
@@ -120,8 +116,8 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     return FinetuneResult(output, run_dir, start_step, train_metrics or (metrics[-1] if metrics else {}))
 
 
-def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], per_step: float, workers: int):
-    """The DefectMaker stream from the newest checkpoint of `run_dir` on (`per_step` base images a step).
+def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], num_classes: int, workers: int):
+    """The DefectMaker stream from the newest checkpoint of `run_dir` on.
 
     Ray Train calls this each time it starts the worker group, first and after a worker died, so a
     retry reads on from its checkpoint instead of from the start of the stream; the train loop
@@ -130,14 +126,26 @@ def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], per_step: f
     from reb_dist.distributed.defect_stream import defect_dataset
 
     f = cfg.finetune
-    start_step = latest_checkpoint(run_dir)[1]
-    remaining = max(0, f.steps - start_step)
-    # A resumed run skips exactly the base images the earlier steps consumed; a small margin
-    # covers micro-batches that straddle the end of the stream.
+    first, count = stream_window(f, latest_checkpoint(run_dir)[1], num_classes, workers)
     return defect_dataset(
-        paths, math.ceil(start_step * per_step), math.ceil(max(remaining, 1) * per_step) + 2 * workers * 8,
-        task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency,
-        run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
+        paths, first, count, task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob,
+        saliency=f.saliency, run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
+
+
+def _loop_settings(cfg: RunConfig, run_dir: Path, class_names: list[str]) -> TrainLoopSettings:
+    kill_at = os.environ.get(KILL_WORKER_ENV)
+    return TrainLoopSettings(cfg.finetune, cfg.backbone.name, cfg.backbone.weights, tuple(class_names),
+                             str(run_dir / METRICS_FILE), str(run_dir), int(kill_at) if kill_at else None)
+
+
+def _train_local(cfg: RunConfig, run_dir: Path, paths: list[str], class_names: list[str]) -> dict:
+    """finetune.engine=local: the same loop and rows as one Ray Train worker, in this process (no Ray)."""
+    import torch
+
+    device = "cuda" if cfg.finetune.use_gpu != "false" and torch.cuda.is_available() else "cpu"
+    if cfg.finetune.use_gpu == "true" and device == "cpu":
+        raise RebError("finetune.use_gpu=true but torch sees no CUDA device")
+    return train_in_process(_loop_settings(cfg, run_dir, class_names), paths, cfg.data.image_size, device)
 
 
 def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[str],
@@ -147,6 +155,7 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
     from ray.train.torch import TorchTrainer
 
     from reb_dist.distributed.runtime import ensure_ray
+    from reb_dist.distributed.train_loop import train_loop_per_worker
 
     f = cfg.finetune
     started_ray = ensure_ray()
@@ -156,14 +165,11 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 if f.use_gpu == "auto" else f.use_gpu.lower() == "true"
         workers = min(f.num_workers, int(gpus)) if use_gpu else f.num_workers
-        stream = partial(_resumed_stream, cfg, run_dir, paths, base_images_per_step(cfg, len(class_names), workers),
-                         workers)
+        stream = partial(_resumed_stream, cfg, run_dir, paths, len(class_names), workers)
         # Ray Train builds the stream in its controller (where defect_dataset's own setting is lost) but
         # ingests it with the driver's DataContext options: keep the row order a resumed stream needs.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        kill_at = os.environ.get(KILL_WORKER_ENV)
-        settings = TrainLoopSettings(f, cfg.backbone.name, cfg.backbone.weights, tuple(class_names),
-                                     str(run_dir / METRICS_FILE), str(run_dir), int(kill_at) if kill_at else None)
+        settings = _loop_settings(cfg, run_dir, class_names)
         resources = {"CPU": f.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"settings": settings},
@@ -171,7 +177,7 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=str(storage),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None if f.evaluate_checkpoints else 2),
                 # fail_at_step stands for the whole run being stopped, not a worker dying: no retry
                 failure_config=ray.train.FailureConfig(
                     max_failures=0 if f.fail_at_step is not None else f.max_failures)),
@@ -237,9 +243,17 @@ def finetune_categories(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, F
             start = time.perf_counter()
             result = finetune(cfg, category, path, tracker)
             tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
-            print(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
-                  f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
-                  f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
-            print(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
+            if cfg.finetune.evaluate_checkpoints:
+                from reb_dist.pipelines.learning_curve import evaluate_checkpoints, write_curve
+
+                ssl = read_metrics(result.run_dir)
+                rows = evaluate_checkpoints(cfg, category, result.run_dir, ssl, tracker)
+                title = f"{category}: {cfg.backbone.name} fine-tuned with {cfg.finetune.task}"
+                for written in write_curve(rows, ssl, out, title):
+                    tracker.log_artifact(written, "plots" if written.suffix == ".png" else None)
+            log.info(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
+                     f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
+                     f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")
+            log.info(f"use it: reb benchmark --categories {category} --set backbone.finetuned={path}")
         results[category] = result
     return results

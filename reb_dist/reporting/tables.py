@@ -69,6 +69,49 @@ def results_table_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
     return "\n".join([fmt(cols), rule, *map(fmt, body)]) + "\n"
 
 
+def leader_sentence(rows: Sequence[Mapping[str, Any]], metric: str = "image_auroc", float_fmt: str = "{:.1f}",
+                    scale: float = 100) -> str:
+    """One plain sentence of which method led on each category by `metric`, and by how much.
+
+    Values are compared as the table shows them (``float_fmt`` of value x ``scale``), so methods the
+    table shows equal are said to tie; missing or NaN values are left out. Categories keep their order
+    of first appearance.
+    """
+    shown: dict[str, list[tuple[str, float]]] = {}
+    for r in rows:
+        v = r.get(metric)
+        entries = shown.setdefault(str(r["category"]), [])
+        if isinstance(v, (int, float, np.floating)) and not math.isnan(v):
+            entries.append((str(r["method"]), float(float_fmt.format(float(v) * scale))))
+    clauses = [_lead_clause(category, entries, float_fmt) for category, entries in shown.items()]
+    if not clauses:
+        return f"No {metric} to compare."
+    name = " ".join(w.upper() if w in ("auroc", "aupro", "f1") else w for w in metric.split("_"))
+    return f"By {name}, " + "; ".join(clauses) + "."
+
+
+def _lead_clause(category: str, entries: list[tuple[str, float]], float_fmt: str) -> str:
+    """'on pill a led with 89.4, 3.4 points ahead of b (86.0)', or the tie / single / none wording."""
+    if not entries:
+        return f"on {category} no method has a value"
+    ranked = sorted(entries, key=lambda e: -e[1])
+    best = ranked[0][1]
+    leaders = [m for m, v in ranked if v == best]
+    if len(ranked) == 1:
+        return f"on {category} only {leaders[0]} was scored ({float_fmt.format(best)})"
+    if len(leaders) == len(ranked):
+        return f"on {category} {_and(leaders)} tied at {float_fmt.format(best)}"
+    second = ranked[len(leaders)][1]
+    runners = [m for m, v in ranked if v == second]
+    lead = (f"{_and(leaders)} tied for the lead at" if len(leaders) > 1 else f"{leaders[0]} led with")
+    return (f"on {category} {lead} {float_fmt.format(best)}, {float_fmt.format(best - second)} points "
+            f"ahead of {_and(runners)} ({float_fmt.format(second)})")
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """CSV text (header + one line per row, values as given), quoted where a value needs it."""
     buffer = io.StringIO()

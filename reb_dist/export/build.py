@@ -8,8 +8,8 @@ from reb_dist import __version__
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.errors import RebError
-from reb_dist.export.module import (EXPORTABLE_METHODS, IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAMES, ExportedDetector,
-                                    PatchMethod, Threshold)
+from reb_dist.export.module import (EXPORTABLE_METHODS, IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAMES, ExportableFeatures,
+                                    ExportedDetector, PatchMethod, Threshold)
 from reb_dist.export.runtime import EXPORT_FORMAT
 
 # what a runtime must do to an image before the exported model sees it (the model does the rest)
@@ -52,7 +52,7 @@ def build_module(detector: Detector, model: str = "model") -> ExportedDetector:
         raise ExportError(f"{model}: some bank densities are not finite")
     cal = detector.calibration
     threshold = None if cal is None else Threshold.of(cal.threshold, cal.low, cal.high)
-    features = detector.features.to("cpu").eval()
+    features = ExportableFeatures(detector.features.to("cpu").eval(), detector.backbone.channels)
     module = ExportedDetector(features, detector.bank, image, map_method, densities, detector.scoring.image_score,
                               detector.scoring.sigma, detector.image_size, threshold)
     return module.eval()

@@ -122,3 +122,30 @@ def test_reb_export_refuses_a_missing_model_and_an_unexported_file(tmp_path, cap
     (tmp_path / "lone.onnx").write_bytes(b"not a model")
     assert main(["predict", "-m", str(tmp_path / "lone.onnx"), str(tmp_path)]) == 2
     assert "lone.onnx.json: the exported model's metadata cannot be read" in capsys.readouterr().err
+
+
+def test_adaptive_aggregation_exports_to_onnx_with_the_same_features(small_detector, tmp_path):
+    """PatchCore's "adaptive" aggregation pools to sizes ONNX cannot (adaptive_avg_pool1d 360 -> 64):
+    the exported module pools with fixed matrices, to the same features."""
+    from reb_dist.core.features import PatchFeatures
+    from reb_dist.export.module import ExportableFeatures, ExportedDetector, PatchMethod
+    from reb_dist.export.writer import save_onnx
+
+    original = PatchFeatures(small_detector.backbone.model, "adaptive", layer_dim=64, target_dim=48).eval()
+    features = ExportableFeatures(original, small_detector.backbone.channels)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    x = images.float().permute(0, 3, 1, 2) / 255.0
+    with torch.no_grad():
+        expected = original(x)
+        assert expected.shape == (2, 48, 8, 8)
+        torch.testing.assert_close(features(x), expected, rtol=1e-5, atol=1e-5)
+    skip_without_onnx()
+    import onnxruntime
+
+    knn = PatchMethod("knn", 3, 1.0, True)
+    bank = np.random.default_rng(0).normal(size=(50, 48)).astype(np.float32)
+    module = ExportedDetector(features, bank, knn, knn, {}, "max", 1.0, 64).eval()
+    with torch.no_grad():
+        scores = module(images)[0].numpy()
+    session = onnxruntime.InferenceSession(str(save_onnx(module, tmp_path / "adaptive.onnx")))
+    np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], scores, rtol=RTOL)

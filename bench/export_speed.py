@@ -72,11 +72,19 @@ def main() -> None:
     split = load_category(cfg.data, args.category)
     start = time.perf_counter()
     detector = fit_detector(cfg, split)
-    folder = Path(tempfile.mkdtemp(prefix="export_speed_"))
-    model = save_model(detector, folder / f"{args.category}.safetensors")
-    detector.close()
     print(f"fit: {len(split.train)} train images, bank {len(detector.bank)} x {detector.bank.shape[1]} "
           f"({time.perf_counter() - start:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix="export_speed_") as tmp:
+        measure(args, cfg, split, detector, Path(tmp))
+    print(f"\nload average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print_command()
+
+
+def measure(args, cfg, split, detector, folder: Path) -> None:
+    """Save and export the fitted model into `folder`, then print the table."""
+    model = save_model(detector, folder / f"{args.category}.safetensors")
+    detector.close()
     start = time.perf_counter()
     files = {fmt: export_model(model, fmt, folder / f"{args.category}.{ext}")[0]
              for fmt, ext in (("torchscript", "pt"), ("onnx", "onnx"))}
@@ -97,9 +105,6 @@ def main() -> None:
             reference = scores if reference is None else reference
             diff = np.max(np.abs(scores - reference) / np.abs(reference))
             print(f"| {name} | {batch} | {rate:.2f} | {diff:.1e} |", flush=True)
-    print(f"\nload average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
-          f"after: {', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
-    print_command()
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ class ExportedDetector(nn.Module):
         """Score uint8 (or 0..255 float) RGB images (B, S, S, 3); see the class."""
         x = images.float().permute(0, 3, 1, 2) / 255.0
         feats = self.features((x - self.mean) / self.std)  # (B, D, h, w)
-        b, d, h, w = feats.shape
+        _, d, h, w = feats.shape
         queries = feats.permute(0, 2, 3, 1).reshape(-1, d)
         dist2, ids = self.search(queries)
         image_patch = self.patch_scores(self.image, dist2, ids).reshape(-1, h, w)

@@ -43,7 +43,8 @@ def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, 
 
     By default with torch's TorchScript-based exporter (dynamo=False), which needs only `onnx`;
     `dynamo=True` uses torch.export + onnxscript instead: the same scores (within 5e-7 relative on
-    the sample), but it took 100 s for the sample model on this shared 2-core machine against 15 s.
+    the sample), but `reb export` took 53-100 s for the sample model on the shared 2-core machine
+    against about 20 s.
     """
     needed = ["onnx", "onnxscript"] if dynamo else ["onnx"]
     missing = [name for name in needed if importlib.util.find_spec(name) is None]

@@ -1,12 +1,15 @@
 """`reb`: fit, evaluate, benchmark and predict from the command line.
 
-Every subcommand takes `--config FILE` (YAML/JSON) and any number of `--set section.key=value`
-overrides; the resolved settings are printed, saved beside the outputs and logged to MLflow.
+Every subcommand that runs with settings takes `--config FILE` (YAML/JSON) and any number of
+`--set section.key=value` overrides; the resolved settings are saved beside the outputs and logged
+to MLflow, and `--print-config` prints them (YAML, loadable with --config) without running.
+Progress goes to stderr (`-q`: warnings only, `-v`: debug too); results go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -14,11 +17,28 @@ from pathlib import Path
 from reb_dist.config import PRESETS, RunConfig
 from reb_dist.errors import RebError
 
+log = logging.getLogger("reb_dist.cli")  # not __name__: run as `python -m reb_dist.cli` that is __main__
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+
+def _add_verbosity(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-q / -v, accepted before the subcommand and on it (the subcommand's own flag wins)."""
+    p.add_argument("--quiet", "-q", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="warnings and errors only")
+    p.add_argument("--verbose", "-v", dest="verbosity", action="store_const", const=1, default=default,
+                   help="debug messages too")
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """--config, --set and --print-config: what every subcommand that runs with settings takes."""
     p.add_argument("--config", "-c", help="YAML/JSON settings file")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set scoring.k=5 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (YAML, loadable with --config) and exit without running")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add_settings(p)
     p.add_argument("--root", help="dataset root (shortcut for --set data.root=...)")
     p.add_argument("--categories", help="comma-separated categories (data.categories)")
     p.add_argument("--methods", help="comma-separated scoring methods (scoring.methods), "
@@ -34,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `reb` argument parser: one subcommand per command, common settings flags on each."""
     parser = argparse.ArgumentParser(prog="reb", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"reb-dist {package_version()}")
+    _add_verbosity(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="build and save a memory bank (with densities) per category")
@@ -71,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="outputs/report")
 
     p = sub.add_parser("predict", help="score images with a saved model, write heatmap overlays")
-    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--model", "-m", required=True,
+                   help="a .safetensors model from `reb fit`, or a .onnx / .pt file from `reb export`")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--output", "-o", default="predictions", help="folder for overlays and scores.csv")
     p.add_argument("--threshold", type=float,
@@ -79,11 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold; no flags if it has none)")
     p.add_argument("--device", default=None)
 
+    p = sub.add_parser("export", help="write a saved model as one ONNX or TorchScript file (backbone, bank, "
+                                      "search, scores, maps, threshold) that scores images without reb-dist's "
+                                      "backbone weights, faiss or Ray; `reb predict -m` takes it too")
+    p.add_argument("--model", "-m", required=True, help="a .safetensors model written by `reb fit`")
+    p.add_argument("--format", "-f", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--output", "-o", help="the exported file (default: the model's path with .onnx or .pt); "
+                                          "its metadata goes beside it as <file>.json")
+    p.add_argument("--dynamo", action="store_true", help="onnx: torch's dynamo exporter (slower to export)")
+
     p = sub.add_parser("cache", help="the patch feature cache: where it is and how big (info), or empty it (clear)")
     p.add_argument("action", choices=["info", "clear"])
-    p.add_argument("--config", "-c", help="YAML/JSON settings file (its cache section names the folder)")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set cache.dir=/scratch/features (repeatable)")
+    _add_settings(p)  # its cache section names the folder, e.g. --set cache.dir=/scratch/features
+
+    p = sub.add_parser("sweep", help="datasets x categories x backbones x methods as Ray tasks on the cluster "
+                                     "(RAY_ADDRESS) or a local Ray; resumable: finished cells are skipped")
+    p.add_argument("--config", "-c", "--sweep", dest="sweep", required=True,
+                   help="sweep YAML (see jobs/sample_sweep.yaml)")
+    p.add_argument("--out", "-o", help="folder for cell results, summary.md/.csv and (by default) MLflow "
+                                       "(default: outputs/sweeps/<sweep name>)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<out>/mlflow.db)")
+    p.add_argument("--experiment", default="reb-dist-sweeps")
+
+    for p in sub.choices.values():
+        _add_verbosity(p)
     return parser
 
 
@@ -96,20 +139,81 @@ def load_config(args: argparse.Namespace) -> RunConfig:
             overrides.append(f"{key}={getattr(args, flag)}")
     if getattr(args, "no_mlflow", False):
         overrides.append("tracking.enabled=false")
+    log.debug("settings: defaults <- %s <- %s", args.config or "no file", overrides or "no overrides")
     return RunConfig.load(args.config, overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (printed)."""
-    args = build_parser().parse_args(argv)
-    command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+def package_version() -> str:
+    """reb-dist's installed version (its metadata), else the source tree's `reb_dist.__version__`."""
+    from importlib import metadata
+
     try:
+        return metadata.version("reb-dist")
+    except metadata.PackageNotFoundError:
+        from reb_dist import __version__
+
+        return __version__
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (so later redirections still apply)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """Info as the bare message (progress reads as it always did); other levels prefixed "warning: ",
+    "error: ", "debug: <logger>: "."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno == logging.INFO:
+            return message
+        return f"{record.levelname.lower()}: " + (f"{record.name}: " if record.levelno < logging.INFO else "") + message
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """reb_dist's log records to stderr: -1 warnings and errors, 0 also info (progress), 1 also debug.
+    `main` calls it on every call; it replaces the handler an earlier call installed."""
+    logger = logging.getLogger("reb_dist")
+    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (logged)."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbosity)
+    command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    log.debug("reb-dist %s: %s", package_version(), command_line)
+    try:
+        if getattr(args, "print_config", False):
+            return print_config(args)
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
                 "finetune": cmd_finetune, "tune": cmd_tune, "report": cmd_report,
-                "predict": cmd_predict, "cache": cmd_cache}[args.command](args, command_line)
+                "predict": cmd_predict, "cache": cmd_cache, "export": cmd_export,
+                "sweep": cmd_sweep}[args.command](args, command_line)
     except RebError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """`--print-config`: the resolved settings as YAML on stdout, as `RunConfig.dump` writes them."""
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(load_config(args).to_dict(), sort_keys=False))
+    return 0
 
 
 def cmd_fit(args, command_line: str) -> int:
@@ -153,7 +257,7 @@ def cmd_tune(args, command_line: str) -> int:
     from reb_dist.distributed.tuning import run_tune
     from reb_dist.pipelines.evaluate import categories_of
 
-    print(f"# {command_line}")
+    log.info("# %s", command_line)
     cfg = load_config(args)
     run_tune(cfg, categories_of(cfg.data), command_line)
     return 0
@@ -175,11 +279,27 @@ def cmd_report(args, command_line: str) -> int:
 
 def cmd_predict(args, command_line: str) -> int:
     """`reb predict`: see reb_dist.pipelines.runs.predict_images; prints scores.csv."""
-    from reb_dist.pipelines.runs import predict_images
+    from reb_dist.export.predict import is_exported
 
-    predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
+    if is_exported(args.model):  # an exported .onnx / .pt file: scored by its runtime, no backbone weights
+        from reb_dist.export.predict import predict_exported
+
+        predictions = predict_exported(args.model, args.images, args.output, args.threshold)
+    else:
+        from reb_dist.pipelines.runs import predict_images
+
+        predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
     print((Path(args.output) / "scores.csv").read_text(), end="")
-    print(f"{len(predictions)} heatmap overlays written to {args.output}")
+    log.info("%d heatmap overlays written to %s", len(predictions), args.output)
+    return 0
+
+
+def cmd_export(args, command_line: str) -> int:
+    """`reb export`: see reb_dist.export.writer.export_model."""
+    from reb_dist.export.writer import export_model
+
+    exported, metadata = export_model(args.model, args.format, args.output, args.dynamo)
+    print(f"{exported}\n{metadata}")
     return 0
 
 
@@ -195,6 +315,14 @@ def cmd_cache(args, command_line: str) -> int:
     state = "" if settings.enabled else " (disabled: cache.enabled=false)"
     print(f"folder: {cache.folder}{state}\nfiles: {len(cache.files())}\n"
           f"size: {cache.size() / 1024**3:.2f} GB of {settings.max_gb:g} GB")
+    return 0
+
+
+def cmd_sweep(args, command_line: str) -> int:
+    """`reb sweep`: see reb_dist.distributed.sweep.sweep_file (jobs/sweep.py runs this too)."""
+    from reb_dist.distributed.sweep import sweep_file
+
+    sweep_file(args.sweep, args.out, args.tracking_uri, args.experiment)
     return 0
 
 

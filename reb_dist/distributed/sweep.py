@@ -13,6 +13,8 @@ next submission.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,8 @@ from reb_dist.errors import ConfigError
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.tracking import SweepLog
 from reb_dist.reporting.tables import results_table_markdown, to_csv
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,8 +127,9 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     (out / "cells").mkdir(parents=True, exist_ok=True)
     done = {c.id for c in sweep.cells if (out / "cells" / f"{c.id}.json").is_file()}
     todo = [c for c in sweep.cells if c.id not in done]
-    print(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(done)} done before, {len(todo)} to run -> {out}")
-    log = SweepLog(tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment, sweep.name,
+    log.info("sweep %s: %d cells, %d done before, %d to run -> %s", sweep.name, len(sweep.cells), len(done),
+             len(todo), out)
+    store = SweepLog(tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment, sweep.name,
                    {"name": sweep.name, "base": sweep.base, "methods": sweep.methods,
                     "cells": [asdict(c) for c in sweep.cells]}, str(out))
     # `ray job stop` sends SIGTERM: turn it into an exception so the MLflow run ends FAILED
@@ -142,7 +147,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
             result = {"cell": asdict(cell), **ray.get(ready[0])}
-            log.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
+            store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
                          {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "preset": result["preset"]},
                          result["methods"])
             write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
@@ -152,15 +157,35 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
         bar.close()
         results = {c.id: json.loads((out / "cells" / f"{c.id}.json").read_text()) for c in sweep.cells}
         _write_summary(sweep, out, results)
-        log.close("FINISHED")
+        store.close("FINISHED")
         return results
     except BaseException:
-        log.close("FAILED")
+        store.close("FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
+
+
+def sweep_file(path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None,
+               experiment: str = "reb-dist-sweeps") -> dict[str, dict]:
+    """`reb sweep` (and jobs/sweep.py, for `ray job submit`): load the sweep file and run it.
+
+    Args:
+        path: the sweep YAML.
+        out_dir: the sweep's folder (default: outputs/sweeps/<sweep name>).
+        tracking_uri: the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db).
+        experiment: the MLflow experiment.
+
+    Returns:
+        {cell id: result}, as `run_sweep`.
+    """
+    sweep = Sweep.load(path)
+    out = Path(out_dir) if out_dir else Path("outputs") / "sweeps" / sweep.name
+    results = run_sweep(sweep, out, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment)
+    log.info("%d cells done; summary in %s", len(results), out / "summary.md")
+    return results
 
 
 def _raise_system_exit(signum, frame):

@@ -17,6 +17,7 @@ one nested run per class, and one run per trial under it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from reb_dist.pipelines.selection import (ClassTables, MapSetting, Selection, cl
                                           global_choice, global_map_choice, pareto_choice, pareto_front,
                                           reported_metrics, validation_calibration, write_selection)
 
+log = logging.getLogger(__name__)
 PARETO_METRICS = ("val_image_auroc", "map_objective")  # the coupled search's two objectives, both maximised
 
 
@@ -221,13 +223,13 @@ def tune_classes(cfg: RunConfig, categories: list[str], tracker) -> tuple[list[S
                 tracker.log_text(json.dumps(c.split, indent=1), "split.json")
             s.held_out_train = list(c.split.get("held_out_train", []))
             s.seconds = time.perf_counter() - c_start
-            print(f"{category}: image K={s.k}, alpha={s.alpha:.3f} (validation image AUROC "
-                  f"{s.val_metrics['val_image_auroc']:.4f}, {s.trials} trials); map "
-                  + (f"{s.map.spec} (validation pixel AUROC {s.map_val_metrics['val_map_pixel_auroc']:.4f}, "
-                     f"AUPRO {s.map_val_metrics['val_map_aupro']:.4f}, {s.map_trials} trials)" if s.map else
-                     "coupled")
-                  + (f"; Pareto K={s.pareto_choice['k']}, alpha={s.pareto_choice['alpha']:.3f} (front of "
-                     f"{len(s.pareto)})" if s.pareto_choice else "") + f"; {s.seconds:.0f} s")
+            log.info(f"{category}: image K={s.k}, alpha={s.alpha:.3f} (validation image AUROC "
+                     f"{s.val_metrics['val_image_auroc']:.4f}, {s.trials} trials); map "
+                     + (f"{s.map.spec} (validation pixel AUROC {s.map_val_metrics['val_map_pixel_auroc']:.4f}, "
+                        f"AUPRO {s.map_val_metrics['val_map_aupro']:.4f}, {s.map_trials} trials)" if s.map else
+                        "coupled")
+                     + (f"; Pareto K={s.pareto_choice['k']}, alpha={s.pareto_choice['alpha']:.3f} (front of "
+                        f"{len(s.pareto)})" if s.pareto_choice else "") + f"; {s.seconds:.0f} s")
             tables.append(c)
             selections.append(s)
         gk, ga, gobj = global_choice(tables, cfg.tune, cfg.scoring)
@@ -298,5 +300,5 @@ def run_tune(cfg: RunConfig, categories: list[str], command_line: str = "") -> t
         tracker.log_text(text, "tune_results.md")
         for name in ("selection.json", "selection.csv", "splits.json"):
             tracker.log_artifact(out / name)
-    print(f"\nwall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
+    log.info(f"wall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
     return selections, rows, glob

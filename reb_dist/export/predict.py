@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from reb_dist.export.runtime import load_exported, resize
 from reb_dist.io.data.images import check_image_side, read_image
 from reb_dist.pipelines.predict import Prediction, find_images
 
+log = logging.getLogger(__name__)
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".torchscript")
 
 
@@ -41,12 +43,12 @@ def predict_exported(model: str | Path, images: list[str | Path], output: str | 
     except ValueError as exc:
         raise ModelFileError(f"{model}: malformed calibration in its metadata ({exc})") from exc
     if threshold is not None:
-        print(f"threshold {threshold:.6g}: given")
+        log.info(f"threshold {threshold:.6g}: given")
     elif calibration is not None:
         threshold = calibration.threshold
-        print(f"threshold {threshold:.6g}: the model's calibration ({calibration.method})")
+        log.info(f"threshold {threshold:.6g}: the model's calibration ({calibration.method})")
     else:
-        print("no threshold: none given and the model has no calibration, so images are not flagged")
+        log.info("no threshold: none given and the model has no calibration, so images are not flagged")
     paths = find_images(images)
     predictions = []
     for start in range(0, len(paths), batch_size):

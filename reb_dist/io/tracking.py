@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ from reb_dist.errors import RebError
 from reb_dist.io.atomic import file_lock, host_id, pid_alive
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+log = logging.getLogger(__name__)
 REPORT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 HOST_TAG, PID_TAG = "reb.host", "reb.pid"
 DEFAULT_URI = "sqlite:///mlflow.db"  # the store when neither the settings nor the environment name one
@@ -149,8 +150,8 @@ def fail_dead_runs(client, experiment_ids: list[str] | None = None) -> list[str]
         client.set_terminated(run.info.run_id, "FAILED")
     if dead:
         names = ", ".join(f"{r.info.run_name} (pid {r.data.tags[PID_TAG]})" for r in dead[:5])
-        print(f"mlflow: marked {len(dead)} run(s) FAILED, left RUNNING by a process that is gone (killed?): "
-              f"{names}{', ...' if len(dead) > 5 else ''}", file=sys.stderr)
+        log.warning(f"mlflow: marked {len(dead)} run(s) FAILED, left RUNNING by a process that is gone "
+                    f"(killed?): {names}{', ...' if len(dead) > 5 else ''}")
     return [r.info.run_id for r in dead]
 
 

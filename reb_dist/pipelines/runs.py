@@ -8,7 +8,7 @@ table, and writes its files under `cfg.output_dir`. `reb_dist.cli` only parses a
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from contextlib import closing
 from dataclasses import asdict, replace
@@ -27,6 +27,8 @@ from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.pipelines.predict import Prediction, find_images, predict
 from reb_dist.pipelines.validation import ValidationSplit, synthetic_split
 from reb_dist.reporting.results import write_predictions, write_results
+
+log = logging.getLogger(__name__)
 
 
 def output_files(output: str | None, categories: list[str], default_dir: Path, suffix: str = "") -> dict[str, Path]:
@@ -77,11 +79,11 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
             tracker.log_result(category, "fit", info)
-            print(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
-                  f"(+ densities K={run_cfg.scoring.k}) saved to {path}")
+            log.info(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
+                     f"(+ densities K={run_cfg.scoring.k}) saved to {path}")
             if calibration is not None:
-                print(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
-                      f"{calibration.source})")
+                log.info(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
+                         f"{calibration.source})")
     return paths
 
 
@@ -173,8 +175,8 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     differences.append(("data.image_size", cfg.data.image_size, detector.image_size))
     for key, yours, models in differences:
         if yours != models:
-            print(f"warning: {key}: your settings say {show(yours)}, but {model} was fitted with "
-                  f"{show(models)}: the model's value is used", file=sys.stderr)
+            log.warning(f"{key}: your settings say {show(yours)}, but {model} was fitted with "
+                        f"{show(models)}: the model's value is used")
     tracker = Tracker(cfg.tracking)
     with closing(detector), tracker.run(cfg, "evaluate"):
         tracker.log_params({f"model.{k}": v for k, v in _flat(resolved).items()})
@@ -196,7 +198,7 @@ def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
     """
     start = time.perf_counter()
     tracker = Tracker(cfg.tracking)
-    print(f"# {command_line}")
+    log.info(f"# {command_line}")
     # every category's files are read before any features are computed: a bad image in the last
     # category must not throw away the work on the others
     splits = load_categories(cfg.data, categories_of(cfg.data))
@@ -216,10 +218,9 @@ def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
                     tracker.log_result(category, result.label(m.method), m.metrics,
                                        {"k": m.method.k, "alpha": m.method.alpha,
                                         "weights": run_cfg.backbone.weights or "imagenet"})
-                print(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
-                      f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
-                      f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})",
-                      flush=True)
+                log.info(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
+                         f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
+                         f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})")
         write_results(results, Path(cfg.output_dir) / "benchmark", tracker, command_line, cfg,
                       "benchmark", wall=time.perf_counter() - start)
     return results
@@ -248,14 +249,14 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
     with closing(load_model(model, device)) as detector:
         calibration = detector.calibration
         if threshold is not None:
-            print(f"threshold {threshold:.6g}: given")
+            log.info(f"threshold {threshold:.6g}: given")
         elif calibration is not None:
             quantile = f" {calibration.quantile:g}" if calibration.quantile is not None else ""
             source = f" on {calibration.source}" if calibration.source else ""
-            print(f"threshold {calibration.threshold:.6g}: the model's calibration "
-                  f"({calibration.method}{quantile}{source})")
+            log.info(f"threshold {calibration.threshold:.6g}: the model's calibration "
+                     f"({calibration.method}{quantile}{source})")
         else:
-            print("no threshold: none given and the model has no calibration, so images are not flagged")
+            log.info("no threshold: none given and the model has no calibration, so images are not flagged")
         predictions = predict(detector, find_images(images), batch_size, threshold)
     write_predictions(predictions, Path(output), threshold, calibration)
     failed = [p for p in predictions if p.error is not None]

@@ -36,6 +36,7 @@ from reb_dist.io.feature_cache import FeatureCache
 from reb_dist.pipelines.bank import index_factory
 from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category, pixel_countable
 from reb_dist.pipelines.validation import ValidationSet, make_split
+from reb_dist.reporting.tables import to_csv
 
 
 @dataclass
@@ -307,12 +308,14 @@ def write_selection(out_dir: Path, selections: list[Selection], rows: list[dict]
     payload = {"per_class": {s.category: selection_record(s) for s in selections}, "global": glob}
     write_text_atomic(out_dir / "selection.json", json.dumps(payload, indent=1))
     nan = float("nan")
-    csv = ["category,k,alpha,val_image_auroc,val_pixel_auroc,trials,map_method,val_map_objective,threshold"] + [
-        f"{s.category},{s.k},{s.alpha:.4f},{s.val_metrics.get('val_image_auroc', nan):.4f},"
-        f"{s.val_metrics.get('val_pixel_auroc', nan):.4f},{s.trials},{s.map.spec if s.map else ''},"
-        f"{s.map_val_metrics.get('map_objective', nan):.4f},{s.calibration.get('threshold', nan):.6g}"
+    columns = ["category", "k", "alpha", "val_image_auroc", "val_pixel_auroc", "trials", "map_method",
+               "val_map_objective", "threshold"]
+    table = [dict(zip(columns, (  # a map spec has commas (ldknn:k=9,alpha=0.1): the csv module quotes it
+        s.category, s.k, f"{s.alpha:.4f}", f"{s.val_metrics.get('val_image_auroc', nan):.4f}",
+        f"{s.val_metrics.get('val_pixel_auroc', nan):.4f}", s.trials, s.map.spec if s.map else "",
+        f"{s.map_val_metrics.get('map_objective', nan):.4f}", f"{s.calibration.get('threshold', nan):.6g}")))
         for s in selections]
-    write_text_atomic(out_dir / "selection.csv", "\n".join(csv) + "\n")
+    write_text_atomic(out_dir / "selection.csv", to_csv(table, columns))
     write_text_atomic(out_dir / "results.json", json.dumps({"results": rows}, indent=1))
     write_text_atomic(out_dir / "splits.json", json.dumps(splits, indent=1))
 

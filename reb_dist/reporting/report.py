@@ -18,6 +18,7 @@ from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.tracking import REPORT_METRICS as METRICS
 from reb_dist.io.tracking import collect_results
 from reb_dist.reporting.plots import pareto_plot, save_figure
+from reb_dist.reporting.tables import to_csv
 
 __all__ = ["collect_results", "write_report"]
 
@@ -37,16 +38,17 @@ def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[
     out.mkdir(parents=True, exist_ok=True)
     header = ["category", "backbone", "weights", "method", *METRICS]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(METRICS)]
-    csv = [",".join(header)]
+    csv_rows = []
     for r in rows:
         vals = [r.get(m) for m in METRICS]
         md.append("| " + " | ".join([r["category"], r["backbone"], Path(r["weights"]).name, r["method"]]
                                     + ["-" if v is None else f"{100 * v:.1f}" for v in vals]) + " |")
-        csv.append(",".join([r["category"], r["backbone"], r["weights"], r["method"]]
-                            + ["" if v is None else f"{v:.6f}" for v in vals]))
+        # weights is a path and method a spec with commas (ldknn(k=9,alpha=1)): the csv module quotes them
+        csv_rows.append({"category": r["category"], "backbone": r["backbone"], "weights": r["weights"],
+                         "method": r["method"], **{m: None if v is None else f"{v:.6f}" for m, v in zip(METRICS, vals)}})
     written = [out / "report.md", out / "report.csv"]
     write_text_atomic(written[0], "\n".join(md) + "\n")
-    write_text_atomic(written[1], "\n".join(csv) + "\n")
+    write_text_atomic(written[1], to_csv(csv_rows, header))
     if rows:
         written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
     searches = [t for t in trials if "pareto" in t]  # collect_results' Pareto records, one per class

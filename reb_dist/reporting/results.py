@@ -4,6 +4,7 @@ predictions (overlays + scores.csv), each logged to MLflow through the run's tra
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # types only: reporting sits below the pipelines that make th
     from reb_dist.pipelines.evaluate import CategoryResult
     from reb_dist.pipelines.predict import Prediction
 
+log = logging.getLogger(__name__)
 RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]
 
 
@@ -100,7 +102,7 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
         for path in files:
             copy_atomic(path, out / path.name)
     if wall is not None:
-        print(f"\nwall time {wall:.0f} s; results in {out}/results.md (this run's: {folder}/)")
+        log.info(f"wall time {wall:.0f} s; results in {out}/results.md (this run's: {folder}/)")
     return rows
 
 

@@ -120,3 +120,43 @@ def test_benchmark_on_a_custom_folder_layout(workdir, capsys):
     assert "image_auroc/broken" in metrics and "image_auroc/dirt" in metrics
     # only "broken" has masks: pixel metrics exist for it, and are not computed for "dirt"
     assert "pixel_auroc/broken" in metrics and "pixel_auroc/dirt" not in metrics
+
+
+# --- version, --print-config, -q / -v ------------------------------------------------------------------------
+
+
+def test_version_prints_the_package_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reb-dist {metadata.version('reb-dist')}"
+
+
+@pytest.mark.parametrize("command", ["benchmark", "fit", "tune", "cache"])
+def test_print_config_prints_settings_that_load_back_the_same_and_runs_nothing(command, workdir, capsys):
+    (workdir / "base.yaml").write_text("scoring: {k: 5}\nbank: {coreset_ratio: 0.5}\n")
+    extra = ["info"] if command == "cache" else ["--preset", "fast", "--categories", "bottle", "--no-mlflow"]
+    assert main([command, *extra, "-c", "base.yaml", "--set", "scoring.alpha=0.25", "--set",
+                 "output_dir=out", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (workdir / "printed.yaml").write_text(printed)
+    overrides = ["scoring.alpha=0.25", "output_dir=out"] + ([] if command == "cache" else [
+        "preset=fast", "data.categories=bottle", "tracking.enabled=false"])
+    expected = RunConfig.load(workdir / "base.yaml", overrides)
+    assert RunConfig.load(workdir / "printed.yaml") == expected
+    assert expected.scoring.k == 5 and expected.scoring.alpha == 0.25 != RunConfig().scoring.alpha
+    assert not (workdir / "out").exists() and not (workdir / "outputs").exists()  # nothing ran
+
+
+def test_quiet_hides_progress_and_verbose_shows_debug(workdir, capsys):
+    fit = ["fit", "--no-mlflow", "--categories", "bottle", "--set", "data.few_shot=2"]
+    assert main(["-v", *fit, "-o", "a.safetensors"]) == 0
+    err = capsys.readouterr().err
+    assert "bottle: 2 images -> bank" in err and "debug: reb_dist.cli: settings:" in err
+
+    assert main([*fit, "-q", "-o", "c.safetensors"]) == 0
+    err = capsys.readouterr().err
+    assert "images -> bank" not in err and "debug:" not in err
+    assert (workdir / "c.safetensors").is_file()  # quiet, not idle

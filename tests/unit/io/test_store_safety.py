@@ -7,6 +7,7 @@ do with two `reb benchmark`s in one folder or a Ctrl-\\ / OOM kill.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -143,7 +144,7 @@ def _statuses(uri: str, prefix: str) -> dict[str, str]:
             {p.info.run_id for p in runs if p.info.run_name.startswith(prefix)}}
 
 
-def test_runs_of_a_killed_process_are_marked_failed_by_the_next_run_and_by_report(tmp_path: Path, capsys) -> None:
+def test_runs_of_a_killed_process_are_marked_failed_by_the_next_run_and_by_report(tmp_path: Path, caplog) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pid = _kill_during_a_run(tmp_path, 0)
     assert _statuses(uri, "killed-0") == {"killed-0": "RUNNING", "bottle": "RUNNING"}
@@ -151,8 +152,9 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_run_and_by_repor
     with Tracker(cfg.tracking).run(cfg, "benchmark", run_name="next") as tracker:
         run_id = tracker.run_id
         assert _statuses(uri, "killed-0") == {"killed-0": "FAILED", "bottle": "FAILED"}
-    err = capsys.readouterr().err
-    assert len([line for line in err.splitlines() if "FAILED" in line]) == 1 and str(pid) in err, err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warned if "FAILED" in w]) == 1 and str(pid) in "".join(warned), warned
+    caplog.clear()
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["reb.pid"] == str(os.getpid())
     assert run.data.tags["reb.host"]
@@ -160,7 +162,7 @@ def test_runs_of_a_killed_process_are_marked_failed_by_the_next_run_and_by_repor
     _kill_during_a_run(tmp_path, 1)
     collect_results(uri)  # `reb report` reads the store
     assert _statuses(uri, "killed-1") == {"killed-1": "FAILED", "bottle": "FAILED"}
-    assert "FAILED" in capsys.readouterr().err
+    assert any("FAILED" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 def test_a_live_runs_process_is_left_running(tmp_path: Path) -> None:

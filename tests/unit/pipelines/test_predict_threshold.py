@@ -4,6 +4,7 @@ draw its overlays on a fixed scale; a given threshold wins; without one nothing 
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -83,9 +84,10 @@ def test_a_malformed_calibration_names_the_file(calibrated, tmp_path, text):
 
 
 def test_predict_flags_the_images_at_or_above_the_saved_threshold(calibrated, calibration, paths, scores,
-                                                                  tmp_path, capsys):
+                                                                  tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="reb_dist")
     predictions = predict_images(calibrated, paths, tmp_path, device="cpu")
-    assert f"{calibration.threshold:.6g}" in capsys.readouterr().out
+    assert f"{calibration.threshold:.6g}" in caplog.text
     expected = [bool(s >= calibration.threshold) for s in scores]
     assert sum(expected) == 2
     np.testing.assert_allclose([p.score for p in predictions], scores, rtol=1e-6)
@@ -111,19 +113,21 @@ def test_calibrated_overlays_do_not_depend_on_the_other_images(calibrated, plain
     assert not np.array_equal(overlay(plain, paths, "all_plain"), overlay(plain, paths[:1], "one_plain"))
 
 
-def test_a_given_threshold_overrides_the_saved_one(calibrated, calibration, paths, scores, tmp_path, capsys):
+def test_a_given_threshold_overrides_the_saved_one(calibrated, calibration, paths, scores, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="reb_dist")
     given = float(np.min(scores))  # every image is at or above it, unlike with the saved threshold
     predictions = predict_images(calibrated, paths, tmp_path, threshold=given, device="cpu")
-    assert "given" in capsys.readouterr().out
+    assert "given" in caplog.text
     assert [p.anomalous for p in predictions] == [True] * len(paths)
     assert [r["anomalous"] for r in _csv(tmp_path)] == ["1"] * len(paths)
     # the normalised score stays on the saved scale
     assert [p.normalised_score >= 0.5 for p in predictions] == [bool(s >= calibration.threshold) for s in scores]
 
 
-def test_without_calibration_nothing_is_flagged(plain, paths, tmp_path, capsys):
+def test_without_calibration_nothing_is_flagged(plain, paths, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="reb_dist")
     predictions = predict_images(plain, paths, tmp_path, device="cpu")
-    assert "no threshold" in capsys.readouterr().out
+    assert "no threshold" in caplog.text
     assert all(p.anomalous is None and p.normalised_score is None for p in predictions)
     assert list(_csv(tmp_path)[0]) == ["image", "score"]
 

@@ -5,6 +5,7 @@ category, a category folder given as the dataset root, and images too small for 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import shutil
 
@@ -138,14 +139,14 @@ def no_scoring(monkeypatch):
     monkeypatch.setattr(runs, "evaluate_category", stop)
 
 
-def test_evaluate_warns_for_each_setting_the_model_overrides(saved, no_scoring, tmp_path, capsys):
+def test_evaluate_warns_for_each_setting_the_model_overrides(saved, no_scoring, tmp_path, caplog):
     _, model = saved  # saved without a category (as older files are): still loads, bottle is asked for
     assert "category" not in model_metadata(model)
     cfg = RunConfig.load(None, BOTTLE + ["backbone.name=resnet18", "scoring.methods=[knn]", "scoring.k=5",
                                          "scoring.alpha=0.5", "data.image_size=128", f"output_dir={tmp_path}"])
     with pytest.raises(_Scored):
         evaluate(cfg, model)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 5
     for setting, yours, models in (("backbone.name", "resnet18", "efficientnet_lite0"),
                                    ("scoring.methods", "[knn]", "[ldknn, knn, nn1]"), ("scoring.k", "5", "9"),
@@ -153,9 +154,10 @@ def test_evaluate_warns_for_each_setting_the_model_overrides(saved, no_scoring, 
         assert any(f"{setting}: your settings say {yours}, but {model} was fitted with {models}: the model's "
                    "value is used" in w for w in warnings), setting
 
+    caplog.clear()
     with pytest.raises(_Scored):  # the settings the model was fitted with: nothing to say
         evaluate(RunConfig.load(None, BOTTLE + [f"output_dir={tmp_path}"]), model)
-    assert "warning" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # --- 4. a category folder given as the dataset root ----------------------------------------------------------

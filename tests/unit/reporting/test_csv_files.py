@@ -1,0 +1,52 @@
+"""Every CSV file reb-dist writes reads back with the csv module, whatever commas and quotes its
+values hold (method specs such as ldknn(k=9,alpha=1), paths such as `lot 3, "B".png`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+
+from reb_dist.pipelines.selection import MapSetting, Selection, write_selection
+from reb_dist.reporting.report import write_report
+
+ODD = 'lot 3, "B"'  # a comma and a quote in one name
+
+
+def read_csv(path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text(), newline="")))
+
+
+def test_report_csv_keeps_method_specs_and_weight_paths_whole(tmp_path):
+    rows = [{"category": "bottle", "backbone": "efficientnet_lite0", "weights": f"/w/{ODD}.safetensors",
+             "method": "ldknn(k=9,alpha=1)", "image_auroc": 0.5, "pixel_auroc": None, "aupro": 0.25}]
+    write_report(rows, [], tmp_path)
+    back = read_csv(tmp_path / "report.csv")
+    assert back == [{"category": "bottle", "backbone": "efficientnet_lite0", "weights": f"/w/{ODD}.safetensors",
+                     "method": "ldknn(k=9,alpha=1)", "image_auroc": "0.500000", "pixel_auroc": "",
+                     "aupro": "0.250000"}]
+
+
+def test_selection_csv_keeps_a_map_spec_whole(tmp_path):
+    s = Selection(category=ODD, k=5, alpha=0.5, val_metrics={"val_image_auroc": 0.9, "val_pixel_auroc": 0.8},
+                  trials=3, seconds=1.0, map=MapSetting("ldknn", 9, 0.1), map_val_metrics={"map_objective": 0.7},
+                  calibration={"threshold": 12.5})
+    write_selection(tmp_path, [s], [], {}, {})
+    (row,) = read_csv(tmp_path / "selection.csv")
+    assert row["category"] == ODD and row["map_method"] == "ldknn:k=9,alpha=0.1"
+    assert (row["k"], row["val_map_objective"], row["threshold"]) == ("5", "0.7000", "12.5")
+
+
+def test_scores_csv_round_trips_a_path_with_a_comma_and_a_quote(saved, tmp_path):
+    from reb_dist.config import SAMPLE_DATA
+    from reb_dist.pipelines.runs import predict_images
+
+    _, model = saved
+    image = tmp_path / "in" / f"{ODD}.png"
+    image.parent.mkdir()
+    shutil.copy(SAMPLE_DATA / "bottle" / "test" / "broken_large" / "000.png", image)
+    predictions = predict_images(model, [image], tmp_path / "out", device="cpu")
+    with open(tmp_path / "out" / "scores.csv", newline="") as fh:
+        header, row = list(csv.reader(fh))
+    assert header == ["image", "score"]
+    assert row[0] == str(image) and float(row[1]) == float(f"{predictions[0].score:.6g}")

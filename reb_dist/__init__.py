@@ -1,8 +1,14 @@
 """reb-dist: REB (DefectMaker + LDKNN) anomaly detection, benchmarking and tuning on Ray.
 
-The Python API, in the order a user meets it::
+The Python API (reb_dist.api): a model from a file or fitted, images scored, a test set evaluated::
 
     import reb_dist
+
+    model = reb_dist.load("models/bottle.safetensors")    # or reb_dist.Model.fit("sample", calibrate=True)
+    result = model.predict(["new_images/", pil_image])      # .scores .normalised_scores .flags .maps
+    metrics = model.evaluate("/data/mvtec_ad")             # the model's category's test set
+
+What each command does, with the same settings object::
 
     cfg = reb_dist.RunConfig.load("jobs/sample_benchmark.yaml", ["scoring.k=5"])
     results = reb_dist.benchmark(cfg)                      # every method x category, as `reb benchmark`
@@ -21,6 +27,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "Model": "reb_dist.api", "Predictions": "reb_dist.api", "load": "reb_dist.api",
     "RunConfig": "reb_dist.config", "DataConfig": "reb_dist.config", "BackboneConfig": "reb_dist.config",
     "BankConfig": "reb_dist.config", "ScoringConfig": "reb_dist.config", "FinetuneConfig": "reb_dist.config",
     "TuneConfig": "reb_dist.config", "TrackingConfig": "reb_dist.config",

@@ -25,7 +25,7 @@ class Prediction:
     no image or pixel map.
     """
 
-    path: Path
+    path: Path | None  # None for an image given in memory (an array)
     image: np.ndarray | None  # the image as read, uint8 (H, W, 3); None when it could not be
     score: float
     pixel_map: np.ndarray | None  # (S, S) float32, S = the detector's image size; None on error
@@ -46,13 +46,14 @@ def find_images(items: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def predict(detector: Detector, paths: list[Path], batch_size: int = 16,
+def predict(detector: Detector, paths: list[Path | np.ndarray], batch_size: int = 16,
             threshold: float | None = None) -> list[Prediction]:
     """Score images with the detector's first configured method, and flag them.
 
     Args:
         detector: a fitted detector (e.g. from `reb_dist.io.model_file.load_model`).
-        paths: image files.
+        paths: image files, or images already in memory as uint8 (H, W, 3) RGB arrays (named
+            "image <i>" in errors, where i is their place in `paths`).
         batch_size: images per feature batch.
         threshold: flag images whose score is at least this; default the detector's calibration
             threshold, and no flags (`anomalous` None) when it has no calibration either. The
@@ -73,12 +74,13 @@ def predict(detector: Detector, paths: list[Path], batch_size: int = 16,
         images: dict[int, np.ndarray] = {}
         done: dict[int, Prediction] = {}
         for i, p in enumerate(chunk):
+            in_memory = isinstance(p, np.ndarray)
             try:
-                images[i] = read_image(p)
-                check_image_side(p, images[i].shape[1::-1], detector.image_size)
+                images[i] = p if in_memory else read_image(p)
+                check_image_side(f"image {s + i}" if in_memory else p, images[i].shape[1::-1], detector.image_size)
             except DatasetError as exc:  # one bad file must not cost the others their scores
                 images.pop(i, None)
-                done[i] = Prediction(p, None, float("nan"), None, error=exc.problem)
+                done[i] = Prediction(None if in_memory else p, None, float("nan"), None, error=exc.problem)
         if images:
             batch = torch.stack([preprocess(im, detector.image_size) for im in images.values()])
             scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
@@ -87,6 +89,7 @@ def predict(detector: Detector, paths: list[Path], batch_size: int = 16,
                 score = float(score)  # compare in float64, as the threshold was computed (not float32)
                 normalised = None if calibration is None else float(normalise(score, calibration))
                 flagged = None if threshold is None else score >= threshold
-                done[i] = Prediction(chunk[i], image, score, pixel_map, normalised, flagged)
+                path = None if isinstance(chunk[i], np.ndarray) else chunk[i]
+                done[i] = Prediction(path, image, score, pixel_map, normalised, flagged)
         out += [done[i] for i in range(len(chunk))]
     return out

@@ -1,0 +1,107 @@
+"""The public Python API (reb_dist.api) on the bundled bottle images: a small model fitted once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import reb_dist
+from reb_dist.config import SAMPLE_DATA
+from reb_dist.core.thresholds import normalise
+from reb_dist.errors import DatasetError, RebError
+from reb_dist.pipelines.evaluate import load_category, score_test_set
+
+TEST = SAMPLE_DATA / "bottle" / "test"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "bottle.safetensors"
+    fitted = reb_dist.Model.fit("sample", category="bottle", output=out, calibrate=True,
+                                settings=["data.few_shot=6", "tracking.enabled=false", "cache.enabled=false",
+                                          "backbone.device=cpu", "scoring.methods=[ldknn]"])
+    yield fitted
+    fitted.close()
+
+
+@pytest.fixture(scope="module")
+def test_set(model):
+    """The bottle test samples and the model's predictions of their files."""
+    test = load_category(reb_dist.DataConfig(root="sample", categories=["bottle"]), "bottle").test
+    return test, model.predict([s.image_path for s in test])
+
+
+def test_import_reb_dist_stays_light_and_exports_the_api():
+    code = ("import sys, reb_dist; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert {'Model', 'Predictions', 'load'} <= set(dir(reb_dist))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_predict_matches_the_test_set_scores_and_takes_paths_folders_pil_and_arrays(model, test_set):
+    assert model.category == "bottle" and model.threshold is not None and model.path.is_file()
+    test, result = test_set
+    split = load_category(reb_dist.DataConfig(root="sample", categories=["bottle"]), "bottle")
+    expected = score_test_set(model.detector, split, reb_dist.DataConfig()).methods[0].image_scores
+    files = [s.image_path for s in test]
+    assert len(result) == len(files) and result.paths == files
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-5)  # the DataLoader path of evaluate
+    assert result.maps.shape == (len(files), 256, 256) and result.maps.dtype == np.float32
+    assert np.array_equal(result.flags, result.scores >= model.threshold)
+    np.testing.assert_allclose(result.normalised_scores, normalise(result.scores, model.calibration))
+
+    # a folder is its images, sorted; PIL images and arrays score as their files do
+    good = sorted((TEST / "good").iterdir())
+    rgb = np.asarray(Image.open(good[1]).convert("RGB"))
+    mixed = model.predict([TEST / "good", Image.open(good[0]), rgb, rgb.astype(np.float32) / 255,
+                           rgb[..., 0], rgb[None]])
+    by_file = dict(zip(files, result.scores))
+    want = [by_file[p] for p in good] + [by_file[good[0]]] + [by_file[good[1]]] * 2
+    np.testing.assert_allclose(mixed.scores[:len(want)], want, rtol=1e-5)
+    assert mixed.paths[len(good):] == [None] * 5
+    assert mixed.scores[-2] != mixed.scores[-3]  # the grey image is scored as grey, not as the colour one
+    np.testing.assert_allclose(mixed.scores[-1], by_file[good[1]], rtol=1e-5)  # (1, H, W, 3) is a batch
+
+
+def test_threshold_given_and_no_calibration(model):
+    files = sorted((TEST / "broken_large").iterdir())
+    scores = model.predict(files).scores
+    given = float(np.median(scores))
+    result = model.predict(files, threshold=given)
+    assert result.threshold == given and np.array_equal(result.flags, scores >= given)
+    model.detector.calibration, saved = None, model.detector.calibration
+    try:
+        bare = model.predict(files)
+        assert bare.flags is None and bare.normalised_scores is None and bare.threshold is None
+    finally:
+        model.detector.calibration = saved
+
+
+def test_evaluate_a_test_set(model, test_set):
+    metrics = model.evaluate("sample")
+    test, result = test_set
+    labels = [s.label for s in test]
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, result.scores))
+    assert {"pixel_auroc", "aupro"} <= set(metrics)
+    with pytest.raises(RebError, match="cable"):
+        model.evaluate(SAMPLE_DATA, category="cable")
+
+
+def test_bad_images_are_refused_by_name(model, tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(DatasetError, match="missing.png"):
+        model.predict([TEST / "good" / "000.png", missing])
+    with pytest.raises(DatasetError, match=r"image 1: array of shape \(4, 4, 2\)"):
+        model.predict([TEST / "good" / "000.png", np.zeros((4, 4, 2), np.uint8)])
+    with pytest.raises(DatasetError, match="image 0: .*only 4x4 pixels"):
+        model.predict(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DatasetError, match="outside"):
+        model.predict(np.full((64, 64, 3), 2.0))
+    with pytest.raises(DatasetError, match="no images found"):
+        model.predict(tmp_path)
+    with pytest.raises(TypeError, match="image 0"):
+        model.predict([42])

@@ -139,7 +139,7 @@ class FinetuneConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: on/off, store URI, experiment, run name, heatmap examples (section `tracking`)."""
+    """MLflow: on/off, store URI, experiment, run name, heatmap examples, model registry (section `tracking`)."""
 
     enabled: bool = True
     # None: MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db (MLflow's precedence; reb_dist.io.tracking)
@@ -147,6 +147,8 @@ class TrackingConfig:
     experiment: str = "reb-dist"
     run_name: str | None = None
     heatmap_examples: int = 8
+    # `reb fit` registers each model it logs under this name ("{category}" is filled in); "": not registered
+    register_model: str = ""
 
 
 @dataclass

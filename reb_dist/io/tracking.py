@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from reb_dist.config import RunConfig, TrackingConfig
-from reb_dist.errors import RebError
+from reb_dist.errors import ConfigError, RebError
 from reb_dist.io.atomic import file_lock, host_id, pid_alive
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -220,6 +220,24 @@ class Tracker:
         with mlflow.start_run(run_name=name, nested=True, tags=process_tags()) as active:
             mlflow.set_tags(tags)
             yield active.info.run_id
+
+    def log_model(self, model_file, category: str) -> str | None:
+        """A model file as a pyfunc MLflow model in the active run, named after its category, and
+        registered under tracking.register_model ("{category}" filled in) when that is set.
+
+        Returns:
+            The logged model's URI for `mlflow.pyfunc.load_model`; None when tracking is off.
+        """
+        if not self.enabled:
+            return None
+        from reb_dist.io.mlflow_model import log_model
+
+        try:
+            registered = self.cfg.register_model.format(category=category) if self.cfg.register_model else None
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"tracking.register_model={self.cfg.register_model!r}: only {{category}} can be "
+                              f"filled in ({exc!r})") from exc
+        return log_model(model_file, category, registered).model_uri
 
     def log_params(self, params: dict) -> None:
         """Params of the active run, values as text."""

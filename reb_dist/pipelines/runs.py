@@ -55,6 +55,9 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
             each giving a normal and a DefectMaker anomaly, build the bank from the rest and take the
             image threshold (`tune.threshold`) and normalisation from their scores.
 
+    Every model is also logged to the fit's MLflow run as a pyfunc MLflow model named after its
+    category (reb_dist.io.mlflow_model), and registered under tracking.register_model when set.
+
     Returns:
         category -> model file written.
     """
@@ -84,6 +87,9 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
             if calibration is not None:
                 log.info(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
                          f"{calibration.source})")
+            model_uri = tracker.log_model(path, category)  # a pyfunc MLflow model (+ registry entry)
+            if model_uri:
+                log.info(f"{category}: MLflow model {model_uri} (mlflow.pyfunc.load_model)")
     return paths
 
 

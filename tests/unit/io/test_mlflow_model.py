@@ -1,0 +1,48 @@
+"""`reb fit` logs its model as a pyfunc MLflow model: loaded back through MLflow it scores as the
+Detector does, and it is registered when tracking.register_model names it (real sqlite store)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from reb_dist.cli import main
+from reb_dist.config import SAMPLE_DATA
+from reb_dist.io.model_file import load_model
+from reb_dist.pipelines.predict import predict
+
+IMAGES = [SAMPLE_DATA / "bottle" / "test" / name for name in ("good/000.png", "broken_large/000.png",
+                                                              "contamination/010.png")]
+
+
+def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["fit", "--calibrate", "-o", "bottle.safetensors", "--set", "data.few_shot=6",
+                 "--set", "scoring.methods=[ldknn]", "--set", "cache.enabled=false", "--set", f"tracking.uri={uri}",
+                 "--set", "tracking.register_model=reb-{category}"]) == 0
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id],
+                                "tags.command = 'fit'")
+
+    logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/bottle")
+    schema = logged.metadata.signature
+    assert schema.inputs.input_names() == ["image"]
+    assert schema.outputs.input_names() == ["score", "normalised_score", "anomalous", "anomaly_map"]
+    out = logged.predict(pd.DataFrame({"image": [str(p) for p in IMAGES]}))
+
+    detector = load_model("bottle.safetensors")
+    expected = predict(detector, IMAGES)
+    np.testing.assert_allclose(out["score"], [p.score for p in expected], rtol=1e-6)
+    np.testing.assert_allclose(out["anomaly_map"], np.stack([p.pixel_map for p in expected]), rtol=1e-5, atol=1e-5)
+    assert list(out["anomalous"]) == [p.score >= detector.calibration.threshold for p in expected]
+    assert list(out["anomalous"]) == [False, True, True]  # a good bottle and two defects, at the calibrated threshold
+    np.testing.assert_allclose(out["normalised_score"], [p.normalised_score for p in expected])
+
+    (version,) = client.search_model_versions("name = 'reb-bottle'")
+    assert version.run_id == run.info.run_id
+    again = mlflow.pyfunc.load_model("models:/reb-bottle/1").predict(pd.DataFrame({"image": [str(IMAGES[0])]}))
+    assert again["score"][0] == pytest.approx(out["score"][0], rel=1e-6)
+

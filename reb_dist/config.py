@@ -17,7 +17,7 @@ import yaml
 
 from reb_dist.errors import ConfigError
 
-SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_bottle_256"
+SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_ad_256"
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DataConfig:
     """Where the images are and how they are read (section `data`)."""
 
     layout: str = "mvtec"  # mvtec | loco | btad | mvtec3d | folder
-    root: str = "sample"  # "sample": the MVTec AD bottle subset shipped with the package
+    root: str = "sample"  # "sample": the MVTec AD bottle and pill subsets shipped with the package
     categories: list[str] = field(default_factory=list)  # empty: every category under root
     image_size: int = 256
     batch_size: int = 16
@@ -39,7 +39,7 @@ class DataConfig:
     mask_dir: str | None = None
 
     def resolved_root(self) -> Path:
-        """The dataset root as a Path ("sample" is the bundled bottle subset)."""
+        """The dataset root as a Path ("sample" is the bundled bottle and pill subsets)."""
         return SAMPLE_DATA if self.root == "sample" else Path(self.root).expanduser()
 
 

@@ -52,7 +52,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def cfg():
     cfg = RunConfig.load(None, BOTTLE)
-    assert cfg.data.root == "sample" and cfg.data.resolved_root().name == "mvtec_bottle_256"
+    assert cfg.data.root == "sample" and cfg.data.resolved_root().name == "mvtec_ad_256"
     return cfg
 
 

@@ -96,7 +96,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
                     "bottle", out).resumed_from_step == 4
 
     # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN
-    assert main(["benchmark", "--no-mlflow", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
+    assert main(["benchmark", "--no-mlflow", "--categories", "bottle", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
                  "--set", f"backbone.finetuned={out}", "--set", "output_dir=bench"]) == 0
     import json
 
@@ -105,7 +105,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
                                            "defectmaker+knn(k=9)"}
     # the plain rows are what a benchmark without the fine-tuned backbone gives; the defectmaker+ rows
     # are not (their backbone did change)
-    assert main(["benchmark", "--no-mlflow", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
+    assert main(["benchmark", "--no-mlflow", "--categories", "bottle", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
                  "--set", "output_dir=plain"]) == 0
     plain = {r["method"]: r["metrics"]
              for r in json.loads((tmp_path / "plain" / "benchmark" / "results.json").read_text())["results"]}

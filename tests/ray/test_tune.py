@@ -11,7 +11,7 @@ from reb_dist.config import SAMPLE_DATA
 def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_run(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = ["tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
+    settings = ["data.categories=[bottle]", "tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
                 "tune.multi_objective=true", "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
                 "output_dir=out"]
     assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
@@ -68,7 +68,7 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     assert {"pareto_bottle.png", "pareto_bottle.json"} <= {a.path for a in client.list_artifacts(class_run.info.run_id)}
 
     # the choice goes into a model: its settings, its threshold, its bank without the held-out images
-    assert main(["fit", "--selection", str(out / "selection.json"), "-o", "bottle.safetensors",
+    assert main(["fit", "--categories", "bottle", "--selection", str(out / "selection.json"), "-o", "bottle.safetensors",
                  "--set", "tracking.enabled=false"]) == 0
     from reb_dist.io.model_file import load_model
 

@@ -24,7 +24,7 @@ def workdir(tmp_path, monkeypatch):
 
 def test_benchmark_prints_table_writes_results_and_logs_to_mlflow(workdir, capsys):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    rc = main(["benchmark", "--methods", "ldknn,knn", "--set", f"tracking.uri={uri}",
+    rc = main(["benchmark", "--categories", "bottle", "--methods", "ldknn,knn", "--set", f"tracking.uri={uri}",
                "--set", "tracking.heatmap_examples=4", "--set", "output_dir=out"])
     assert rc == 0
     printed = capsys.readouterr().out

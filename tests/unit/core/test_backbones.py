@@ -27,7 +27,7 @@ from reb_dist.core.backbones import (
 from reb_dist.io.data import IMAGENET_MEAN, IMAGENET_STD, read_image
 from reb_dist.errors import BackboneError
 
-SAMPLE_PHOTO = (Path(__file__).resolve().parents[3] / "reb_dist" / "sample_data" / "mvtec_bottle_256"
+SAMPLE_PHOTO = (Path(__file__).resolve().parents[3] / "reb_dist" / "sample_data" / "mvtec_ad_256"
                 / "bottle" / "train" / "good" / "000.png")
 
 # What ImageNet-trained EfficientNet-Lite0 sees in MVTec's bottle photographed from above (a dark

@@ -37,7 +37,7 @@ from reb_dist.core.defectmaker import (
 )
 from reb_dist.core.defectmaker.maker import CLUMP_WEIGHT_RANGE, SOLID_WEIGHT_RANGE, fuse_radii
 
-GOOD = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_bottle_256" / "bottle" / "train" / "good"
+GOOD = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_ad_256" / "bottle" / "train" / "good"
 IMAGE_PATH = GOOD / "000.png"
 SOURCE_PATH = GOOD / "014.png"
 

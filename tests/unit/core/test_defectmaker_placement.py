@@ -14,7 +14,7 @@ from reb_dist.core.defectmaker import SHAPES, DefectMaker, dihedral
 from reb_dist.core.defectmaker.placement import object_mask, on_object_fraction, stroke_widths
 from reb_dist.core.defectmaker.shapes import SCAR_STROKE
 
-BOTTLE = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_bottle_256" / "bottle" / "train" / "good" / "000.png"
+BOTTLE = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_ad_256" / "bottle" / "train" / "good" / "000.png"
 
 
 def _object_image(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

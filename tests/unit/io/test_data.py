@@ -28,7 +28,7 @@ from reb_dist.io.data import (
 )
 from reb_dist.errors import DatasetError
 
-SAMPLE = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_bottle_256"
+SAMPLE = Path(reb_dist.__file__).parent / "sample_data" / "mvtec_ad_256"
 SIZE = (32, 24)  # W, H
 
 
@@ -338,7 +338,7 @@ def test_few_shot(mvtec):
 
 def test_shipped_bottle_sample():
     s = load_split("mvtec", SAMPLE, "bottle")
-    assert list_categories("mvtec", SAMPLE) == ["bottle"]
+    assert list_categories("mvtec", SAMPLE) == ["bottle", "pill"]
     assert len(s.train) == 16 and len(s.test) == 15
     assert sum(t.label == 0 for t in s.test) == 6 and sum(t.label for t in s.test) == 9
     assert s.defect_types == ["broken_large", "broken_small", "contamination"]

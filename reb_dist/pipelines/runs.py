@@ -27,6 +27,7 @@ from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.pipelines.predict import Prediction, find_images, predict
 from reb_dist.pipelines.validation import ValidationSplit, synthetic_split
 from reb_dist.reporting.results import write_predictions, write_results
+from reb_dist.reporting.tables import leader_sentence
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,9 @@ def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
                 log.info(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
                          f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
                          f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})")
-        write_results(results, Path(cfg.output_dir) / "benchmark", tracker, command_line, cfg,
-                      "benchmark", wall=time.perf_counter() - start)
+        rows = write_results(results, Path(cfg.output_dir) / "benchmark", tracker, command_line, cfg,
+                             "benchmark", wall=time.perf_counter() - start)
+    print(f"\n{leader_sentence(rows)}")  # what the table shows, in one sentence: the run's last line
     return results
 
 

@@ -7,8 +7,13 @@ import csv
 import io
 import shutil
 
+import pytest
+
+from reb_dist.config import SAMPLE_DATA, RunConfig
+from reb_dist.pipelines.runs import fit, predict_images
 from reb_dist.pipelines.selection import MapSetting, Selection, write_selection
 from reb_dist.reporting.report import write_report
+from tests.conftest import BOTTLE
 
 ODD = 'lot 3, "B"'  # a comma and a quote in one name
 
@@ -37,11 +42,14 @@ def test_selection_csv_keeps_a_map_spec_whole(tmp_path):
     assert (row["k"], row["val_map_objective"], row["threshold"]) == ("5", "0.7000", "12.5")
 
 
-def test_scores_csv_round_trips_a_path_with_a_comma_and_a_quote(saved, tmp_path):
-    from reb_dist.config import SAMPLE_DATA
-    from reb_dist.pipelines.runs import predict_images
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A model fitted on two images (quick: a bank is all scores.csv needs)."""
+    cfg = RunConfig.load(None, BOTTLE + ["data.few_shot=2"])
+    return fit(cfg, str(tmp_path_factory.mktemp("fit") / "bottle.safetensors"))["bottle"]
 
-    _, model = saved
+
+def test_scores_csv_round_trips_a_path_with_a_comma_and_a_quote(model, tmp_path):
     image = tmp_path / "in" / f"{ODD}.png"
     image.parent.mkdir()
     shutil.copy(SAMPLE_DATA / "bottle" / "test" / "broken_large" / "000.png", image)

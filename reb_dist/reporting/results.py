@@ -94,10 +94,10 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
     files.append(folder / "config.yaml")
     tracker.log_text(markdown + footer, f"{name}_results.md")
     tracker.log_table(rows, f"{name}_results.json")
-    for r in results:
-        for path in category_plots(r, folder):
-            tracker.log_artifact(path, "plots")
-            files.append(path)
+    gallery = [class_gallery(results, folder / "heatmaps_classes.png")] if len(results) > 1 else []
+    for path in [p for r in results for p in category_plots(r, folder)] + [p for p in gallery if p]:
+        tracker.log_artifact(path, "plots")
+        files.append(path)
     with file_lock(out / ".results.lock"):  # so the latest files in `out` are all one run's
         for path in files:
             copy_atomic(path, out / path.name)
@@ -113,18 +113,48 @@ def category_plots(result: CategoryResult, out: Path) -> list[Path]:
                              out / f"roc_{name}.png", title=f"{name}: image ROC")]
     first = result.methods[0]
     if first.examples:
-        size = result.image_size
         items = []
         for i, pixel_map in first.examples:
             sample = result.split.test[i]
-            image = np.asarray(Image.fromarray(read_image(sample.image_path)).resize((size, size), Image.BICUBIC))
-            mask = sample_mask(sample, size) if sample.mask_path is not None else None
-            items.append((f"{sample.defect_type} {sample.image_path.stem} "
-                          f"{first.image_scores[i]:.3g}", image, pixel_map, mask))
+            image, mask = _example_image(result, i)
+            items.append((f"{sample.defect_type} {sample.image_path.stem} {first.image_scores[i]:.3g}",
+                          image, pixel_map, mask))
         maps = np.stack([m for _, m in first.examples])
         paths.append(heatmap_grid(items, out / f"heatmaps_{name}.png",
                                   vmin=float(maps.min()), vmax=float(maps.max())))
     return paths
+
+
+def _example_image(result: CategoryResult, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Test image `index` at the result's image size (RGB uint8), and its mask if it has one."""
+    sample, size = result.split.test[index], result.image_size
+    image = np.asarray(Image.fromarray(read_image(sample.image_path)).resize((size, size), Image.BICUBIC))
+    return image, sample_mask(sample, size) if sample.mask_path is not None else None
+
+
+def class_gallery(results: list[CategoryResult], path: Path, per_class: int = 2) -> Path | None:
+    """The first method's maps of the top-scoring defective examples of every category, side by side.
+
+    Scores and maps of different classes have different scales, so each class's maps are divided by
+    the largest value among that class's examples (colour 1 = the class's hottest patch shown). None
+    when no category kept a defective example.
+    """
+    items = []
+    for result in results:
+        first = result.methods[0]
+        defective = [(i, m) for i, m in first.examples if result.labels[i]]
+        defective.sort(key=lambda item: -first.image_scores[item[0]])
+        if not defective:
+            continue
+        scale = max(float(m.max()) for _, m in defective) or 1.0
+        for i, pixel_map in defective[:per_class]:
+            sample = result.split.test[i]
+            image, mask = _example_image(result, i)
+            name = f"{result.category}{' ' + result.variant if result.variant else ''}"
+            items.append((f"{name}: {sample.defect_type} {sample.image_path.stem}", image, pixel_map / scale, mask))
+    if not items:
+        return None
+    return heatmap_grid(items, path, vmin=0.0, vmax=1.0, ncols=min(len(items), 4))
 
 
 def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None,

@@ -50,9 +50,15 @@ def test_the_main_job_benchmarks_bottle_and_pill_and_ends_with_who_led(tmp_path,
         runner_up = max(v for v in shown.values() if v < best)
         assert f"{best - runner_up:.1f} points ahead" in sentence
 
-    # the heatmap galleries: a bottle one and a pill one, also logged to MLflow
-    assert {"heatmaps_bottle.png", "heatmaps_pill.png", "roc_pill.png"} <= {p.name for p in out.iterdir()}
+    # the heatmap galleries: a bottle one, a pill one and one with both classes' defects side by side
+    assert {"heatmaps_bottle.png", "heatmaps_pill.png", "heatmaps_classes.png", "roc_pill.png"} <= {
+        p.name for p in out.iterdir()}
+    from PIL import Image
+
+    with Image.open(out / "heatmaps_classes.png") as both, Image.open(out / "heatmaps_pill.png") as pill_only:
+        assert both.size[0] == pill_only.size[0]  # 4 cells a row: 2 bottle defects then 2 pill defects
     client = mlflow.MlflowClient(uri)
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])
                   if r.data.tags.get("command") == "benchmark")
-    assert "plots/heatmaps_pill.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/heatmaps_pill.png", "plots/heatmaps_classes.png"} <= logged

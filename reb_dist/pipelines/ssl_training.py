@@ -59,15 +59,22 @@ class TrainLoopSettings:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
-    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none."""
+    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none.
+
+    A checkpoint whose copy was cut short is passed over: Ray copies checkpoint folders file by file,
+    and a run stopped while rank 0 was uploading (another rank failing first tears the group down)
+    leaves a truncated train_state.pt behind, which would fail every resume.
+    """
     best, best_step = None, 0
     if not run_dir.is_dir():
         return None, 0
+    import zipfile
+
     from safetensors import safe_open
 
     for state in run_dir.rglob(BACKBONE_FILE):
-        if not (state.parent / STATE_FILE).is_file():
-            continue  # a checkpoint copy that did not finish
+        if not zipfile.is_zipfile(state.parent / STATE_FILE):  # torch.save writes a zip; its directory comes last
+            continue  # missing, or a copy that did not finish
         try:
             with safe_open(str(state), framework="numpy") as f:
                 step = int((f.metadata() or {}).get("step", 0))

@@ -118,3 +118,28 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
         assert got[f"defectmaker+{method}"] != pytest.approx(metrics, rel=1e-6, abs=1e-9)
 
 
+
+
+def test_one_process_loop_and_ray_train_give_the_same_weights(local_ray, tmp_path):
+    """finetune.engine=local runs the loop Ray Train runs, on the same rows in the same order: with one
+    Ray worker and the same seed, two steps end in the same weights."""
+    from safetensors.torch import load_file
+
+    one_worker = ["data.categories=[bottle]", "data.image_size=64", "finetune.steps=2", "finetune.images_per_step=14",
+                  "finetune.micro_batch=7", "finetune.freeze_steps=0", "finetune.checkpoint_every=2",
+                  "finetune.num_workers=1", "finetune.data_workers=1", "finetune.cpus_per_worker=0.5",
+                  "finetune.use_gpu=false", f"finetune.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"]
+    weights = {}
+    for engine in ("ray", "local"):
+        cfg = RunConfig.load(None, one_worker + [f"finetune.engine={engine}", f"finetune.run_name={engine}"])
+        finetune(cfg, "bottle", tmp_path / f"{engine}.safetensors")
+        weights[engine] = load_file(str(tmp_path / f"{engine}.safetensors"))
+    start = build_backbone("efficientnet_lite0").model.net.state_dict()
+    assert not torch.equal(weights["ray"]["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
+    ray_steps = read_metrics(tmp_path / "runs" / "ray")
+    local_steps = read_metrics(tmp_path / "runs" / "local")
+    assert [m["loss"] for m in local_steps] == pytest.approx([m["loss"] for m in ray_steps], rel=1e-5)
+    assert weights["ray"].keys() == weights["local"].keys()
+    differ = {k: float((weights["local"][k].double() - v.double()).abs().max()) for k, v in weights["ray"].items()
+              if not torch.allclose(weights["local"][k].double(), v.double(), rtol=1e-5, atol=1e-6)}
+    assert not differ, f"{len(differ)} of {len(weights['ray'])} tensors differ; largest: {sorted(differ.items(), key=lambda kv: -kv[1])[:3]}"

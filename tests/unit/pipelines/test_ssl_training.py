@@ -129,3 +129,19 @@ def test_the_gpu_script_trains_without_ray_faiss_or_mlflow(tmp_path):
     start = build_backbone("efficientnet_lite0").model.net.state_dict()
     assert not torch.equal(trained["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
     assert (tmp_path / "gpu" / "ssl_curve.png").is_file()
+
+
+def test_a_checkpoint_cut_short_is_passed_over_on_resume(tmp_path):
+    """A run stopped while its checkpoint was being copied leaves a truncated train_state.pt: resuming
+    takes the previous checkpoint instead of failing on it."""
+    trained = _finetune(tmp_path, "run")
+    run_dir = tmp_path / "runs" / "run"
+    newest, step = latest_checkpoint(run_dir)
+    assert step == 2
+    state = newest / "train_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    older, older_step = latest_checkpoint(run_dir)
+    assert older_step == 1 and older != newest
+    again = _finetune(tmp_path, "run")  # trains step 2 again from step 1's checkpoint: the same weights
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+

@@ -214,11 +214,18 @@ def defect_gallery(cfg: RunConfig, category: str, path: Path, n_images: int = 4)
     maker = DefectMaker(task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob, saliency=f.saliency)
     train = load_category(cfg.data, category).train
     rows = []
+    on_object: dict[int, list[float]] = {}  # class -> shares of defect area on the object (objects only)
     for i in range(min(n_images, len(train))):
         source = read_image(train[(i + 1) % len(train)].image_path)
         samples = maker.sample_all(read_image(train[i].image_path), f.seed + i, source_image=source,
                                    image_path=train[i].image_path)
         rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
+        for s in samples:
+            if s.meta.get("on_object") is not None:
+                on_object.setdefault(s.class_id, []).append(s.meta["on_object"])
+    for c, shares in on_object.items():  # in the column titles
+        name, image, mask = rows[0][c]
+        rows[0][c] = (f"{name}\n{100 * sum(shares) / len(shares):.0f}% on object", image, mask)
     return draw_gallery(rows, path)
 
 

@@ -47,6 +47,25 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get(URI_ENV) or DEFAULT_URI
 
 
+def use_store(uri: str, experiment_id: str) -> None:
+    """mlflow.set_tracking_uri + set_experiment for this process's fluent API, without their side
+    effect: MLflow also writes MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into the environment, so
+    every later command of the same process (a script's second `Model.fit`, a sweep, a `ray job submit`
+    it starts) would take this store for the user's choice, and `resolve_uri` would no longer fall
+    back to the default."""
+    import mlflow
+
+    names = (URI_ENV, "MLFLOW_EXPERIMENT_ID")
+    before = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def process_tags() -> dict[str, str]:
     """The tags naming the process that writes a run: what tells later whether it still runs."""
     return {HOST_TAG: host_id(), PID_TAG: str(os.getpid())}
@@ -184,8 +203,7 @@ class Tracker:
 
         client, experiment_id = open_store(self.uri, self.cfg.experiment)
         fail_dead_runs(client)
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=experiment_id)
+        use_store(self.uri, experiment_id)
         name = run_name or self.cfg.run_name or f"{command}-{config.backbone.name}"
         # the params say which store was used, however it was chosen
         config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=self.uri))

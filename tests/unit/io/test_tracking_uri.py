@@ -3,6 +3,8 @@ MLFLOW_TRACKING_URI, else ./mlflow.db), on real sqlite stores."""
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 
 from reb_dist.cli import main
@@ -46,3 +48,22 @@ def test_an_explicit_uri_wins_over_the_environment(monkeypatch):
     explicit = RunConfig.load(None, ["tracking.uri=sqlite:///explicit.db"]).tracking
     assert Tracker(explicit).uri == "sqlite:///explicit.db"
     assert Tracker(RunConfig.load().tracking).uri == "sqlite:///env.db"
+
+
+def test_a_run_with_an_explicit_store_does_not_become_the_next_runs_default(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into the environment: a later command in the
+    same process (or a job it submits) must still get its own default, not the previous run's store."""
+    from reb_dist.config import RunConfig
+    from reb_dist.io.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RunConfig.load(None, [f"tracking.uri=sqlite:///{tmp_path / 'explicit.db'}"])
+    with Tracker(cfg.tracking).run(cfg, "test"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert resolve_uri(None) == "sqlite:///mlflow.db"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")  # the user's own setting survives
+    with Tracker(cfg.tracking).run(cfg, "test"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///env.db"

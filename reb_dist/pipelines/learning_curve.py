@@ -15,7 +15,7 @@ from pathlib import Path
 
 from reb_dist.config import RunConfig
 from reb_dist.io.atomic import write_text_atomic
-from reb_dist.pipelines.ssl_training import BACKBONE_FILE, STATE_FILE
+from reb_dist.pipelines.ssl_training import BACKBONE_FILE, complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,8 @@ CURVE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def checkpoint_backbones(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, backbone file) of every complete checkpoint under `run_dir`, by step (one per step)."""
-    from safetensors import safe_open
-
-    found: dict[int, Path] = {}
-    for path in run_dir.rglob(BACKBONE_FILE):
-        if (path.parent / STATE_FILE).is_file():
-            with safe_open(str(path), framework="numpy") as f:
-                found[int((f.metadata() or {}).get("step", 0))] = path
-    return sorted(found.items())
+    """(step, backbone file) of every complete checkpoint under `run_dir`, by step."""
+    return [(step, folder / BACKBONE_FILE) for step, folder in sorted(complete_checkpoints(run_dir).items())]
 
 
 def evaluate_checkpoints(cfg: RunConfig, category: str, run_dir: Path, ssl_metrics: list[dict],

@@ -58,16 +58,16 @@ class TrainLoopSettings:
     kill_worker_at_step: int | None = None  # testing: rank 0 SIGKILLs itself after this step, once per run_dir
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
-    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none.
+def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """step -> folder of every complete checkpoint under a run folder (Ray's or the one-process run's).
 
     A checkpoint whose copy was cut short is passed over: Ray copies checkpoint folders file by file,
     and a run stopped while rank 0 was uploading (another rank failing first tears the group down)
     leaves a truncated train_state.pt behind, which would fail every resume.
     """
-    best, best_step = None, 0
+    found: dict[int, Path] = {}
     if not run_dir.is_dir():
-        return None, 0
+        return found
     import zipfile
 
     from safetensors import safe_open
@@ -80,9 +80,18 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
                 step = int((f.metadata() or {}).get("step", 0))
         except Exception:
             continue
-        if step > best_step:
-            best, best_step = state.parent, step
-    return best, best_step
+        if step > 0:
+            found[step] = state.parent
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint of a run folder (highest step) and its step; (None, 0) if none."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return None, 0
+    step = max(found)
+    return found[step], step
 
 
 def kill_once(marker: Path) -> None:

@@ -1,8 +1,8 @@
 """The per-worker function Ray Train runs: `train_steps` (reb_dist.pipelines.ssl_training) on DDP and
 the worker's shard of the Ray Data stream, reporting each step and checkpoint to Ray Train.
 
-The loop, its settings and its checkpoint format live in the Ray-free module and are re-exported
-here, so a one-process run and a Ray Train run cannot drift apart.
+The loop, its settings and its checkpoint format live only in the Ray-free module, so a one-process
+run and a Ray Train run cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from pathlib import Path
 
 import torch
 
-from reb_dist.pipelines.ssl_training import (BACKBONE_FILE, KILLED_MARKER, STATE_FILE,  # noqa: F401
-                                             TrainLoopSettings, build_model, cosine_lr, kill_once,
-                                             latest_checkpoint, loss_fn, micro_batches_per_step, normalise,
-                                             train_steps)
+from reb_dist.pipelines.ssl_training import TrainLoopSettings, build_model, train_steps
 
 
 def train_loop_per_worker(config: dict) -> None:

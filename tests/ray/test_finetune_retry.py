@@ -4,7 +4,7 @@ import json
 
 from reb_dist.config import RunConfig
 from reb_dist.distributed.finetune import KILL_WORKER_ENV, finetune, latest_checkpoint
-from reb_dist.distributed.train_loop import KILLED_MARKER
+from reb_dist.pipelines.ssl_training import KILLED_MARKER
 
 # the smallest run of tests/ray/test_finetune.py: 4 steps, a checkpoint every 2, two DDP workers
 SETTINGS = ["data.categories=[bottle]", "data.image_size=64", "finetune.steps=4", "finetune.images_per_step=28",

@@ -86,13 +86,12 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     Raises:
         RebError: the named run was trained with other settings, or stopped before its last step.
     """
-    from reb_dist.core.defectmaker import DefectMaker
     from reb_dist.pipelines.evaluate import load_category
 
     f = cfg.finetune
     split = load_category(cfg.data, category)
     paths = [str(s.image_path) for s in split.train]
-    class_names = list(DefectMaker(task=f.task, image_size=cfg.data.image_size).classes)
+    class_names = _class_names(cfg)
     storage = Path(f.storage_path).absolute()
     name = run_name(cfg, category)
     run_dir = storage / name
@@ -112,8 +111,16 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     metrics = read_metrics(run_dir)
     if tracker is not None:
         for row in metrics:
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            tracker.log_metrics({k: v for k, v in row.items() if k not in ("step", "confusion")},
+                                step=int(row["step"]))
     return FinetuneResult(output, run_dir, start_step, train_metrics or (metrics[-1] if metrics else {}))
+
+
+def _class_names(cfg: RunConfig) -> list[str]:
+    """The SSL task's classes, in label order."""
+    from reb_dist.core.defectmaker import DefectMaker
+
+    return list(DefectMaker(task=cfg.finetune.task, image_size=cfg.data.image_size).classes)
 
 
 def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], num_classes: int, workers: int):
@@ -250,14 +257,16 @@ def finetune_categories(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, F
             start = time.perf_counter()
             result = finetune(cfg, category, path, tracker)
             tracker.log_metrics({"wall_seconds": time.perf_counter() - start})
-            if cfg.finetune.evaluate_checkpoints:
-                from reb_dist.pipelines.learning_curve import evaluate_checkpoints, write_curve
+            from reb_dist.pipelines.learning_curve import evaluate_checkpoints, write_confusion, write_curve
 
-                ssl = read_metrics(result.run_dir)
+            ssl = read_metrics(result.run_dir)
+            title = f"{category}: {cfg.backbone.name} fine-tuned with {cfg.finetune.task}"
+            written = write_confusion(ssl, _class_names(cfg), out, f"{title}: SSL confusion")
+            if cfg.finetune.evaluate_checkpoints:
                 rows = evaluate_checkpoints(cfg, category, result.run_dir, ssl, tracker)
-                title = f"{category}: {cfg.backbone.name} fine-tuned with {cfg.finetune.task}"
-                for written in write_curve(rows, ssl, out, title):
-                    tracker.log_artifact(written, "plots" if written.suffix == ".png" else None)
+                written += write_curve(rows, ssl, out, title)
+            for path_written in written:
+                tracker.log_artifact(path_written, "plots" if path_written.suffix == ".png" else None)
             log.info(f"{category}: {cfg.finetune.steps} steps (resumed from {result.resumed_from_step}) in "
                      f"{time.perf_counter() - start:.0f} s; final {result.final_metrics.get('loss', float('nan')):.3f} "
                      f"loss, {result.final_metrics.get('accuracy', float('nan')):.3f} accuracy; backbone -> {path}")

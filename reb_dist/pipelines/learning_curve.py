@@ -70,3 +70,17 @@ def write_curve(rows: list[dict], ssl_metrics: list[dict], folder: Path, title: 
     data = write_text_atomic(folder / "learning_curve.json",
                              json.dumps({"checkpoints": rows, "ssl": ssl_metrics}, indent=1))
     return [data, learning_curve_plot(rows, ssl_metrics, folder / "learning_curve.png", title)]
+
+
+def write_confusion(ssl_metrics: list[dict], class_names: list[str], folder: Path, title: str) -> list[Path]:
+    """ssl_confusion.json and ssl_confusion.png: which DefectMaker classes the SSL head mistakes for
+    which, early and late in training; nothing when the metrics hold no confusion matrix."""
+    from reb_dist.reporting.curves import confusion_plot, confusion_windows
+
+    windows = confusion_windows(ssl_metrics)
+    if not windows:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    data = write_text_atomic(folder / "ssl_confusion.json",
+                             json.dumps({"class_names": class_names, "windows": windows}, indent=1))
+    return [data, confusion_plot(windows, class_names, folder / "ssl_confusion.png", title)]

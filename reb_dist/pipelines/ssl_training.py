@@ -49,7 +49,7 @@ class TrainLoopSettings:
     backbone: str  # registry name
     weights: str | None  # start weights (None: ImageNet)
     class_names: tuple[str, ...]
-    metrics_file: str | None = None  # rank 0 appends one JSON line per step
+    metrics_file: str | None = None  # rank 0 appends one JSON line per step (with its batches' SSL confusion matrix)
     # The run folder: every start of the loop (a new command or a retry) resumes from its newest
     # complete checkpoint, the same scan that places the start of the data stream, so the model and the
     # stream cannot disagree (Ray's own latest checkpoint can lag: a worker killed right after
@@ -208,8 +208,7 @@ def train_steps(settings: TrainLoopSettings, model: SSLClassifier, optimizer: to
             lr = cosine_lr(step, steps, f.lr)
             group["lr"] = 0.0 if (frozen and group["name"] == "backbone") else lr
         optimizer.zero_grad(set_to_none=True)
-        correct = np.zeros(n_classes)
-        seen = np.zeros(n_classes)
+        confusion = np.zeros((n_classes, n_classes), dtype=np.int64)  # [true class, predicted class]
         loss_sum, n_images = 0.0, 0
         for _ in range(micro_per_step):
             try:
@@ -224,16 +223,14 @@ def train_steps(settings: TrainLoopSettings, model: SSLClassifier, optimizer: to
             (loss / micro_per_step).backward()
             loss_sum += float(loss.detach()) * len(labels)
             n_images += len(labels)
-            pred = logits.argmax(1).cpu().numpy()
-            lab = labels.cpu().numpy()
-            np.add.at(seen, lab, 1)
-            np.add.at(correct, lab, pred == lab)
+            np.add.at(confusion, (labels.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
         if frozen:  # weight decay and momentum must not move a frozen backbone either
             for p in backbone_params:
                 p.grad = None
         optimizer.step()
 
         done = step + 1
+        seen, correct = confusion.sum(1), np.diag(confusion)
         metrics = {"step": done, "images_seen": done * n_images * workers, "loss": loss_sum / max(n_images, 1),
                    "accuracy": float(correct.sum() / max(seen.sum(), 1)),
                    "lr": cosine_lr(step, steps, f.lr), "backbone_frozen": float(frozen),
@@ -243,7 +240,7 @@ def train_steps(settings: TrainLoopSettings, model: SSLClassifier, optimizer: to
         if rank == 0 and settings.metrics_file:  # the full history, for MLflow and plots
             Path(settings.metrics_file).parent.mkdir(parents=True, exist_ok=True)
             with open(settings.metrics_file, "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+                fh.write(json.dumps(metrics | {"confusion": confusion.tolist()}) + "\n")
         if done % f.checkpoint_every == 0 or done == steps:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:

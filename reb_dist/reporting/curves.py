@@ -44,3 +44,52 @@ def learning_curve_plot(rows: Sequence[Mapping[str, Any]], ssl_metrics: Sequence
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def confusion_windows(ssl_metrics: Sequence[Mapping[str, Any]], fraction: float = 0.25) -> list[dict]:
+    """The SSL confusion matrix summed over the first and the last `fraction` of the steps recorded.
+
+    Each step's record holds rank 0's matrix ("confusion", [true class][predicted class] counts).
+    Returns [{"label", "first_step", "last_step", "counts"}], early window first; empty when no record
+    has a matrix (runs from before it was recorded).
+    """
+    import numpy as np
+
+    rows = [m for m in ssl_metrics if "confusion" in m]
+    if not rows:
+        return []
+    n = max(1, round(len(rows) * fraction))
+    windows = []
+    for label, part in (("first", rows[:n]), ("last", rows[-n:])):
+        counts = np.sum([np.asarray(m["confusion"], dtype=np.int64) for m in part], axis=0)
+        windows.append({"label": f"{label} {len(part)} steps ({part[0]['step']}-{part[-1]['step']})",
+                        "first_step": int(part[0]["step"]), "last_step": int(part[-1]["step"]),
+                        "counts": counts.tolist()})
+    return windows
+
+
+def confusion_plot(windows: Sequence[Mapping[str, Any]], class_names: Sequence[str], path: str | Path,
+                   title: str) -> Path:
+    """One heat map per window: row = true class, column = predicted, each row normalised to 1 (so the
+    diagonal is the class's accuracy), cells annotated. Written atomically; returns `path`."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(windows) + 0.6, 5.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(windows)))
+    for ax, window in zip(axes, windows):
+        counts = np.asarray(window["counts"], dtype=float)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), value in np.ndenumerate(share):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.6 else "black")
+        ticks = range(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(ticks, class_names, fontsize=7)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(f"{window['label']}, {int(counts.sum())} samples", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the true class")
+    fig.suptitle(title)
+    return save_figure(fig, path, dpi=100)

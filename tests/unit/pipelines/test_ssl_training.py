@@ -86,7 +86,34 @@ def test_finetune_evaluates_every_checkpoint_into_a_learning_curve(tmp_path, mon
     run = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id])[0]
     history = client.get_metric_history(run.info.run_id, "curve/knn/aupro")
     assert [(m.step, m.value) for m in history] == [(r["images_seen"], pytest.approx(r["aupro"])) for r in rows]
-    assert "plots/learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/learning_curve.png", "plots/ssl_confusion.png"} <= plots
+
+
+def test_each_step_records_the_ssl_confusion_matrix_behind_its_accuracies(tmp_path):
+    import json
+
+    import numpy as np
+
+    from reb_dist.core.defectmaker import DefectMaker
+    from reb_dist.pipelines.learning_curve import write_confusion
+
+    _finetune(tmp_path, "confusion", "finetune.steps=4", "finetune.checkpoint_every=4")
+    rows = read_metrics(tmp_path / "runs" / "confusion")
+    names = list(DefectMaker(task="defectmaker", image_size=64).classes)
+    for row in rows:
+        counts = np.array(row["confusion"])  # [true class][predicted class]
+        assert counts.shape == (7, 7) and counts.sum() == 14  # every image of the step, once
+        assert np.trace(counts) / counts.sum() == pytest.approx(row["accuracy"])
+        for i, name in enumerate(names):
+            assert counts[i, i] / counts[i].sum() == pytest.approx(row[f"accuracy/{name}"])
+
+    written = write_confusion(rows, names, tmp_path / "out", "bottle")
+    data = json.loads(written[0].read_text())
+    first, last = data["windows"]  # a quarter of 4 steps each: step 1 and step 4
+    assert (first["first_step"], first["last_step"], last["first_step"], last["last_step"]) == (1, 1, 4, 4)
+    assert first["counts"] == rows[0]["confusion"] and last["counts"] == rows[-1]["confusion"]
+    assert written[1].stat().st_size > 10_000
 
 
 def test_a_pool_of_defectmaker_processes_yields_the_same_batches_in_the_same_order():

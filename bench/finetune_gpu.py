@@ -7,6 +7,7 @@ Ray Train worker runs) with DefectMaker samples made by a pool of CPU processes,
   <out>/backbone.safetensors   the fine-tuned backbone (`reb benchmark --set backbone.finetuned=...`)
   <out>/metrics.jsonl          loss, SSL accuracy (all and per class), images/s, per step
   <out>/ssl_curve.png          SSL accuracy per class against images seen (if matplotlib is there)
+  <out>/ssl_confusion.png      which SSL classes are mistaken for which, early and late (and .json)
 
 The paper's schedule (default): 300 steps x 1,008 images (48 base images x 7 classes x 3 accumulated
 micro-batches), 256 px. Evaluate the backbone afterwards on a CPU machine with `reb benchmark`.
@@ -79,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     copy_atomic(run_dir / "metrics.jsonl", out / "metrics.jsonl")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     try:
+        from reb_dist.pipelines.learning_curve import write_confusion
         from reb_dist.reporting.curves import learning_curve_plot
 
         learning_curve_plot([], rows, out / "ssl_curve.png", f"{args.category}: SSL accuracy, {args.device}")
+        write_confusion(rows, list(classes), out, f"{args.category}: SSL confusion, {args.device}")
     except ImportError as exc:  # matplotlib is optional on a GPU box
         print(f"no plot ({exc})")
     images = last.get("images_seen", 0)  # from the start of the run (a resumed run's wall is only its own part)

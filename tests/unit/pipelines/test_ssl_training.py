@@ -155,7 +155,7 @@ def test_the_gpu_script_trains_without_ray_faiss_or_mlflow(tmp_path):
     trained = load_file(str(tmp_path / "gpu" / "backbone.safetensors"))
     start = build_backbone("efficientnet_lite0").model.net.state_dict()
     assert not torch.equal(trained["blocks.2.0.conv_pw.weight"], start["blocks.2.0.conv_pw.weight"])
-    assert (tmp_path / "gpu" / "ssl_curve.png").is_file()
+    assert (tmp_path / "gpu" / "ssl_curve.png").is_file() and (tmp_path / "gpu" / "ssl_confusion.png").is_file()
 
 
 def test_a_checkpoint_cut_short_is_passed_over_on_resume(tmp_path):

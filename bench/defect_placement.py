@@ -6,7 +6,9 @@ is compared with the weight-free object mask of placement.object_mask, turned li
 (dihedral augmentation). A texture gets the whole image as its object mask, so its on-object share is
 1 by definition; what matters there is that centres still spread over the whole image (the share of
 centres in the outer quarter band of each side is 0.75 for uniform centres). Scar shapes are measured
-directly: widths from the distance transform (placement.stroke_widths), in px at 256. With
+directly: widths from the distance transform (placement.stroke_widths), in px at 256. Visibility:
+how many pixels each sample's defect changed by more than 20 grey levels (what the SSL head has to
+see; a normal sample changes none). With
 --gallery-dir it also writes each class's DefectMaker gallery (the first 3 images; each column's
 title gives that defect class's mean on-object share over all the samples measured).
 
@@ -26,12 +28,26 @@ DEFAULT_DATA = ("bottle=../shared/data/mvtec_ad", "pill=../shared/data/mvtec_ad"
                 "magnetic_tile=../shared/data/magnetic_tile")
 
 
+VISIBLE_LEVELS = 20  # a pixel counts as changed by the defect when a channel moved more than this (of 255)
+
+
+def changed_pixels(sample, base: np.ndarray) -> int:
+    """How many pixels the defect visibly changed: the sample against the same image with the same
+    augmentation (jitter, then flip/rotation) and no defect."""
+    from reb_dist.core.defectmaker import dihedral
+    from reb_dist.core.defectmaker.fills import apply_jitter
+
+    clean = base if sample.meta["jitter"] is None else apply_jitter(base, sample.meta["jitter"])
+    clean = dihedral(clean, sample.meta["dihedral"])
+    return int((np.abs(sample.image.astype(np.int16) - clean.astype(np.int16)).max(2) > VISIBLE_LEVELS).sum())
+
+
 def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: int = 3) -> dict:
     from reb_dist.core.defectmaker import dihedral
     from reb_dist.core.defectmaker.placement import object_mask, on_object_fraction
     from reb_dist.io.data import read_image
 
-    fractions, border, by_class, found, cut = [], [], {}, [], []
+    fractions, border, by_class, found, cut, changed = [], [], {}, [], [], {}
     secs, made, rows = 0.0, 0, []
     for i in range(min(n_images, len(paths))):
         image = read_image(paths[i])
@@ -42,8 +58,11 @@ def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: in
         made += len(samples)
         if i < gallery_images:
             rows.append([(maker.classes[s.class_id], s.image, s.mask) for s in samples])
-        obj = object_mask(maker.prepare(image))
+        base = maker.prepare(image)
+        obj = object_mask(base)
         found.append(not obj.all())
+        for s in samples:
+            changed.setdefault(maker.classes[s.class_id], []).append(changed_pixels(s, base))
         for s in samples[1:]:
             f = on_object_fraction(s.mask, dihedral(obj, s.meta["dihedral"]))
             fractions.append(f)
@@ -55,7 +74,7 @@ def placement_figures(maker, paths, n_images: int, seed: int, gallery_images: in
     f = np.array(fractions)
     return {"n": f.size, "mean": f.mean(), "p5": np.percentile(f, 5), "ok": (f >= 0.95).mean(),
             "border": float(np.mean(border)), "found": float(np.mean(found)), "per_s": made / secs,
-            "cut": float(np.mean(cut)), "by_class": by_class, "rows": rows,
+            "cut": float(np.mean(cut)), "by_class": by_class, "rows": rows, "changed": changed,
             "worst_class": min(by_class.items(), key=lambda kv: np.mean(kv[1]))}
 
 
@@ -103,6 +122,7 @@ def main() -> None:
 
     print_command()
     maker = DefectMaker(image_size=256, saliency=args.saliency)
+    visibility = {}
     print("class | samples | on-object mean | 5th pct | share >= 95% | centres in outer band | "
           "object found | cut to the object | worst class (mean) | samples/s")
     for item in args.data or DEFAULT_DATA:
@@ -115,6 +135,13 @@ def main() -> None:
             save_gallery(r["rows"], r["by_class"], category, f"{args.gallery_dir}/defect_gallery_{category}.png")
         print(f"{category} | {r['n']} | {r['mean']:.3f} | {r['p5']:.3f} | {r['ok']:.1%} | {r['border']:.2f} | "
               f"{r['found']:.0%} of images | {r['cut']:.1%} | {name} ({np.mean(worst):.3f}) | {r['per_s']:.1f}")
+        visibility[category] = r["changed"]
+    print(f"visibility: pixels a sample changed by > {VISIBLE_LEVELS} grey levels against the same augmented image "
+          f"without its defect (median; share of samples under 20 px, i.e. near invisible at 256 px)")
+    print("class | " + " | ".join(visibility[next(iter(visibility))]))
+    for category, changed in visibility.items():
+        print(f"{category} | " + " | ".join(f"{np.median(v):.0f} ({np.mean(np.array(v) < 20):.0%})"
+                                            for v in changed.values()))
     print(f"shape (256 px, {args.scar_draws} draws) | median width | 5th-95th pct of median | max width | median area")
     for name, (med, lo, hi, top, area) in scar_figures(args.scar_draws).items():
         print(f"{name} | {med:.1f} | {lo:.1f}-{hi:.1f} | {top:.1f} | {area:.0f}")

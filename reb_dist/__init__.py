@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from reb_dist.version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {

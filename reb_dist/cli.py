@@ -150,7 +150,7 @@ def package_version() -> str:
     try:
         return metadata.version("reb-dist")
     except metadata.PackageNotFoundError:
-        from reb_dist import __version__
+        from reb_dist.version import __version__
 
         return __version__
 
@@ -209,10 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_config(args: argparse.Namespace) -> int:
-    """`--print-config`: the resolved settings as YAML on stdout, as `RunConfig.dump` writes them."""
-    import yaml
-
-    sys.stdout.write(yaml.safe_dump(load_config(args).to_dict(), sort_keys=False))
+    """`--print-config`: the resolved settings as YAML on stdout, as `RunConfig.to_yaml` writes them."""
+    sys.stdout.write(load_config(args).to_yaml())
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from reb_dist.errors import ConfigError
+from reb_dist.names import LAYOUTS, VALIDATION_KINDS
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_ad_256"
 
@@ -288,11 +289,9 @@ class RunConfig:
         """section.key -> value as text: the form MLflow params take."""
         return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in self._values().items()}
 
-    def dump(self, path: str | Path) -> None:
-        """Write the settings as YAML (loadable with `RunConfig.load`), atomically."""
-        from reb_dist.io.atomic import write_text_atomic
-
-        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self) -> str:
+        """The settings as YAML text, loadable with `RunConfig.load` (callers write it atomically)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # Named defaults, applied under a run's file and overrides (`--preset fast`). "fast" trades a little
@@ -375,8 +374,6 @@ def _choices() -> dict[str, tuple]:
     from reb_dist.core.ldknn.search import STORAGE_DTYPES
     from reb_dist.core.ssl_model import BN_STATS
     from reb_dist.core.thresholds import METHODS as THRESHOLDS
-    from reb_dist.io.data import LAYOUTS
-    from reb_dist.pipelines.validation import KINDS
 
     return {
         "preset": tuple(PRESETS),
@@ -393,7 +390,7 @@ def _choices() -> dict[str, tuple]:
         "finetune.loss": FINETUNE_LOSSES,
         "finetune.use_gpu": USE_GPU,
         "finetune.engine": FINETUNE_ENGINES,
-        "tune.validation": KINDS,
+        "tune.validation": VALIDATION_KINDS,
         "tune.threshold": THRESHOLDS,
     }
 

@@ -296,7 +296,7 @@ def run_tune(cfg: RunConfig, categories: list[str], command_line: str = "") -> t
                 f"Wall time: {wall:.0f} s\n")
         out = Path(cfg.output_dir) / "tune"
         write_text_atomic(out / "results.md", text)
-        cfg.dump(out / "config.yaml")
+        write_text_atomic(out / "config.yaml", cfg.to_yaml())
         tracker.log_text(text, "tune_results.md")
         for name in ("selection.json", "selection.csv", "splits.json"):
             tracker.log_artifact(out / name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reb_dist import __version__
+from reb_dist.version import __version__
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.errors import RebError

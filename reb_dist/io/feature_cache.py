@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from safetensors.numpy import save_file
 
-from reb_dist import __version__
+from reb_dist.version import __version__
 from reb_dist.config import CacheConfig
 from reb_dist.errors import ModelFileError
 from reb_dist.io.atomic import write_atomic

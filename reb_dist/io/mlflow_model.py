@@ -21,7 +21,7 @@ import mlflow.pyfunc
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
-from reb_dist import __version__
+from reb_dist.version import __version__
 from reb_dist.io.model_file import model_metadata
 
 IMAGE_COLUMN = "image"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from reb_dist import __version__
+from reb_dist.version import __version__
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import IndexFactory

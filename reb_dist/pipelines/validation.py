@@ -18,8 +18,9 @@ from reb_dist.io.data import ClassSplit
 from reb_dist.io.data.images import read_image
 from reb_dist.io.data.samples import Sample
 from reb_dist.core.defectmaker import DefectMaker
+from reb_dist.names import VALIDATION_KINDS
 
-KINDS = ("synthetic", "test")
+KINDS = VALIDATION_KINDS  # named below config (reb_dist.names), read here
 
 
 @dataclass

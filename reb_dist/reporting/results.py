@@ -90,7 +90,7 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
     if resolved:
         payload["resolved"] = resolved
     files.append(write_text_atomic(folder / "results.json", json.dumps(payload, indent=2, default=float)))
-    config.dump(folder / "config.yaml")
+    write_text_atomic(folder / "config.yaml", config.to_yaml())
     files.append(folder / "config.yaml")
     tracker.log_text(markdown + footer, f"{name}_results.md")
     tracker.log_table(rows, f"{name}_results.json")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from reb_dist.io.data.images import check_image_side, image_size, is_skipped_file, list_images, read_image, read_mask
 from reb_dist.io.data.samples import NORMAL, ClassSplit, Sample
+from reb_dist.names import LAYOUTS as LAYOUT_NAMES
 from reb_dist.errors import DatasetError
 
 # A subfolder of a dataset root is a category of a layout if it has this training folder.
@@ -212,6 +213,8 @@ def folder(
 LAYOUTS: dict[str, Callable[..., ClassSplit]] = {
     "mvtec": mvtec_ad, "loco": mvtec_loco, "btad": btad, "mvtec3d": mvtec_3d, "folder": folder,
 }
+# the settings check lists data.layout's choices from reb_dist.names, below config: the two must agree
+assert tuple(LAYOUTS) == LAYOUT_NAMES, (tuple(LAYOUTS), LAYOUT_NAMES)
 
 
 def _layout_name(layout: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -23,39 +22,10 @@ from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split,
                               sample_mask)
 from reb_dist.io.feature_cache import FeatureCache, extraction_settings
+from reb_dist.results import CategoryResult, MethodResult
 from reb_dist.pipelines.bank import index_factory, shard_folder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MethodResult:
-    """One method's test-set result: metrics, image scores and a few pixel maps for galleries."""
-
-    method: ScoringMethod
-    metrics: dict[str, float]
-    image_scores: np.ndarray
-    examples: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (test index, pixel map)
-
-
-@dataclass
-class CategoryResult:
-    """Every method's result on one category's test set, with what it cost."""
-
-    category: str
-    split: ClassSplit
-    labels: np.ndarray
-    defect_types: list[str]
-    methods: list[MethodResult]
-    timings: dict[str, float]
-    bank_size: int
-    feature_dim: int
-    image_size: int = 256
-    variant: str = ""  # "" for the configured weights, "defectmaker" for the fine-tuned ones
-
-    def label(self, method: ScoringMethod) -> str:
-        """The method's name in tables: prefixed by the variant ("defectmaker+knn(k=9)")."""
-        return f"{self.variant}+{method.label}" if self.variant else method.label
 
 
 def categories_of(data: DataConfig) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,28 +11,9 @@ import torch
 from reb_dist.core.detector import Detector
 from reb_dist.core.thresholds import normalise
 from reb_dist.errors import DatasetError
+from reb_dist.results import Prediction
 from reb_dist.io.data import is_image_file, preprocess, read_image
 from reb_dist.io.data.images import check_image_side
-
-
-@dataclass
-class Prediction:
-    """One image's prediction: its score and pixel map (at the detector's image size), and, when
-    known, its normalised score and whether it is flagged anomalous.
-
-    An image that could not be scored (unreadable, too small...) has `error` set, a NaN score and
-    no image or pixel map.
-    """
-
-    path: Path | None  # None for an image given in memory (an array)
-    image: np.ndarray | None  # the image as read, uint8 (H, W, 3); None when it could not be
-    score: float
-    pixel_map: np.ndarray | None  # (S, S) float32, S = the detector's image size; None on error
-    # normalise(score, the model's calibration): 0..1, 0.5 at the calibrated threshold; None without one
-    normalised_score: float | None = None
-    # score >= the threshold used; None when there is none (no calibration and none given)
-    anomalous: bool | None = None
-    error: str | None = None  # why the image could not be scored; None when it was
 
 
 def find_images(items: Iterable[str | Path]) -> list[Path]:

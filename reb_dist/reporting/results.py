@@ -20,10 +20,10 @@ from reb_dist.io.data import read_image, sample_mask
 from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
 from reb_dist.reporting.tables import results_table_markdown, results_table_text, to_csv
 
-if TYPE_CHECKING:  # types only: reporting sits below the pipelines that make these results
+from reb_dist.results import CategoryResult, Prediction
+
+if TYPE_CHECKING:  # a type only
     from reb_dist.io.tracking import Tracker
-    from reb_dist.pipelines.evaluate import CategoryResult
-    from reb_dist.pipelines.predict import Prediction
 
 log = logging.getLogger(__name__)
 RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]

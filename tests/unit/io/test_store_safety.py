@@ -190,7 +190,7 @@ write_results([fake_result(int(n))], sync.parent / "out" / "benchmark", Tracker(
 def fake_result(n: int):
     """A one-method result whose image AUROC tells the run apart (no images, no gallery)."""
     from reb_dist.core.ldknn.scorers import ScoringMethod
-    from reb_dist.pipelines.evaluate import CategoryResult, MethodResult
+    from reb_dist.results import CategoryResult, MethodResult
 
     labels = np.array([0, 0, 1, 1])
     method = MethodResult(ScoringMethod("knn"), {"image_auroc": 0.5 + n / 10}, np.array([0.1, 0.2, 0.3, 0.4]))

@@ -1,10 +1,8 @@
-"""A fitted model as an MLflow model: a `pyfunc` wrapper whose one artefact is the .safetensors file.
+"""Logging a fitted model as an MLflow model: the `pyfunc` wrapper in reb_dist/mlflow_pyfunc.py (a
+model from code, above the Python API it scores through) with the .safetensors file as its one
+artefact, an explicit signature and explicit requirements.
 
-`mlflow.pyfunc.load_model(uri).predict(images)` scores through `reb_dist.api.Model`, the same path
-as `reb predict`. Input: a DataFrame with an "image" column of image file paths (what `mlflow models
-predict -i images.csv -t csv` reads). Output:
-columns with one entry per image: score, anomaly_map (S x S), and normalised_score and anomalous when
-the model was saved with a calibrated threshold.
+The wrapper is logged by its file path, never imported here: this module sits in io/, under the API.
 
 The backbone's weights are not in the artefact (as in the model file: named and fingerprinted), so the
 environment that loads it needs reb-dist with its weights packages installed; `pip_requirements` say so
@@ -14,6 +12,7 @@ network).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -26,39 +25,8 @@ from reb_dist.io.model_file import model_metadata
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the artefact key of the .safetensors file
-
-
-class RebModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper: loads the model file, scores image paths with `reb_dist.api.Model`."""
-
-    # no type-hint validation of `predict` (MLflow warns when there are no hints): the signature is
-    # given explicitly (`signature`) and MLflow checks inputs against it
-    _skip_type_hint_validation = True
-
-    def load_context(self, context) -> None:
-        from reb_dist.api import Model
-
-        self.model = Model.load(context.artifacts[MODEL_ARTIFACT])
-
-    def predict(self, context, model_input, params=None):
-        """Score images: a DataFrame with an "image" column of paths.
-
-        Returns:
-            A dict of columns, one entry per image: "score" (N,), "normalised_score" (N,) and
-            "anomalous" (N,) when the model is calibrated, "anomaly_map" (N, S, S).
-        """
-        columns = list(getattr(model_input, "columns", model_input))
-        if IMAGE_COLUMN not in columns:
-            raise ValueError(f"expected a column {IMAGE_COLUMN!r} of image paths, got {columns}")
-        paths = list(model_input[IMAGE_COLUMN])
-        result = self.model.predict([str(p) for p in paths])
-        columns = {"score": result.scores}
-        if result.normalised_scores is not None:
-            columns["normalised_score"] = result.normalised_scores
-        if result.flags is not None:
-            columns["anomalous"] = result.flags
-        columns["anomaly_map"] = result.maps
-        return columns
+# the wrapper's source, found without importing it (it imports the API, which sits above io/)
+WRAPPER = importlib.util.find_spec("reb_dist.mlflow_pyfunc").origin
 
 
 def signature(calibrated: bool) -> ModelSignature:
@@ -94,6 +62,6 @@ def log_model(model_file: str | Path, name: str, registered_name: str | None = N
         # no input example on purpose: MLflow would load the model and score it while logging
         warnings.filterwarnings("ignore", message=".*An input example was not provided")  # colour code first
         return mlflow.pyfunc.log_model(
-            name=name, python_model=RebModel(), artifacts={MODEL_ARTIFACT: str(model_file)},
+            name=name, python_model=WRAPPER, artifacts={MODEL_ARTIFACT: str(model_file)},
             signature=signature("calibration" in meta), pip_requirements=pip_requirements(),
             registered_model_name=registered_name or None, metadata=metadata)

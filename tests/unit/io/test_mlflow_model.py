@@ -3,6 +3,8 @@ Detector does, and it is registered when tracking.register_model names it (real 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -27,6 +29,9 @@ def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypat
                                 "tags.command = 'fit'")
 
     logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/bottle")
+    # a model from code: the wrapper's source is logged, no pickled object, so loading never unpickles
+    logged_files = [Path(a).name for a in _all_files(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/bottle"))]
+    assert "mlflow_pyfunc.py" in logged_files and not [f for f in logged_files if f.endswith(".pkl")]
     schema = logged.metadata.signature
     assert schema.inputs.input_names() == ["image"]
     assert schema.outputs.input_names() == ["score", "normalised_score", "anomalous", "anomaly_map"]
@@ -44,3 +49,7 @@ def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypat
     assert version.run_id == run.info.run_id
     assert mlflow.models.get_model_info("models:/reb-bottle/1").signature == schema
 
+
+
+def _all_files(folder: str) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.is_file()]

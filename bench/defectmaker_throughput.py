@@ -25,7 +25,8 @@ def main() -> None:
     from reb_dist.config import RunConfig
     from reb_dist.distributed.runtime import ensure_ray
     from reb_dist.pipelines.evaluate import load_category
-    from reb_dist.distributed.defect_stream import DefectBatchMaker, defect_dataset, defect_items
+    from reb_dist.distributed.defect_stream import defect_dataset
+    from reb_dist.pipelines.defect_batches import DefectBatchMaker, defect_items
 
     cfg = RunConfig.load(None, [f"data.root={args.root}", f"data.image_size={args.image_size}", *args.overrides])
     paths = [str(s.image_path) for s in load_category(cfg.data, args.category).train]

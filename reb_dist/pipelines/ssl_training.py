@@ -32,6 +32,7 @@ from reb_dist.config import FinetuneConfig
 from reb_dist.core.backbones import build_backbone
 from reb_dist.core.ssl_model import SSLClassifier
 from reb_dist.io.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from reb_dist.pipelines.defect_batches import DefectBatchMaker, defect_items
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,6 @@ _worker_maker = None  # a process pool worker's DefectBatchMaker
 
 def _init_worker(task: str, image_size: int, blend_prob: float, saliency: str) -> None:
     global _worker_maker
-    from reb_dist.distributed.defect_stream import DefectBatchMaker
-
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     _worker_maker = DefectBatchMaker(task, image_size, blend_prob, saliency)
 
@@ -293,8 +292,6 @@ def local_batches(rows: list[dict], micro_batch: int, *, task: str, image_size: 
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, maker_args)
         made = pool.imap(_make, chunks)  # in order, computed ahead
     else:
-        from reb_dist.distributed.defect_stream import DefectBatchMaker
-
         pool, maker = None, DefectBatchMaker(*maker_args)
         made = (maker({k: np.array([r[k] for r in chunk]) for k in chunk[0]}) for chunk in chunks)
     try:
@@ -323,7 +320,6 @@ def train_in_process(settings: TrainLoopSettings, paths: list[str], image_size: 
     The rows, their order, the seed and the loop are the ones a one-worker Ray Train run uses, so both
     give the same weights. Returns the last step's metrics.
     """
-    from reb_dist.distributed.defect_stream import defect_items
     from reb_dist.io.atomic import copy_atomic
 
     f = settings.finetune

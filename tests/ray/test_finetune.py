@@ -7,7 +7,8 @@ import ray
 
 from reb_dist.core.backbones import build_backbone
 from reb_dist.config import SAMPLE_DATA, RunConfig
-from reb_dist.distributed.defect_stream import DefectBatchMaker, defect_dataset, defect_items
+from reb_dist.distributed.defect_stream import defect_dataset
+from reb_dist.pipelines.defect_batches import DefectBatchMaker, defect_items
 from reb_dist.errors import RebError
 from reb_dist.distributed.finetune import finetune, latest_checkpoint, read_metrics
 

@@ -118,7 +118,7 @@ def test_each_step_records_the_ssl_confusion_matrix_behind_its_accuracies(tmp_pa
 
 def test_a_pool_of_defectmaker_processes_yields_the_same_batches_in_the_same_order():
     from reb_dist.config import SAMPLE_DATA
-    from reb_dist.distributed.defect_stream import defect_items
+    from reb_dist.pipelines.defect_batches import defect_items
     from reb_dist.pipelines.ssl_training import local_batches
 
     paths = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))

@@ -2,7 +2,9 @@
 
 The KNN-family methods score a test patch from its nearest bank points; one faiss search with the
 largest K any of them needs serves them all, so a benchmark of six methods costs one search. GDE
-reads no neighbours: it scores the patch itself against one Gaussian of the whole bank.
+reads no neighbours: it scores the patch itself against one Gaussian of the whole bank. The
+formulas of ldknn, knn, nn1 and kthnn are `reb_dist.core.ldknn.formulas`, shared with the
+selection's neighbour tables and the exported module.
 
   ldknn  dist(f, m_nn) - alpha * density(m_nn)              (REB eq. 3, 4)
   knn    mean distance to the K nearest bank points         (vanilla KNN)
@@ -19,7 +21,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
+from reb_dist.core.ldknn.bank_stats import BankStats
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, neighbour_scores, to_distance
 from reb_dist.core.ldknn.gaussian import FIT_CHUNK, GDE_EPS, GaussianDensity
 from reb_dist.core.ldknn.index import Index
 
@@ -57,6 +60,11 @@ class ScoringMethod:
         else:
             own = f"{self.name}(k={self.k})"
         return own if self.map is None else f"{own}+map:{self.map.label}"
+
+    def with_params(self, k: int | None = None, alpha: float | None = None) -> ScoringMethod:
+        """This method with another K and/or alpha (None: unchanged), checked as a new one; its map
+        method, if any, is kept as it is."""
+        return replace(self, k=self.k if k is None else k, alpha=self.alpha if alpha is None else alpha)
 
     @property
     def image(self) -> ScoringMethod:
@@ -144,16 +152,10 @@ class BankScorer:
             if queries is None:
                 raise ValueError("gde scores the query vectors themselves: pass queries= to score_neighbours")
             return self.gaussian().score(queries, sq)
-        if method.name == "nn1":
-            return to_distance(dist2[:, 0], sq)
-        if method.name == "ldknn":
-            density = self.stats.local_density(k, sq, ids[:, 0], progress=label)
-            return to_distance(dist2[:, 0], sq) - method.alpha * density
+        if method.name in NEIGHBOUR_METHODS:
+            density = self.stats.local_density(k, sq, ids[:, 0], progress=label) if method.name == "ldknn" else None
+            return neighbour_scores(method, dist2, density)
         d = to_distance(dist2[:, :k], sq)
-        if method.name == "knn":
-            return d.mean(axis=1)
-        if method.name == "kthnn":
-            return d[:, -1]
         if method.name == "lof":
             nbr = ids[:, :k]
             lrd_nbr = self.stats.local_reachability_density(k, sq, nbr.ravel(), progress=label)

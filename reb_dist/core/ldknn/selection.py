@@ -6,7 +6,8 @@ one test search (K = 1) and one bank self-search (K = K_max, only for the bank p
 next to) give the patch maps of every (K, alpha) by a gather and a subtraction. `NeighbourTable` is
 that precomputed state: a few MB, put once in Ray's object store and shared by all trials. With
 `query_k` > 1 it also keeps each patch's `query_k` nearest distances, so KNN maps (for the anomaly
-map's own search) come from the same table.
+map's own search) come from the same table. The formulas are `reb_dist.core.ldknn.formulas`, as
+`BankScorer` scores them (the density here is averaged in float32, `BankStats`'s in float64).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from reb_dist.core.ldknn.bank_stats import to_distance
+from reb_dist.core.ldknn.formulas import knn, ldknn, local_density, nn1
 from reb_dist.core.metrics import aupro, pixel_auroc
 
 
@@ -63,8 +64,8 @@ def ldknn_maps(table: NeighbourTable, k: int, alpha: float, squared: bool = True
     """
     if not 1 <= k <= table.k_max:
         raise ValueError(f"K={k} is outside 1..{table.k_max}, the K the table was searched with")
-    density = to_distance(table.bank_dist2[:, :k], squared).mean(axis=1)
-    return to_distance(table.nn_dist2, squared) - alpha * density[table.nn_row]
+    density = local_density(table.bank_dist2, k, squared)
+    return ldknn(table.nn_dist2, density[table.nn_row], alpha, squared)
 
 
 def knn_maps(table: NeighbourTable, k: int, squared: bool = True) -> np.ndarray:
@@ -77,8 +78,8 @@ def knn_maps(table: NeighbourTable, k: int, squared: bool = True) -> np.ndarray:
     if not 1 <= k <= kept:
         raise ValueError(f"K={k} is outside 1..{kept}, the neighbours the table keeps per patch")
     if table.query_dist2 is None:
-        return to_distance(table.nn_dist2, squared)
-    return to_distance(table.query_dist2[..., :k], squared).mean(axis=-1)
+        return nn1(table.nn_dist2, squared)
+    return knn(table.query_dist2, k, squared)
 
 
 def method_maps(table: NeighbourTable, method: str, k: int, alpha: float = 0.0, squared: bool = True) -> np.ndarray:

@@ -9,7 +9,7 @@ from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.errors import RebError
 from reb_dist.export.module import (EXPORTABLE_METHODS, IMAGENET_MEAN, IMAGENET_STD, OUTPUT_NAMES, ExportableFeatures,
-                                    ExportedDetector, PatchMethod, Threshold)
+                                    ExportedDetector, Threshold)
 from reb_dist.export.runtime import EXPORT_FORMAT
 
 # what a runtime must do to an image before the exported model sees it (the model does the rest)
@@ -23,12 +23,13 @@ class ExportError(RebError, ValueError):
     """A model cannot be exported (a scoring method the exported module does not compute...)."""
 
 
-def patch_method(method: ScoringMethod, model: str) -> PatchMethod:
-    """The module's form of one (image or map) method; ExportError for one it cannot compute."""
+def exportable(method: ScoringMethod, model: str) -> ScoringMethod:
+    """One (image or map) method, without a map of its own, with plain Python values for the traced
+    graph's constants; ExportError for one the module cannot compute."""
     if method.name not in EXPORTABLE_METHODS:
         raise ExportError(f"{model}: scoring method {method.label!r} cannot be exported; exportable methods: "
                           f"{', '.join(EXPORTABLE_METHODS)} (set scoring.methods / scoring.map_method and fit again)")
-    return PatchMethod(method.name, method.k, float(method.alpha), bool(method.squared))
+    return ScoringMethod(method.name, int(method.k), float(method.alpha), bool(method.squared))
 
 
 def build_module(detector: Detector, model: str = "model") -> ExportedDetector:
@@ -45,7 +46,7 @@ def build_module(detector: Detector, model: str = "model") -> ExportedDetector:
     if detector.bank is None:
         raise ExportError(f"{model}: the detector has no memory bank")
     method = detector.default_method
-    image, map_method = patch_method(method.image, model), patch_method(method.map_method, model)
+    image, map_method = exportable(method.image, model), exportable(method.map_method, model)
     densities = {m.k: np.asarray(detector.compute_density(m.k), np.float32)
                  for m in (image, map_method) if m.name == "ldknn"}
     if not all(np.isfinite(d).all() for d in densities.values()):

@@ -4,9 +4,10 @@
 bank's densities and numpy post-processing: ImageNet normalisation, the feature extractor and its
 aggregation, the bank, an exact nearest-neighbour search (matmul candidates re-ranked with
 sum((q - b)^2), as `BankIndex.search` re-ranks faiss's), the patch scores of the image method and
-of the map method, the image score, the blurred pixel map, and the calibration's normalisation and
-threshold. Everything it reads is a buffer, and every branch depends on settings fixed when it is
-built, so `torch.jit.trace` and `torch.onnx.export` record one static graph with a free batch axis.
+of the map method (by `reb_dist.core.ldknn.formulas`, as in process), the image score, the blurred
+pixel map, and the calibration's normalisation and threshold. Everything it reads is a buffer, and
+every branch depends on settings fixed when it is built, so `torch.jit.trace` and
+`torch.onnx.export` record one static graph with a free batch axis.
 """
 
 from __future__ import annotations
@@ -20,33 +21,19 @@ from torch import nn
 
 from reb_dist.core.anomaly_map import gaussian_kernel1d
 from reb_dist.core.features import aggregate_avgpool
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, neighbour_scores
+from reb_dist.core.ldknn.scorers import ScoringMethod
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# patch-score methods the module computes; the others (lof, ldof, gde) need bank statistics or a
-# Gaussian it does not carry
-EXPORTABLE_METHODS = ("ldknn", "knn", "nn1", "kthnn")
+# patch-score methods the module computes (with the formulas `BankScorer` uses); the others (lof,
+# ldof, gde) need bank statistics or a Gaussian it does not carry
+EXPORTABLE_METHODS = NEIGHBOUR_METHODS
 # spare candidates re-ranked exactly, as reb_dist.core.ldknn.search.EXTRA_CANDIDATES
 EXTRA_CANDIDATES = 8
 # bank rows per distance matmul: bounds the (queries x rows) matrix (8 images: 8192 x 4096 floats)
 BANK_CHUNK = 4096
 OUTPUT_NAMES = ("scores", "normalised_scores", "anomalous", "maps")
-
-
-@dataclass(frozen=True)
-class PatchMethod:
-    """A patch-score method as the module computes it: name (one of EXPORTABLE_METHODS), K, alpha
-    (ldknn), squared distances or plain L2."""
-
-    name: str
-    k: int
-    alpha: float
-    squared: bool
-
-    @property
-    def neighbours(self) -> int:
-        """Nearest bank points it reads per patch (ldknn and nn1: the nearest one only)."""
-        return 1 if self.name in ("ldknn", "nn1") else self.k
 
 
 @dataclass(frozen=True)
@@ -123,7 +110,7 @@ class ExportedDetector(nn.Module):
         features: images normalised as ImageNet (B, 3, S, S) -> patch features (B, D, h, w)
             (an `ExportableFeatures`: backbone + aggregation).
         bank: the (n, D) float32 memory bank.
-        image: the method of the image score.
+        image: the method of the image score (one of EXPORTABLE_METHODS, without a map method).
         map_method: the method of the anomaly map (the image method itself when coupled).
         densities: {K: (n,) float32 bank densities} for every ldknn method's K.
         image_score: "max" or "pool3max" (as `reb_dist.core.anomaly_map.image_scores`).
@@ -133,10 +120,14 @@ class ExportedDetector(nn.Module):
         bank_chunk: bank rows per distance matmul.
     """
 
-    def __init__(self, features: nn.Module, bank: np.ndarray, image: PatchMethod, map_method: PatchMethod,
+    def __init__(self, features: nn.Module, bank: np.ndarray, image: ScoringMethod, map_method: ScoringMethod,
                  densities: dict[int, np.ndarray], image_score: str, sigma: float, image_size: int,
                  threshold: Threshold | None = None, bank_chunk: int = BANK_CHUNK):
         super().__init__()
+        for method in (image, map_method):
+            if method.name not in EXPORTABLE_METHODS or method.map is not None:
+                raise ValueError(f"the exported module scores one of {', '.join(EXPORTABLE_METHODS)} without a map "
+                                 f"method of its own, not {method.label}")
         self.features = features
         self.image = image
         self.map_method = map_method
@@ -160,7 +151,7 @@ class ExportedDetector(nn.Module):
             self.register_buffer("kernel_h", kernel.view(1, 1, -1, 1))
         n = len(bank_t)
         # every method reads the same candidates: the nearest K of either, plus spares, re-ranked exactly
-        self.k_query = min(max(image.neighbours, map_method.neighbours), n)
+        self.k_query = min(max(image.query_neighbours, map_method.query_neighbours), n)
         self.k_fetch = min(self.k_query + EXTRA_CANDIDATES, n)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,19 +190,10 @@ class ExportedDetector(nn.Module):
         dist2, order = torch.topk(exact, self.k_query, dim=1, largest=False, sorted=True)
         return dist2, torch.gather(cand, 1, order)
 
-    def patch_scores(self, method: PatchMethod, dist2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(m,) patch scores of `method` from the search (as `BankScorer.score_neighbours`)."""
-        dist = dist2 if method.squared else torch.sqrt(dist2)
-        if method.name == "nn1":
-            return dist[:, 0]
-        if method.name == "ldknn":
-            density = getattr(self, f"density_{method.k}")
-            return dist[:, 0] - method.alpha * density[ids[:, 0]]
-        if method.name == "knn":
-            return dist[:, :method.k].mean(1)
-        if method.name == "kthnn":
-            return dist[:, method.k - 1]
-        raise AssertionError(method.name)
+    def patch_scores(self, method: ScoringMethod, dist2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(m,) patch scores of `method` from the search, by the formulas `BankScorer.score_neighbours` uses."""
+        density = getattr(self, f"density_{method.k}")[ids[:, 0]] if method.name == "ldknn" else None
+        return neighbour_scores(method, dist2, density, sqrt=torch.sqrt)
 
     def reduce(self, patch_maps: torch.Tensor) -> torch.Tensor:
         """(B, h, w) patch maps -> (B,) image scores (as `reb_dist.core.anomaly_map.image_scores`)."""

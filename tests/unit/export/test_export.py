@@ -128,7 +128,8 @@ def test_adaptive_aggregation_exports_to_onnx_with_the_same_features(small_detec
     """PatchCore's "adaptive" aggregation pools to sizes ONNX cannot (adaptive_avg_pool1d 360 -> 64):
     the exported module pools with fixed matrices, to the same features."""
     from reb_dist.core.features import PatchFeatures
-    from reb_dist.export.module import ExportableFeatures, ExportedDetector, PatchMethod
+    from reb_dist.core.ldknn import ScoringMethod
+    from reb_dist.export.module import ExportableFeatures, ExportedDetector
     from reb_dist.export.writer import save_onnx
 
     original = PatchFeatures(small_detector.backbone.model, "adaptive", layer_dim=64, target_dim=48).eval()
@@ -142,7 +143,7 @@ def test_adaptive_aggregation_exports_to_onnx_with_the_same_features(small_detec
     skip_without_onnx()
     import onnxruntime
 
-    knn = PatchMethod("knn", 3, 1.0, True)
+    knn = ScoringMethod("knn", 3, 1.0, True)
     bank = np.random.default_rng(0).normal(size=(50, 48)).astype(np.float32)
     module = ExportedDetector(features, bank, knn, knn, {}, "max", 1.0, 64).eval()
     with torch.no_grad():

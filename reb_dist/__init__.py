@@ -41,8 +41,8 @@ _EXPORTS = {
     "evaluate_category": "reb_dist.pipelines.evaluate", "CategoryResult": "reb_dist.pipelines.evaluate",
     "find_images": "reb_dist.pipelines.predict", "predict": "reb_dist.pipelines.predict",
     "Prediction": "reb_dist.pipelines.predict",
-    "fit": "reb_dist.pipelines.runs", "evaluate": "reb_dist.pipelines.runs",
-    "benchmark": "reb_dist.pipelines.runs", "predict_images": "reb_dist.pipelines.runs",
+    "fit": "reb_dist.commands.fit", "evaluate": "reb_dist.commands.evaluate",
+    "benchmark": "reb_dist.commands.benchmark", "predict_images": "reb_dist.commands.predict",
 }
 __all__ = ["__version__", *_EXPORTS]
 

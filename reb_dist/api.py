@@ -1,6 +1,6 @@
 """The Python API: load or fit a model, score images, evaluate a test set.
 
-A thin layer over what the commands run (`reb fit` fits, `reb_dist.pipelines.predict` scores,
+A thin layer over what the commands run (`reb_dist.commands.fit` fits, `reb_dist.pipelines.predict` scores,
 `reb_dist.pipelines.evaluate` computes metrics), so a script gets the very same scores::
 
     import reb_dist
@@ -15,7 +15,6 @@ A thin layer over what the commands run (`reb fit` fits, `reb_dist.pipelines.pre
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,7 +105,7 @@ class Model:
             ConfigError, DatasetError: bad settings, or files of the category that cannot be used.
         """
         from reb_dist.pipelines.evaluate import categories_of
-        from reb_dist.pipelines.runs import fit
+        from reb_dist.commands.fit import fit
 
         cfg = settings if isinstance(settings, RunConfig) else RunConfig.load(None, list(settings or ()))
         data = replace(cfg.data, root=str(root), categories=[category] if category else cfg.data.categories)

@@ -215,24 +215,24 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args, command_line: str) -> int:
-    """`reb fit`: see reb_dist.pipelines.runs.fit."""
-    from reb_dist.pipelines.runs import fit
+    """`reb fit`: see reb_dist.commands.fit.fit."""
+    from reb_dist.commands.fit import fit
 
     fit(load_config(args), args.output, args.selection, args.calibrate)
     return 0
 
 
 def cmd_evaluate(args, command_line: str) -> int:
-    """`reb evaluate`: see reb_dist.pipelines.runs.evaluate."""
-    from reb_dist.pipelines.runs import evaluate
+    """`reb evaluate`: see reb_dist.commands.evaluate.evaluate."""
+    from reb_dist.commands.evaluate import evaluate
 
     evaluate(load_config(args), args.model, command_line)
     return 0
 
 
 def cmd_benchmark(args, command_line: str) -> int:
-    """`reb benchmark`: see reb_dist.pipelines.runs.benchmark."""
-    from reb_dist.pipelines.runs import benchmark
+    """`reb benchmark`: see reb_dist.commands.benchmark.benchmark."""
+    from reb_dist.commands.benchmark import benchmark
 
     benchmark(load_config(args), command_line)
     return 0
@@ -242,7 +242,7 @@ def cmd_finetune(args, command_line: str) -> int:
     """`reb finetune`: see reb_dist.distributed.finetune.finetune_categories."""
     from reb_dist.distributed.finetune import finetune_categories
     from reb_dist.pipelines.evaluate import categories_of
-    from reb_dist.pipelines.runs import output_files
+    from reb_dist.commands.fit import output_files
 
     cfg = load_config(args)
     finetune_categories(cfg, output_files(args.output, categories_of(cfg.data), Path(cfg.output_dir) / "backbones",
@@ -276,7 +276,7 @@ def cmd_report(args, command_line: str) -> int:
 
 
 def cmd_predict(args, command_line: str) -> int:
-    """`reb predict`: see reb_dist.pipelines.runs.predict_images; prints scores.csv."""
+    """`reb predict`: see reb_dist.commands.predict.predict_images; prints scores.csv."""
     from reb_dist.export.predict import is_exported
 
     if is_exported(args.model):  # an exported .onnx / .pt file: scored by its runtime, no backbone weights
@@ -284,7 +284,7 @@ def cmd_predict(args, command_line: str) -> int:
 
         predictions = predict_exported(args.model, args.images, args.output, args.threshold)
     else:
-        from reb_dist.pipelines.runs import predict_images
+        from reb_dist.commands.predict import predict_images
 
         predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
     print((Path(args.output) / "scores.csv").read_text(), end="")

@@ -25,10 +25,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from reb_dist.config import BankConfig
+from reb_dist.core.ldknn import IndexFactory
 from reb_dist.core.ldknn.approx import resolve_neighbour_search
 from reb_dist.core.ldknn.search import BankIndex, as_float32, check_self_search, drop_self, merge_nearest
 from reb_dist.errors import ModelFileError, RebError
 from reb_dist.io.shard_file import load_shard, read_shard, write_shards
+from reb_dist.pipelines.bank import BankPlacement, shard_folder
 
 class BankShard:
     """What one actor holds: a `BankIndex` over its shard, answering with global ids.
@@ -305,3 +308,34 @@ class ShardedBank:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def sharded_index_factory(bank: BankConfig, shard_dir: str | Path | None) -> IndexFactory | None:
+    """The factory of a bank on `bank.shards` Ray actors, or None when bank.shards < 1 (in process).
+
+    The factory writes the bank's shard files to `shard_dir/<bank fingerprint>/` and opens a
+    `ShardedBank` over them.
+
+    Raises:
+        ValueError: sharded without a folder for the shard files.
+    """
+    if bank.shards < 1:
+        return None
+    if not shard_dir:
+        raise ValueError("a sharded bank needs a folder for its shard files (bank.shard_dir)")
+
+    def sharded(vectors: np.ndarray) -> ShardedBank:
+        # by fingerprint: distinct banks given one folder must not overwrite each other's files,
+        # which a restarted actor would then load
+        return ShardedBank.create(vectors, shard_dir, bank.shards, dtype=bank.dtype, by_fingerprint=True,
+                                  neighbour_search=bank.neighbour_search, nprobe=bank.nprobe,
+                                  query_search=bank.query_search,
+                                  cpus_per_shard=bank.shard_cpus, gpus_per_shard=bank.shard_gpus)
+
+    return sharded
+
+
+def sharded_placement(bank: BankConfig, output_dir: str | Path) -> BankPlacement:
+    """category -> its bank's factory: on Ray actors with files in `shard_folder` when bank.shards >= 1,
+    else None (in process). What the commands hand the pipelines."""
+    return lambda category: sharded_index_factory(bank, shard_folder(bank, output_dir, category))

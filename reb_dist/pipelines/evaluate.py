@@ -23,7 +23,7 @@ from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few
                               sample_mask)
 from reb_dist.io.feature_cache import FeatureCache, extraction_settings
 from reb_dist.results import CategoryResult, MethodResult
-from reb_dist.pipelines.bank import index_factory, shard_folder
+from reb_dist.pipelines.bank import BankPlacement, placed_index_factory
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,14 @@ def _cache_key(cache: FeatureCache, settings: dict, sample: Sample) -> str | Non
         return None
 
 
-def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
-    """A detector fitted on the split's training images, its bank held as `cfg.bank` says.
+def fit_detector(cfg: RunConfig, split: ClassSplit, placement: BankPlacement | None = None) -> Detector:
+    """A detector fitted on the split's training images, its bank held as `cfg.bank` says (on Ray
+    actors through `placement`, which the commands give when bank.shards >= 1).
 
     Training features come through the feature cache `cfg.cache` describes (none when disabled).
     """
-    shards = shard_folder(cfg.bank, cfg.output_dir, split.name)
     detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
-                                    index_factory(cfg.bank, shards))
+                                    placed_index_factory(cfg.bank, split.name, placement))
     train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
                                FeatureCache.from_config(cfg.cache))
     detector.fit_features(train)
@@ -225,7 +225,8 @@ def fit_detector(cfg: RunConfig, split: ClassSplit) -> Detector:
 
 def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None = None,
                       methods: list[ScoringMethod] | None = None, examples: int = 0,
-                      split: ClassSplit | None = None, load_s: float = 0.0) -> CategoryResult:
+                      split: ClassSplit | None = None, load_s: float = 0.0,
+                      placement: BankPlacement | None = None) -> CategoryResult:
     """Fit (unless a fitted detector is given), score the test set with every method, compute metrics.
 
     Args:
@@ -236,6 +237,7 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
         examples: how many test images keep their pixel maps for heatmap galleries.
         split: the category's split, already loaded and checked (`load_categories`), taking `load_s`
             seconds; None loads it here.
+        placement: where a bank fitted here is indexed (`fit_detector`).
 
     Returns:
         The category's result; a detector fitted here is closed again (its shard actors stopped).
@@ -247,7 +249,7 @@ def evaluate_category(cfg: RunConfig, category: str, detector: Detector | None =
     cache = FeatureCache.from_config(cfg.cache)
     if detector is not None:
         return score_test_set(detector, split, cfg.data, methods, examples, start, load_s, cache)
-    with closing(fit_detector(cfg, split)) as fitted:
+    with closing(fit_detector(cfg, split, placement)) as fitted:
         return score_test_set(fitted, split, cfg.data, methods, examples, start, load_s, cache)
 
 

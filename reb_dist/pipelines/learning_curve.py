@@ -28,7 +28,7 @@ def checkpoint_backbones(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def evaluate_checkpoints(cfg: RunConfig, category: str, run_dir: Path, ssl_metrics: list[dict],
-                         tracker=None) -> list[dict]:
+                         tracker=None, placement=None) -> list[dict]:
     """Score the category's test set with the start weights and every checkpoint's backbone.
 
     Args:
@@ -37,6 +37,7 @@ def evaluate_checkpoints(cfg: RunConfig, category: str, run_dir: Path, ssl_metri
         run_dir: the run folder holding the checkpoints.
         ssl_metrics: the run's per-step metrics (`read_metrics`), for images seen per step.
         tracker: the run's MLflow tracker (metrics "curve/<method>/<metric>" at step = images seen).
+        placement: where each checkpoint's bank is indexed (`reb_dist.pipelines.bank.BankPlacement`).
 
     Returns:
         One row per (checkpoint, method): step, images_seen, method and its metrics.
@@ -49,7 +50,7 @@ def evaluate_checkpoints(cfg: RunConfig, category: str, run_dir: Path, ssl_metri
     for step, weights in [(0, cfg.backbone.weights)] + checkpoint_backbones(run_dir):
         scored = replace(cfg, backbone=replace(cfg.backbone, weights=str(weights) if weights else None,
                                                finetuned=None))
-        result = evaluate_category(scored, category, split=split)
+        result = evaluate_category(scored, category, split=split, placement=placement)
         for m in result.methods:
             row = {"step": step, "images_seen": seen.get(step, 0), "method": m.method.label,
                    **{k: m.metrics[k] for k in CURVE_METRICS if k in m.metrics}}

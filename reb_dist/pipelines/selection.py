@@ -33,7 +33,7 @@ from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import preprocess
 from reb_dist.io.feature_cache import FeatureCache
-from reb_dist.pipelines.bank import index_factory
+from reb_dist.pipelines.bank import BankPlacement, placed_index_factory
 from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category, pixel_countable
 from reb_dist.pipelines.validation import ValidationSet, make_split
 from reb_dist.reporting.tables import to_csv
@@ -99,7 +99,7 @@ class Selection:
 
 def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scoring: ScoringConfig,
                  bank: BankConfig, tune: TuneConfig, saliency: str = "spectral",
-                 cache: CacheConfig | None = None) -> ClassTables:
+                 cache: CacheConfig | None = None, placement: BankPlacement | None = None) -> ClassTables:
     """Split a class, fit its bank on what is left for training, and search the validation and the
     reported test images once each (K up to tune.k_max).
 
@@ -110,6 +110,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         saliency: DefectMaker's saliency for synthetic validation anomalies.
         cache: the feature cache for the class's image files (None: no cache); synthetic validation
             images are always extracted.
+        placement: where the bank is indexed (on Ray actors when the commands give one).
 
     Returns:
         The class's neighbour tables, labels, masks and split record.
@@ -118,7 +119,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
     split = load_category(data, category)
     v = make_split(split, tune.validation, tune.fraction or None, tune.seed, data.image_size, saliency)
     detector = Detector.from_config(backbone, scoring, data.image_size, bank,
-                                    index_factory(bank, bank.shard_dir or None))
+                                    placed_index_factory(bank, category, placement))
     try:
         features_cache = FeatureCache.from_config(cache) if cache is not None else None
         train_feats, _ = extract_samples(detector, v.train, data, f"{category} bank", features_cache)

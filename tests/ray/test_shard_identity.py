@@ -9,10 +9,10 @@ import pytest
 from reb_dist.config import BankConfig
 from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
 from reb_dist.distributed import sharded_bank
-from reb_dist.distributed.sharded_bank import BankShard, ShardedBank
+from reb_dist.distributed.sharded_bank import BankShard, ShardedBank, sharded_index_factory
 from reb_dist.errors import ModelFileError
 from reb_dist.io.shard_file import bank_fingerprint, write_shards
-from reb_dist.pipelines.bank import index_factory, shard_folder
+from reb_dist.pipelines.bank import shard_folder
 
 SIZES = [500, 1900]
 TOL = dict(rtol=1e-5, atol=1e-4)
@@ -71,9 +71,9 @@ def test_two_banks_with_one_shard_dir_get_their_own_files_and_score_as_in_proces
     cfg = BankConfig(shards=2, shard_cpus=0.5, shard_dir=str(tmp_path / "shards"))
     folder = shard_folder(cfg, tmp_path / "out", "bottle")
     assert folder == tmp_path / "shards" / "bottle"
-    full_bank = index_factory(cfg, folder)(bank)
+    full_bank = sharded_index_factory(cfg, folder)(bank)
     try:
-        few_bank = index_factory(cfg, folder)(few)  # written after the full bank, to the same setting
+        few_bank = sharded_index_factory(cfg, folder)(few)  # written after the full bank, to the same setting
         try:
             assert not set(full_bank.paths) & set(few_bank.paths)
             assert {os.path.dirname(p) for p in full_bank.paths} == {str(folder / bank_fingerprint(bank, 2))}

@@ -5,7 +5,7 @@ import numpy as np
 from reb_dist.config import RunConfig
 from tests.conftest import BOTTLE
 from reb_dist.io.model_file import load_model
-from reb_dist.pipelines.bank import index_factory
+from reb_dist.distributed.sharded_bank import sharded_index_factory
 
 
 def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray, cfg, detector, test_features,
@@ -15,7 +15,7 @@ def test_a_saved_model_served_from_sharded_actors_scores_as_in_process(local_ray
     methods = detector.methods()
     want = detector.score_features(test_features, methods)
     bank = RunConfig.load(None, BOTTLE + ["bank.shards=2", "bank.shard_cpus=0.5"]).bank
-    sharded = load_model(path, device="cpu", bank=bank, index_factory=index_factory(bank, tmp_path / "shards"))
+    sharded = load_model(path, device="cpu", bank=bank, index_factory=sharded_index_factory(bank, tmp_path / "shards"))
     try:
         assert type(sharded.scorer.index).__name__ == "ShardedBank"
         [folder] = (tmp_path / "shards").iterdir()  # one sub-folder per bank, named by its fingerprint

@@ -25,8 +25,9 @@ from reb_dist.core.thresholds import METHODS as THRESHOLDS
 from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.data import LAYOUTS
 from reb_dist.pipelines import evaluate as evaluate_module
-from reb_dist.pipelines import runs
-from reb_dist.pipelines.runs import benchmark, fit
+from reb_dist.commands import fit as fit_command
+from reb_dist.commands.benchmark import benchmark
+from reb_dist.commands.fit import fit
 from reb_dist.pipelines.validation import KINDS
 
 # (overrides, the key and value the message names, what it says is allowed)
@@ -146,7 +147,7 @@ def no_data_read(monkeypatch):
         raise AssertionError("data was read before the settings were checked")
 
     monkeypatch.setattr(evaluate_module, "load_category", refuse)
-    monkeypatch.setattr(runs, "load_category", refuse)
+    monkeypatch.setattr(fit_command, "load_category", refuse)
     monkeypatch.setattr(Detector, "extract", refuse)
 
 

@@ -16,7 +16,7 @@ from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import ModelFileError
 from reb_dist.io.model_file import load_model, save_model
 from reb_dist.pipelines.predict import predict
-from reb_dist.pipelines.runs import predict_images
+from reb_dist.commands.predict import predict_images
 
 # distinct file stems, so no overlay overwrites another
 IMAGES = ["good/004.png", "good/008.png", "broken_large/019.png", "contamination/020.png"]

@@ -18,10 +18,12 @@ from reb_dist.config import SAMPLE_DATA, RunConfig
 from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.data import ImageDataset, Sample
 from reb_dist.io.model_file import load_model, model_metadata
-from reb_dist.pipelines import runs
+from reb_dist.commands import evaluate as evaluate_command
 from reb_dist.pipelines.evaluate import categories_of, load_category
 from reb_dist.pipelines.predict import predict
-from reb_dist.pipelines.runs import evaluate, fit, predict_images
+from reb_dist.commands.evaluate import evaluate
+from reb_dist.commands.fit import fit
+from reb_dist.commands.predict import predict_images
 from tests.conftest import BOTTLE
 
 TEST = SAMPLE_DATA / "bottle" / "test"
@@ -136,7 +138,7 @@ def no_scoring(monkeypatch):
     def stop(*args, **kwargs):
         raise _Scored
 
-    monkeypatch.setattr(runs, "evaluate_category", stop)
+    monkeypatch.setattr(evaluate_command, "evaluate_category", stop)
 
 
 def test_evaluate_warns_for_each_setting_the_model_overrides(saved, no_scoring, tmp_path, caplog):

@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from reb_dist.config import SAMPLE_DATA, RunConfig
-from reb_dist.pipelines.runs import fit, predict_images
+from reb_dist.commands.fit import fit
+from reb_dist.commands.predict import predict_images
 from reb_dist.pipelines.selection import MapSetting, Selection, write_selection
 from reb_dist.reporting.report import write_report
 from tests.conftest import BOTTLE

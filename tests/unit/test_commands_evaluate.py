@@ -6,7 +6,7 @@ import copy
 import json
 
 from reb_dist.config import RunConfig
-from reb_dist.pipelines.runs import evaluate
+from reb_dist.commands.evaluate import evaluate
 from tests.conftest import BOTTLE
 
 

@@ -42,11 +42,13 @@ assert {m.name for pair in PAIRS for m in pair} == set(EXPORTABLE_METHODS)
 def setting():
     images = torch.randint(0, 256, (3, SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     features = StubFeatures().eval()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         feats = features((images.float().permute(0, 3, 1, 2) / 255.0 - mean) / std).permute(0, 2, 3, 1).numpy()
     rng = np.random.default_rng(0)
-    bank = (feats.reshape(-1, D)[rng.integers(0, feats.size // D, 200)] + rng.normal(0, 0.3, (200, D))).astype(np.float32)
+    near = feats.reshape(-1, D)[rng.integers(0, feats.size // D, 200)]  # a bank around the features
+    bank = (near + rng.normal(0, 0.3, (200, D))).astype(np.float32)
     return images, features, np.ascontiguousarray(feats), bank
 
 
@@ -56,7 +58,7 @@ def _densities(index, squared):
 
 
 def _module(setting, image, map_method):
-    images, features, _, bank = setting
+    _, features, _, bank = setting
     index = BankIndex(bank)
     return ExportedDetector(features, bank, image, map_method, _densities(index, image.squared), "pool3max", 1.0,
                             SIZE).eval()

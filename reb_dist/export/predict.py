@@ -1,5 +1,6 @@
 """`reb predict` with an exported file: the same predictions, overlays and scores.csv as with a
-.safetensors model, scored by `reb_dist.export.runtime` instead of a `Detector`."""
+.safetensors model, scored by `reb_dist.export.runtime` instead of a `Detector`, through the same
+loop (`reb_dist.pipelines.predict.predict`, with an `ExportedScorer`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,39 @@ from pathlib import Path
 
 import numpy as np
 
-from reb_dist.core.thresholds import Calibration, normalise
+from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import DatasetError, ModelFileError
-from reb_dist.export.runtime import load_exported, resize
-from reb_dist.io.data.images import check_image_side, read_image
-from reb_dist.pipelines.predict import Prediction, find_images
+from reb_dist.export.runtime import ExportedModel, load_exported, resize
+from reb_dist.pipelines.predict import Prediction, find_images, predict
 
 log = logging.getLogger(__name__)
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".torchscript")
+
+
+class ExportedScorer:
+    """An `ExportedModel` as the predict loop's `ImageScorer`: images resized with the runtime's
+    `resize` (PIL bicubic, as the in-process preprocessing), the calibration read from its metadata.
+
+    Args:
+        model: the loaded exported file.
+        name: how errors name it (default: its path).
+
+    Raises:
+        ModelFileError: the metadata's calibration is malformed.
+    """
+
+    def __init__(self, model: ExportedModel, name: str | Path | None = None):
+        self.model = model
+        self.image_size = model.image_size
+        try:
+            self.calibration = None if model.calibration is None else Calibration.from_dict(model.calibration)
+        except ValueError as exc:
+            raise ModelFileError(f"{model.path if name is None else name}: malformed calibration in its "
+                                 f"metadata ({exc})") from exc
+
+    def score_images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        result = self.model.score(np.stack([resize(im, self.image_size) for im in images]))
+        return result.scores, result.maps
 
 
 def is_exported(model: str | Path) -> bool:
@@ -25,11 +51,12 @@ def is_exported(model: str | Path) -> bool:
 
 def predict_exported(model: str | Path, images: list[str | Path], output: str | Path = "predictions",
                      threshold: float | None = None, batch_size: int = 8) -> list[Prediction]:
-    """`reb_dist.pipelines.runs.predict_images` for an exported file (see there for the arguments).
+    """`reb_dist.commands.predict.predict_images` for an exported file (see there for the arguments).
 
-    Images are read as the in-process path reads them (`read_image`, too-small images refused);
-    normalised scores and flags are computed from the scores in float64 with the calibration in
-    the metadata, as `reb_dist.pipelines.predict.predict` does, so scores.csv is the same.
+    The images go through the in-process loop, `reb_dist.pipelines.predict.predict`, with an
+    `ExportedScorer`: read as there (`read_image`, too-small images refused), normalised scores
+    and flags computed from the scores in float64 with the calibration in the metadata, so
+    scores.csv is the same.
 
     Raises:
         DatasetError: some images could not be scored (after the others' results are written).
@@ -37,11 +64,8 @@ def predict_exported(model: str | Path, images: list[str | Path], output: str | 
     """
     from reb_dist.reporting.results import write_predictions
 
-    exported = load_exported(model)
-    try:
-        calibration = None if exported.calibration is None else Calibration.from_dict(exported.calibration)
-    except ValueError as exc:
-        raise ModelFileError(f"{model}: malformed calibration in its metadata ({exc})") from exc
+    scorer = ExportedScorer(load_exported(model), model)
+    calibration = scorer.calibration
     if threshold is not None:
         log.info(f"threshold {threshold:.6g}: given")
     elif calibration is not None:
@@ -49,26 +73,7 @@ def predict_exported(model: str | Path, images: list[str | Path], output: str | 
         log.info(f"threshold {threshold:.6g}: the model's calibration ({calibration.method})")
     else:
         log.info("no threshold: none given and the model has no calibration, so images are not flagged")
-    paths = find_images(images)
-    predictions = []
-    for start in range(0, len(paths), batch_size):
-        chunk, read = paths[start:start + batch_size], {}
-        done: dict[int, Prediction] = {}
-        for i, p in enumerate(chunk):
-            try:
-                read[i] = read_image(p)
-                check_image_side(p, read[i].shape[1::-1], exported.image_size)
-            except DatasetError as exc:  # one bad file must not cost the others their scores
-                read.pop(i, None)
-                done[i] = Prediction(p, None, float("nan"), None, error=exc.problem)
-        if read:
-            result = exported.score(np.stack([resize(im, exported.image_size) for im in read.values()]))
-            for (i, image), score, pixel_map in zip(read.items(), result.scores, result.maps):
-                score = float(score)
-                normalised = None if calibration is None else float(normalise(score, calibration))
-                flagged = None if threshold is None else score >= threshold
-                done[i] = Prediction(chunk[i], image, score, pixel_map, normalised, flagged)
-        predictions += [done[i] for i in range(len(chunk))]
+    predictions = predict(scorer, find_images(images), batch_size, threshold)
     write_predictions(predictions, Path(output), threshold, calibration)
     failed = [p for p in predictions if p.error is not None]
     if failed:

@@ -1,15 +1,22 @@
-"""Score new images with a fitted detector: image scores and pixel maps, in batches."""
+"""Score new images with a fitted detector: image scores and pixel maps, in batches.
+
+One loop (`predict`) reads the images, refuses too-small ones, batches the others, and makes the
+predictions (scores, maps, normalised scores and flags in float64); what scores a batch is an
+`ImageScorer`: the in-process `Detector` (through `DetectorScorer`) or an exported file
+(`reb_dist.export.predict.ExportedScorer`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from reb_dist.core.detector import Detector
-from reb_dist.core.thresholds import normalise
+from reb_dist.core.thresholds import Calibration, normalise
 from reb_dist.errors import DatasetError
 from reb_dist.results import Prediction
 from reb_dist.io.data import is_image_file, preprocess, read_image
@@ -26,12 +33,50 @@ def find_images(items: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def predict(detector: Detector, paths: list[Path | np.ndarray], batch_size: int = 16,
+@runtime_checkable
+class ImageScorer(Protocol):
+    """What `predict` scores a batch with: the image size it reads images at, the calibration that
+    normalises its scores (None: none), and the scoring itself."""
+
+    image_size: int
+    calibration: Calibration | None
+
+    def score_images(self, images: list[np.ndarray]) -> tuple[Sequence[float], Sequence[np.ndarray]]:
+        """(B,) image scores and (B, S, S) pixel maps (S = `image_size`) of B uint8 (H, W, 3) RGB
+        images, each at least `image_size` on its shorter side."""
+        ...
+
+
+class DetectorScorer:
+    """A fitted `Detector` as an `ImageScorer`: its default method (with its map method), the
+    images preprocessed as in training, features extracted as one batch."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+        self.method = detector.default_method
+
+    @property
+    def image_size(self) -> int:
+        return self.detector.image_size
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.detector.calibration
+
+    def score_images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        detector, method = self.detector, self.method
+        batch = torch.stack([preprocess(im, detector.image_size) for im in images])
+        scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
+        return scores.image_scores, detector.pixel_maps(scores.patch_maps)
+
+
+def predict(detector: Detector | ImageScorer, paths: list[Path | np.ndarray], batch_size: int = 16,
             threshold: float | None = None) -> list[Prediction]:
     """Score images with the detector's first configured method, and flag them.
 
     Args:
-        detector: a fitted detector (e.g. from `reb_dist.io.model_file.load_model`).
+        detector: a fitted detector (e.g. from `reb_dist.io.model_file.load_model`), or any other
+            `ImageScorer` (an exported file: `reb_dist.export.predict.ExportedScorer`).
         paths: image files, or images already in memory as uint8 (H, W, 3) RGB arrays (named
             "image <i>" in errors, where i is their place in `paths`).
         batch_size: images per feature batch.
@@ -44,8 +89,8 @@ def predict(detector: Detector, paths: list[Path | np.ndarray], batch_size: int 
         One prediction per path, in order; a file that cannot be read or is too small for the
         detector's image size gets one with `error` set, and the others are scored all the same.
     """
-    method = detector.default_method
-    calibration = detector.calibration
+    scorer = detector if isinstance(detector, ImageScorer) else DetectorScorer(detector)
+    calibration = scorer.calibration
     if threshold is None and calibration is not None:
         threshold = calibration.threshold
     out = []
@@ -57,15 +102,13 @@ def predict(detector: Detector, paths: list[Path | np.ndarray], batch_size: int 
             in_memory = isinstance(p, np.ndarray)
             try:
                 images[i] = p if in_memory else read_image(p)
-                check_image_side(f"image {s + i}" if in_memory else p, images[i].shape[1::-1], detector.image_size)
+                check_image_side(f"image {s + i}" if in_memory else p, images[i].shape[1::-1], scorer.image_size)
             except DatasetError as exc:  # one bad file must not cost the others their scores
                 images.pop(i, None)
                 done[i] = Prediction(None if in_memory else p, None, float("nan"), None, error=exc.problem)
         if images:
-            batch = torch.stack([preprocess(im, detector.image_size) for im in images.values()])
-            scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
-            for (i, image), score, pixel_map in zip(images.items(), scores.image_scores,
-                                                   detector.pixel_maps(scores.patch_maps)):
+            scores, maps = scorer.score_images(list(images.values()))
+            for (i, image), score, pixel_map in zip(images.items(), scores, maps):
                 score = float(score)  # compare in float64, as the threshold was computed (not float32)
                 normalised = None if calibration is None else float(normalise(score, calibration))
                 flagged = None if threshold is None else score >= threshold

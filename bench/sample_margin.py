@@ -25,7 +25,7 @@ from make_sample_subset import SOURCE, choose  # noqa: E402
 from make_sample_subset import main as make_subset  # noqa: E402
 
 from reb_dist.config import RunConfig  # noqa: E402
-from reb_dist.core.detector import Detector  # noqa: E402
+from reb_dist.detectors import build_detector  # noqa: E402
 from reb_dist.io.feature_cache import FeatureCache  # noqa: E402
 from reb_dist.pipelines.evaluate import extract_samples, load_category  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
         cfg = RunConfig.load(None, [f"data.root={full}", "backbone.device=cpu", "tracking.enabled=false",
                                     "scoring.methods=[ldknn,knn,nn1]", *args.set])
         split = load_category(cfg.data, args.category)
-        detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
+        detector = build_detector(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
         cache = FeatureCache.from_config(cfg.cache)
         train, _ = extract_samples(detector, split.train, cfg.data, "train features", cache)
         test, _ = extract_samples(detector, split.test, cfg.data, "test features", cache)

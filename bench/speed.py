@@ -21,6 +21,7 @@ from common import bench_parser, print_command
 
 from reb_dist.config import PRESETS, RunConfig
 from reb_dist.core.detector import Detector
+from reb_dist.detectors import bank_plan, build_detector, detector_scoring
 from reb_dist.core.ldknn import parse_method
 from reb_dist.core.metrics import evaluate
 from reb_dist.pipelines.evaluate import extract_with_masks, load_category, loader
@@ -59,7 +60,9 @@ def variant_settings(spec: str) -> list[str]:
 def run_variant(spec: str, base: list[str], backbone, train: np.ndarray, test: np.ndarray, masks: np.ndarray,
                 split, feature_s_per_image: float) -> dict:
     cfg = RunConfig.load(None, base + variant_settings(spec))
-    detector = Detector(backbone, cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
+    b = cfg.backbone
+    detector = Detector(backbone, detector_scoring(cfg.scoring), cfg.data.image_size, aggregation=b.aggregation,
+                        layer_dim=b.layer_dim, target_dim=b.target_dim, device=b.device, bank=bank_plan(cfg.bank))
     t0 = time.perf_counter()
     detector.fit_features(train)
     index = detector.index
@@ -99,7 +102,7 @@ def main() -> None:
     cfg = RunConfig.load(None, base)
     print(f"torch float32 GEMM: {gemm_gflops():.1f} GFLOP/s on {torch.get_num_threads()} threads")
     split = load_category(cfg.data, args.category)
-    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
+    detector = build_detector(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
     batches = loader(split.train, cfg.data)
     train, train_s = _timed(lambda: detector.extract(batches, total=len(batches), desc="train features"))
     (test, masks), test_s = _timed(lambda: extract_with_masks(detector, split.test, cfg.data, "test features"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from reb_dist.commands.placement import bank_placement
 from reb_dist.config import RunConfig
+from reb_dist.detectors import detector_backbone, detector_scoring_settings
 from reb_dist.errors import ConfigError
 from reb_dist.io.model_file import load_model, model_metadata
 from reb_dist.io.tracking import Tracker
@@ -47,8 +48,9 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     placement = bank_placement(cfg)
     detector = load_model(model, cfg.backbone.device, bank=cfg.bank,
                           index_factory=placement(category) if placement else None)
-    resolved = {"model": str(model), "backbone": asdict(detector.backbone_config),
-                "scoring": asdict(detector.scoring), "image_size": detector.image_size}
+    backbone, scoring = detector_backbone(detector), detector_scoring_settings(detector)
+    resolved = {"model": str(model), "backbone": asdict(backbone), "scoring": asdict(scoring),
+                "image_size": detector.image_size}
     if fitted_on is not None:
         resolved["category"] = fitted_on
     # Say so wherever the user's settings differ from the model's (device is the user's to choose,
@@ -56,9 +58,9 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     def show(value) -> str:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
-    differences = [(f"backbone.{k}", v, getattr(detector.backbone_config, k))
+    differences = [(f"backbone.{k}", v, getattr(backbone, k))
                    for k, v in asdict(cfg.backbone).items() if k not in ("device", "finetuned")]
-    differences += [(f"scoring.{k}", v, getattr(detector.scoring, k)) for k, v in asdict(cfg.scoring).items()]
+    differences += [(f"scoring.{k}", v, getattr(scoring, k)) for k, v in asdict(cfg.scoring).items()]
     differences.append(("data.image_size", cfg.data.image_size, detector.image_size))
     for key, yours, models in differences:
         if yours != models:

@@ -5,6 +5,9 @@
 pipelines inject a sharded bank on Ray actors), scores patches with any method of
 `reb_dist.core.ldknn`, and turns patch scores into image scores and pixel maps. Saving and loading
 are `reb_dist.io.model_file`'s job.
+
+The core takes plain values: the scoring methods already parsed (`DetectorScoring`), the bank's
+coreset and index options (`BankPlan`). `reb_dist.detectors` makes them from the settings object.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
-from reb_dist.core.backbones import Backbone, build_backbone
-from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
+from reb_dist.core.backbones import Backbone
 from reb_dist.core.features import PatchFeatures, extract_features
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
-from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, parse_method, select_coreset
+from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
 from reb_dist.core.thresholds import Calibration
 
 def resolve_device(device: str) -> torch.device:
@@ -53,8 +55,36 @@ class Timings:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def in_process_index(bank_config: BankConfig, use_gpu: bool = False) -> IndexFactory:
-    """The default index factory: one index in this process, as `bank_config` says.
+@dataclass(frozen=True)
+class DetectorScoring:
+    """What a detector scores with, as plain values (`reb_dist.detectors` parses the settings into it)."""
+
+    # the first with its map method: what evaluate and predict score with and what a model's densities are for
+    methods: tuple[ScoringMethod, ...]
+    k: int = 9  # K of the bank densities a model file stores (scoring.k)
+    squared: bool = True  # squared L2 (faiss's) or plain L2
+    image_score: str = "max"  # how patch maps reduce to an image score (core.anomaly_map)
+    sigma: float = 4.0  # the pixel maps' Gaussian blur
+    pixel_metrics: bool = True  # whether the test set's pixel metrics are computed
+
+
+@dataclass(frozen=True)
+class BankPlan:
+    """How a bank is reduced (coreset), stored and searched, and how an approximate search is checked."""
+
+    coreset_ratio: float = 1.0  # 1.0: the whole bank
+    coreset_method: str = "fast"
+    coreset_projection_dim: int = 128
+    seed: int = 0
+    dtype: str = "float32"
+    neighbour_search: str = "auto"
+    nprobe: int = 0
+    query_search: str = "exact"
+    recall_sample: int = 2000
+
+
+def in_process_index(plan: BankPlan, use_gpu: bool = False) -> IndexFactory:
+    """The default index factory: one index in this process, as `plan` says.
 
     On a GPU: faiss's GPU index when faiss was built with one (the `gpu` extra), else an exact
     torch search on the GPU (`TorchIndex`, no faiss needed). Otherwise a faiss `BankIndex`.
@@ -63,10 +93,9 @@ def in_process_index(bank_config: BankConfig, use_gpu: bool = False) -> IndexFac
         if use_gpu and not faiss_has_gpu():
             from reb_dist.core.ldknn.torch_search import TorchIndex
 
-            return TorchIndex(bank, device="cuda", dtype=bank_config.dtype)
-        return BankIndex(bank, use_gpu=use_gpu, dtype=bank_config.dtype,
-                         neighbour_search=bank_config.neighbour_search, nprobe=bank_config.nprobe,
-                         query_search=bank_config.query_search)
+            return TorchIndex(bank, device="cuda", dtype=plan.dtype)
+        return BankIndex(bank, use_gpu=use_gpu, dtype=plan.dtype, neighbour_search=plan.neighbour_search,
+                         nprobe=plan.nprobe, query_search=plan.query_search)
 
     return build
 
@@ -85,26 +114,30 @@ class Detector:
 
     Args:
         backbone: the ImageNet CNN (with its 2nd and 3rd stage taps) features come from.
-        backbone_config: how features are aggregated and on which device they are computed.
-        scoring: methods, K, alpha, image score and blur the detector scores with.
+        scoring: the parsed methods, density K, image score and blur the detector scores with.
         image_size: the square size images are resized to.
-        bank_config: coreset and index settings of the bank.
-        index_factory: builds the bank's `Index` (default: `in_process_index(bank_config)`).
+        aggregation, layer_dim, target_dim: how the two stages' patch features are aggregated.
+        device: where features are computed ("auto": CUDA when torch sees a GPU, else CPU).
+        bank: coreset and index options of the bank.
+        index_factory: builds the bank's `Index` (default: `in_process_index(bank)`).
+        settings: the settings it was made from, as plain mappings ("backbone", "scoring"): stored
+            with a saved model and reported; the detector itself never reads them.
     """
 
-    def __init__(self, backbone: Backbone, backbone_config: BackboneConfig, scoring: ScoringConfig,
-                 image_size: int = 256, bank_config: BankConfig | None = None,
-                 index_factory: IndexFactory | None = None):
+    def __init__(self, backbone: Backbone, scoring: DetectorScoring, image_size: int = 256, *,
+                 aggregation: str = "avgpool", layer_dim: int = 1024, target_dim: int = 1024,
+                 device: str = "auto", bank: BankPlan | None = None, index_factory: IndexFactory | None = None,
+                 settings: dict | None = None):
         self.backbone = backbone
-        self.bank_config = bank_config or BankConfig()
-        self.backbone_config = backbone_config
+        self.plan = bank or BankPlan()
         self.scoring = scoring
+        self.settings = settings or {}
         self.image_size = image_size
-        self.device = resolve_device(backbone_config.device)
-        self.features = PatchFeatures(backbone.model, backbone_config.aggregation,
-                                      backbone_config.layer_dim, backbone_config.target_dim)
+        self.aggregation, self.layer_dim, self.target_dim = aggregation, layer_dim, target_dim
+        self.device = resolve_device(device)
+        self.features = PatchFeatures(backbone.model, aggregation, layer_dim, target_dim)
         self.features.to(self.device).eval()
-        self.index_factory = index_factory or in_process_index(self.bank_config, self.device.type == "cuda")
+        self.index_factory = index_factory or in_process_index(self.plan, self.device.type == "cuda")
         self.bank: np.ndarray | None = None
         self.scorer: BankScorer | None = None
         self.timings = Timings()
@@ -112,13 +145,6 @@ class Detector:
         self.query_recall: dict[int, float] = {}
         # image threshold + score range from a validation split; saved in the model, used by predict
         self.calibration: Calibration | None = None
-
-    @classmethod
-    def from_config(cls, backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256,
-                    bank: BankConfig | None = None, index_factory: IndexFactory | None = None) -> Detector:
-        """A detector with the configured backbone and its weights (ImageNet or a weights file)."""
-        return cls(build_backbone(backbone.name, backbone.weights), backbone, scoring, image_size, bank,
-                   index_factory)
 
     @property
     def index(self) -> Index | None:
@@ -142,7 +168,7 @@ class Detector:
 
     def fit_features(self, train_features: np.ndarray) -> None:
         """Build the memory bank from (N, h, w, D) training features (coreset as the bank config says)."""
-        b = self.bank_config
+        b = self.plan
         bank = train_features.reshape(-1, train_features.shape[-1])
         if b.coreset_ratio < 1.0:
             start = time.perf_counter()
@@ -174,18 +200,13 @@ class Detector:
 
     @property
     def default_method(self) -> ScoringMethod:
-        """The first configured method, with `scoring.map_method` as its map when set: what `evaluate`
-        and `predict` score with and what a saved model's densities are for."""
-        s = self.scoring
-        return parse_method(s.methods[0], s.k, s.alpha, s.squared, s.map_method)
+        """The first method, with its map method when it has one: what `evaluate` and `predict`
+        score with and what a saved model's densities are for."""
+        return self.scoring.methods[0]
 
-    def methods(self, specs: list[str] | None = None) -> list[ScoringMethod]:
-        """Method specs (default: the configured ones, the first with its map method) parsed with the
-        detector's K, alpha and metric."""
-        s = self.scoring
-        if specs is None:
-            return [self.default_method] + [parse_method(m, s.k, s.alpha, s.squared) for m in s.methods[1:]]
-        return [parse_method(m, s.k, s.alpha, s.squared) for m in specs]
+    def methods(self) -> list[ScoringMethod]:
+        """Every method the detector was made with, the default first."""
+        return list(self.scoring.methods)
 
     @property
     def map_density_k(self) -> int | None:
@@ -220,7 +241,7 @@ class Detector:
             if self.scorer.index.query_search != "exact" and k_max not in self.query_recall:
                 start = time.perf_counter()  # an approximate figure is never mistaken for an exact one
                 self.query_recall[k_max] = measure_query_recall(self.scorer.index, queries, k_max,
-                                                        self.bank_config.recall_sample, self.bank_config.seed)
+                                                        self.plan.recall_sample, self.plan.seed)
                 self.timings.add("recall", start)
         else:  # gde alone reads no neighbours: no search, and no recall to measure
             dist2, ids = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)

@@ -76,7 +76,7 @@ def export_metadata(detector: Detector, runtime: str, file_name: str, source: st
         "bank_size": int(len(detector.bank)),
         "backbone": {"name": detector.backbone.name, "weights": detector.backbone.weights_source,
                      "fingerprint": detector.backbone.fingerprint,
-                     "aggregation": detector.backbone_config.aggregation},
+                     "aggregation": detector.aggregation},
         "image_size": s,
         "input": {"name": "images", "shape": ["batch", s, s, 3], "dtype": "uint8", "layout": "NHWC, RGB"},
         "preprocessing": PREPROCESSING,

@@ -62,10 +62,10 @@ def extraction_settings(detector: Detector) -> dict:
 
     The device type is included because CPU and GPU kernels do not give bit-identical floats.
     """
-    b = detector.backbone_config
-    return {"backbone": detector.backbone.name, "fingerprint": detector.backbone.fingerprint,
-            "image_size": int(detector.image_size), "aggregation": b.aggregation,
-            "layer_dim": int(b.layer_dim), "target_dim": int(b.target_dim),
+    d = detector
+    return {"backbone": d.backbone.name, "fingerprint": d.backbone.fingerprint,
+            "image_size": int(d.image_size), "aggregation": d.aggregation,
+            "layer_dim": int(d.layer_dim), "target_dim": int(d.target_dim),
             "device": detector.device.type, "reb_dist": __version__}
 
 

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from reb_dist.version import __version__
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.detector import Detector
+from reb_dist.detectors import build_detector
 from reb_dist.core.ldknn import IndexFactory
 from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import ModelFileError
@@ -50,10 +51,10 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
     metadata = {
         "format": MODEL_FORMAT,
         "reb_dist_version": __version__,
-        "backbone": json.dumps(detector.backbone_config.__dict__),
+        "backbone": json.dumps(detector.settings["backbone"]),
         "backbone_weights": detector.backbone.weights_source,
         "backbone_fingerprint": detector.backbone.fingerprint,
-        "scoring": json.dumps(detector.scoring.__dict__),
+        "scoring": json.dumps(detector.settings["scoring"]),
         "image_size": str(detector.image_size),
     }
     if category is not None:
@@ -100,7 +101,7 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
     calibration = _read_calibration(path, meta.get("calibration"))
     if device is not None:
         backbone_cfg.device = device
-    detector = Detector.from_config(backbone_cfg, scoring, image_size, bank, index_factory)
+    detector = build_detector(backbone_cfg, scoring, image_size, bank, index_factory)
     if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
         raise ModelFileError(
             f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from reb_dist.config import DataConfig, RunConfig, ScoringConfig
 from reb_dist.core.detector import Detector
+from reb_dist.detectors import build_detector
 from reb_dist.core.ldknn import ScoringMethod, parse_method
 from reb_dist.core.metrics import evaluate
 from reb_dist.errors import ConfigError, DatasetError
@@ -208,7 +209,7 @@ def fit_detector(cfg: RunConfig, split: ClassSplit, placement: BankPlacement | N
 
     Training features come through the feature cache `cfg.cache` describes (none when disabled).
     """
-    detector = Detector.from_config(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
+    detector = build_detector(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
                                     placed_index_factory(cfg.bank, split.name, placement))
     train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
                                FeatureCache.from_config(cfg.cache))

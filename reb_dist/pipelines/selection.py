@@ -24,7 +24,7 @@ import torch
 
 from reb_dist.config import BackboneConfig, BankConfig, CacheConfig, DataConfig, ScoringConfig, TuneConfig
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
-from reb_dist.core.detector import Detector
+from reb_dist.detectors import build_detector
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn.selection import (NeighbourTable, ldknn_maps, map_objective, method_maps, neighbour_table,
                                            patch_masks, validation_objective)
@@ -118,7 +118,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
     t0 = time.perf_counter()
     split = load_category(data, category)
     v = make_split(split, tune.validation, tune.fraction or None, tune.seed, data.image_size, saliency)
-    detector = Detector.from_config(backbone, scoring, data.image_size, bank,
+    detector = build_detector(backbone, scoring, data.image_size, bank,
                                     placed_index_factory(bank, category, placement))
     try:
         features_cache = FeatureCache.from_config(cache) if cache is not None else None

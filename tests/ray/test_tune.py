@@ -72,9 +72,11 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
                  "--set", "tracking.enabled=false"]) == 0
     from reb_dist.io.model_file import load_model
 
+    from reb_dist.detectors import detector_scoring_settings
+
     model = load_model("bottle.safetensors")
-    assert (model.scoring.k, model.scoring.alpha, model.scoring.map_method) == (
-        chosen["k"], chosen["alpha"], chosen["map_method"])
+    scoring = detector_scoring_settings(model)
+    assert (scoring.k, scoring.alpha, scoring.map_method) == (chosen["k"], chosen["alpha"], chosen["map_method"])
     assert model.calibration.threshold == chosen["calibration"]["threshold"]
 
     # the comparison report is built from the store alone

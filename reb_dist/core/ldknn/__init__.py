@@ -3,7 +3,8 @@
 from reb_dist.core.ldknn.bank_stats import BankStats, to_distance
 from reb_dist.core.ldknn.coreset import (CORESET_METHODS, select_coreset, coverage_radius, fast_greedy_coreset,
                                          greedy_coreset, random_coreset)
-from reb_dist.core.ldknn.scorers import METHODS, BankScorer, ScoringMethod, parse_method
+from reb_dist.core.ldknn.methods import METHODS, ScoringMethod, parse_method
+from reb_dist.core.ldknn.scorers import BankScorer
 from reb_dist.core.ldknn.index import Index, IndexFactory
 from reb_dist.core.ldknn.search import BankIndex
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from reb_dist.core.ldknn.scorers import ScoringMethod
+    from reb_dist.core.ldknn.methods import ScoringMethod
 
 # the methods scored from neighbour distances (and, for ldknn, the nearest point's density) alone
 NEIGHBOUR_METHODS = ("ldknn", "knn", "nn1", "kthnn")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from reb_dist.core.ldknn import parse_method
+from reb_dist.detectors import detector_scoring_settings, set_scoring
 
 
 def test_map_method_spec_parses_and_labels():
@@ -39,15 +40,15 @@ def test_decoupled_scores_take_the_image_from_one_method_and_the_map_from_the_ot
 
 
 def test_the_configured_map_method_reaches_the_default_method(detector):
-    scoring = detector.scoring
+    scoring = detector_scoring_settings(detector)
     try:
-        detector.scoring = dataclasses.replace(scoring, map_method="ldknn:k=4,alpha=0.1")
+        set_scoring(detector, dataclasses.replace(scoring, map_method="ldknn:k=4,alpha=0.1"))
         m = detector.default_method
         assert m.label == f"ldknn(k={scoring.k},alpha={scoring.alpha:g})+map:ldknn(k=4,alpha=0.1)"
         assert detector.methods()[0] == m and detector.methods()[1].map is None
         assert detector.map_density_k == 4
     finally:
-        detector.scoring = scoring
+        set_scoring(detector, scoring)
     assert detector.map_density_k is None
     with pytest.raises(ValueError, match="unknown scoring method"):
         parse_method("ldknn", map_spec="blur")
@@ -57,12 +58,12 @@ def test_a_decoupled_run_reports_the_image_metrics_of_one_method_and_the_pixel_m
         detector, split, cfg):
     from reb_dist.pipelines.evaluate import score_test_set
 
-    scoring = detector.scoring
+    scoring = detector_scoring_settings(detector)
     try:
-        detector.scoring = dataclasses.replace(scoring, methods=["ldknn", "knn"], map_method="knn")
+        set_scoring(detector, dataclasses.replace(scoring, methods=["ldknn", "knn"], map_method="knn"))
         result = score_test_set(detector, split, cfg.data)
     finally:
-        detector.scoring = scoring
+        set_scoring(detector, scoring)
     by_label = {m.method.label: m.metrics for m in result.methods}
     pair, knn = by_label["ldknn(k=9,alpha=1)+map:knn(k=9)"], by_label["knn(k=9)"]
     coupled = score_test_set(detector, split, cfg.data, [parse_method("ldknn", 9, 1.0)]).methods[0].metrics

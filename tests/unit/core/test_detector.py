@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from reb_dist.config import RunConfig
 from tests.conftest import BOTTLE
 from reb_dist.core.detector import Detector
+from reb_dist.detectors import bank_plan
 from reb_dist.pipelines.evaluate import coreset_neighbour_warnings, evaluate_category, fit_detector, load_category
 
 DEFECTS = ("broken_large", "broken_small", "contamination")
@@ -72,8 +73,8 @@ def test_coreset_shrinks_the_bank_and_still_scores(split, detector, test_feature
 
 
 def test_float16_bank_keeps_the_sample_ranking(cfg, detector, test_features, split):
-    half = Detector(detector.backbone, detector.backbone_config, detector.scoring, 256,
-                    RunConfig.load(None, BOTTLE + ["bank.dtype=float16"]).bank)
+    half = Detector(detector.backbone, detector.scoring, 256, device="cpu",
+                    bank=bank_plan(RunConfig.load(None, BOTTLE + ["bank.dtype=float16"]).bank))
     half.set_bank(detector.bank)
     assert half.scorer.index.bank.dtype == np.float16
     labels = np.array([s.label for s in split.test])

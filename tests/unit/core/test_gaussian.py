@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from reb_dist.config import BankConfig, ScoringConfig
+from reb_dist.config import ScoringConfig
+from reb_dist.core.detector import BankPlan
+from reb_dist.detectors import detector_scoring
 from reb_dist.core import detector as detector_module
 from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod, parse_method
 from reb_dist.core.ldknn.gaussian import GaussianDensity
@@ -100,7 +102,7 @@ def test_detector_score_features_skips_the_search_for_gde_alone(bank_and_queries
     bank, queries = bank_and_queries
     # a detector without a backbone: score_features reads only the bank, scorer and settings
     det = object.__new__(detector_module.Detector)
-    det.bank_config, det.scoring = BankConfig(), ScoringConfig()
+    det.plan, det.scoring = BankPlan(), detector_scoring(ScoringConfig())
     det.timings, det.query_recall = detector_module.Timings(), {}
     det.bank, det.scorer = bank, BankScorer(CountingIndex(bank))
     features = queries.reshape(3, 4, 5, 8)

@@ -13,6 +13,7 @@ import pytest
 from reb_dist.cli import main
 from reb_dist.config import RunConfig
 from reb_dist.core.thresholds import Calibration
+from reb_dist.detectors import detector_scoring, detector_scoring_settings
 from reb_dist.io.model_file import load_model, save_model
 from reb_dist.pipelines.predict import predict
 
@@ -83,6 +84,6 @@ def exported(model_file):
 def scoring_as(detector, **changes):
     """`detector` scoring as `changes` say, its fitted bank kept, without a calibration."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(detector, "scoring", replace(detector.scoring, **changes))
+        mp.setattr(detector, "scoring", detector_scoring(replace(detector_scoring_settings(detector), **changes)))
         mp.setattr(detector, "calibration", None)
         yield detector

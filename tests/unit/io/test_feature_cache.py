@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from reb_dist.cli import main
-from reb_dist.config import SAMPLE_DATA, BackboneConfig, CacheConfig, RunConfig, ScoringConfig
+from reb_dist.config import SAMPLE_DATA, CacheConfig, RunConfig, ScoringConfig
 from reb_dist.core.backbones import build_backbone, feature_fingerprint
 from reb_dist.core.detector import Detector
+from reb_dist.detectors import detector_scoring
 from reb_dist.core.features import PatchFeatures
 from reb_dist.io.data import Sample
 from reb_dist.io.feature_cache import (FEATURE_CACHE_FORMAT, FeatureCache, default_folder, extraction_settings,
@@ -50,7 +51,7 @@ def backbone():
 
 
 def make_detector(backbone, image_size=SIZE, **backbone_settings) -> Detector:
-    return Detector(backbone, BackboneConfig(device="cpu", **backbone_settings), ScoringConfig(), image_size)
+    return Detector(backbone, detector_scoring(ScoringConfig()), image_size, device="cpu", **backbone_settings)
 
 
 @pytest.fixture

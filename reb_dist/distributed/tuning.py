@@ -25,9 +25,10 @@ import numpy as np
 
 from reb_dist.config import RunConfig, ScoringConfig, TrackingConfig, TuneConfig
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
-from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, map_objective, validation_objective
+from reb_dist.core.ldknn import ScoringMethod
+from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, map_objective, method_maps, validation_objective
 from reb_dist.io.atomic import write_text_atomic
-from reb_dist.pipelines.selection import (ClassTables, MapSetting, Selection, class_tables, coupled_validation,
+from reb_dist.pipelines.selection import (ClassTables, Selection, class_tables, coupled_validation,
                                           global_choice, global_map_choice, pareto_choice, pareto_front,
                                           reported_metrics, validation_calibration, write_selection)
 
@@ -46,7 +47,7 @@ def _map_trial(config: dict, table: NeighbourTable, pixel_masks: np.ndarray, kee
                squared: bool):
     from ray import tune
 
-    patch = MapSetting(config["method"], int(config["k"]), float(config["alpha"])).maps(table, squared)
+    patch = method_maps(table, config["method"], int(config["k"]), float(config["alpha"]), squared)
     tune.report(map_objective(pixel_maps(patch, pixel_masks.shape[-1], sigma), pixel_masks, keep))
 
 
@@ -128,7 +129,7 @@ def search_k_alpha(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, t
 
 
 def search_map(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, tracking: TrackingConfig,
-               backbone_name: str, mlflow_parent: str | None = None) -> tuple[MapSetting, dict, int]:
+               backbone_name: str, mlflow_parent: str | None = None) -> tuple[ScoringMethod, dict, int]:
     """Ray Tune + OptunaSearch over the anomaly map's method (ldknn | knn), K and alpha on one class's
     VALIDATION images and masks; objective: the mean of validation pixel AUROC and AUPRO.
 
@@ -145,7 +146,7 @@ def search_map(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, track
                       f"tune-map-{tables.category}-{backbone_name}", tables.category, tracking, mlflow_parent)
     best = results.get_best_result(metric="map_objective", mode="max")
     c = best.config
-    setting = MapSetting(c["method"], int(c["k"]), float(c["alpha"]) if c["method"] == "ldknn" else 0.0)
+    setting = ScoringMethod(c["method"], int(c["k"]), float(c["alpha"]) if c["method"] == "ldknn" else 0.0)
     metrics = {k: float(v) for k, v in best.metrics.items() if k.startswith(("val_map", "map_objective"))}
     return setting, metrics, len(results)
 

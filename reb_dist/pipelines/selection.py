@@ -28,6 +28,7 @@ from reb_dist.detectors import build_detector
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn.selection import (NeighbourTable, ldknn_maps, map_objective, method_maps, neighbour_table,
                                            patch_masks, validation_objective)
+from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.metrics import evaluate
 from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
@@ -60,24 +61,6 @@ class ClassTables:
     sigma: float = 4.0  # the map blur the pixel metrics are taken after
 
 
-@dataclass(frozen=True)
-class MapSetting:
-    """How an anomaly map is scored: "ldknn" at (K, alpha) or "knn" at K (alpha unused)."""
-
-    method: str
-    k: int
-    alpha: float = 0.0
-
-    @property
-    def spec(self) -> str:
-        """The method spec `scoring.map_method` takes, e.g. "ldknn:k=9,alpha=0.1" or "knn:k=4"."""
-        return f"ldknn:k={self.k},alpha={self.alpha:g}" if self.method == "ldknn" else f"{self.method}:k={self.k}"
-
-    def maps(self, table: NeighbourTable, squared: bool = True) -> np.ndarray:
-        """(n, h, w) patch maps of this setting from a neighbour table."""
-        return method_maps(table, self.method, self.k, self.alpha, squared)
-
-
 @dataclass
 class Selection:
     """One class's chosen image (K, alpha) and map setting, their validation metrics, and the searches."""
@@ -88,7 +71,7 @@ class Selection:
     val_metrics: dict
     trials: int
     seconds: float
-    map: MapSetting | None = None  # None: the map is the image score's own (coupled)
+    map: ScoringMethod | None = None  # the map's own method (ldknn or knn); None: the image score's own (coupled)
     map_val_metrics: dict = field(default_factory=dict)
     map_trials: int = 0
     calibration: dict = field(default_factory=dict)  # the image threshold and normalisation (Calibration.to_dict)
@@ -178,25 +161,25 @@ def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: Scor
     return best[1], best[2], best[0]
 
 
-def map_grid(tune: TuneConfig) -> list[MapSetting]:
+def map_grid(tune: TuneConfig) -> list[ScoringMethod]:
     """The global map search's grid: LDKNN at 6 K (geometric in k_min..k_max) x 5 alphas (0..map_alpha_max),
     and KNN at the same K."""
     ks = sorted({int(round(x)) for x in np.geomspace(tune.k_min, tune.k_max, 6)})
     alphas = np.linspace(0.0, tune.map_alpha_max, 5)
-    return [MapSetting("ldknn", k, float(a)) for k in ks for a in alphas] + [MapSetting("knn", k) for k in ks]
+    return [ScoringMethod("ldknn", k, float(a)) for k in ks for a in alphas] + [ScoringMethod("knn", k, 0.0) for k in ks]
 
 
-def validation_map_objective(c: ClassTables, setting: MapSetting, scoring: ScoringConfig) -> dict[str, float]:
+def validation_map_objective(c: ClassTables, setting: ScoringMethod, scoring: ScoringConfig) -> dict[str, float]:
     """The map objective (mean of pixel AUROC and AUPRO) of a setting on the class's VALIDATION images."""
     if c.val_pixel_masks is None:
         raise ValueError(f"{c.category}: the validation images have no masks to choose a map setting on")
-    patch = setting.maps(c.val, scoring.squared)
+    patch = method_maps(c.val, setting.name, setting.k, setting.alpha, scoring.squared)
     pixel = pixel_maps(patch, c.val_pixel_masks.shape[-1], c.sigma)
     return map_objective(pixel, c.val_pixel_masks, c.val_has_mask)
 
 
 def global_map_choice(all_tables: list[ClassTables], tune: TuneConfig,
-                      scoring: ScoringConfig) -> tuple[MapSetting, float]:
+                      scoring: ScoringConfig) -> tuple[ScoringMethod, float]:
     """The single map setting with the best mean VALIDATION map objective over the classes that have
     validation masks, on `map_grid`.
 
@@ -219,7 +202,7 @@ def coupled_validation(c: ClassTables, k: int, alpha: float, scoring: ScoringCon
     `validation_objective`'s image AUROC and `validation_map_objective`'s map objective."""
     image = validation_objective(ldknn_maps(c.val, k, alpha, scoring.squared), c.val_labels, c.val_masks,
                                  lambda maps: image_scores(maps, scoring.image_score))
-    return {"k": k, "alpha": alpha, **image, **validation_map_objective(c, MapSetting("ldknn", k, alpha), scoring)}
+    return {"k": k, "alpha": alpha, **image, **validation_map_objective(c, ScoringMethod("ldknn", k, alpha), scoring)}
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -279,7 +262,7 @@ def validation_calibration(c: ClassTables, k: int, alpha: float, tune: TuneConfi
 
 
 def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfig,
-                     map_setting: MapSetting | None = None,
+                     map_setting: ScoringMethod | None = None,
                      calibration: Calibration | None = None) -> dict[str, float]:
     """Metrics on the class's reported test images only: image metrics of LDKNN at (K, alpha), pixel
     metrics of `map_setting`'s maps (default: the same LDKNN maps), and precision, recall and F1 at
@@ -294,7 +277,7 @@ def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfi
     if c.test_masks is None or not scoring.pixel_metrics:
         return metrics
     if map_setting is not None:
-        maps = map_setting.maps(c.test, scoring.squared)
+        maps = method_maps(c.test, map_setting.name, map_setting.k, map_setting.alpha, scoring.squared)
     keep = np.ones(len(c.test_labels), bool) if c.test_has_mask is None else c.test_has_mask
     ids = np.flatnonzero(keep)
     pixel = pixel_maps(maps[ids], c.test_masks.shape[-1], scoring.sigma)

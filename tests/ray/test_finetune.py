@@ -1,5 +1,7 @@
 """DefectMaker on Ray Data workers and REB's fine-tuning on Ray Train, on a real local Ray cluster."""
 
+import json
+
 import numpy as np
 import torch
 import pytest
@@ -10,7 +12,8 @@ from reb_dist.config import SAMPLE_DATA, RunConfig
 from reb_dist.distributed.defect_stream import defect_dataset
 from reb_dist.pipelines.defect_batches import DefectBatchMaker, defect_items
 from reb_dist.errors import RebError
-from reb_dist.distributed.finetune import finetune, latest_checkpoint, read_metrics
+from reb_dist.distributed.finetune import KILL_WORKER_ENV, finetune, latest_checkpoint, read_metrics
+from reb_dist.pipelines.ssl_training import KILLED_MARKER
 
 TRAIN = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))
 
@@ -44,23 +47,45 @@ FINETUNE_SETTINGS = ["data.categories=[bottle]", "data.image_size=64", "finetune
                      "finetune.num_workers=2", "finetune.run_name=t"]
 
 
-def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local_ray, tmp_path, monkeypatch):
+def test_two_worker_finetune_is_interrupted_resumes_survives_a_killed_worker_and_feeds_the_detector(
+        local_ray, tmp_path, monkeypatch):
+    """One run of the smallest two-worker settings goes through every way a run stops: stopped
+    (fail_at_step, no retry), resumed by the same command, a worker SIGKILLed (as an OOM kill) in the
+    resumed run and retried by Ray Train from the newest checkpoint, then reused once finished.
+    (The killed worker used to be a test of its own on a fresh run of these settings: a whole
+    Ray Train start more for the same checks.)"""
+    import reb_dist.distributed.finetune as driver
+
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "backbone.safetensors"
+    run_dir = tmp_path / "ray" / "t"
     storage = f"finetune.storage_path={tmp_path / 'ray'}"
     interrupted = RunConfig.load(None, FINETUNE_SETTINGS + [storage, "finetune.fail_at_step=2"])
     with pytest.raises(Exception, match="interrupted on purpose"):
         finetune(interrupted, "bottle", out)
     assert not out.exists()
-    assert latest_checkpoint(tmp_path / "ray" / "t")[1] == 2
+    assert latest_checkpoint(run_dir)[1] == 2
 
-    # the same command again resumes; this time through the CLI, logging to MLflow
+    # the same command again resumes; this time through the CLI, logging to MLflow. In it rank 0
+    # dies (SIGKILL) after step 3, past the checkpoint of step 2, and Ray Train retries the workers
     from reb_dist.cli import main
 
+    monkeypatch.setenv(KILL_WORKER_ENV, "3")
+    trained = []  # what the trainer returned (FinetuneResult.final_metrics of the resumed run)
+    train = driver._train
+    monkeypatch.setattr(driver, "_train", lambda *args, **kwargs: trained.append(train(*args, **kwargs)) or trained[-1])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["finetune", "-o", str(out), "--set", f"tracking.uri={uri}", "--set", storage]
     assert main(args + [a for s in FINETUNE_SETTINGS for a in ("--set", s)]) == 0
-    assert [m["step"] for m in read_metrics(tmp_path / "ray" / "t")] == [1, 2, 3, 4]
+    monkeypatch.delenv(KILL_WORKER_ENV)
+    assert (run_dir / f"{KILLED_MARKER}_3").is_file()  # a worker did die
+    assert len(trained) == 1 and trained[0]["step"] == 4
+    # rank 0's raw log: the stopped run did steps 1-2, the resumed one 3, then died; the retry resumed
+    # at the checkpoint of step 2 (so redid 3, then 4); a retry from scratch would log 1, 2, 3, 1, 2, 3, 4
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 3, 4]
+    assert latest_checkpoint(run_dir)[1] == 4
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert out.is_file() and not list(tmp_path.glob("*.tmp"))
 
     import mlflow
@@ -77,8 +102,6 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     assert tuned.fingerprint != build_backbone("efficientnet_lite0").fingerprint  # it did train
 
     # a finished run is not trained again: its backbone is only copied out
-    import reb_dist.distributed.finetune as driver
-
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run started a trainer")
 
@@ -96,10 +119,11 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     assert finetune(RunConfig.load(None, FINETUNE_SETTINGS + [storage, "finetune.checkpoint_every=1"]),
                     "bottle", out).resumed_from_step == 4
 
-    # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN
+    # REB (fine-tuned + LDKNN) and DefectMaker (fine-tuned + KNN) next to LDKNN and KNN; at 128 px (a
+    # quarter of the default's pixels): what is compared is the same images through two backbones
+    SMALL = ["--set", "data.image_size=128"]
     assert main(["benchmark", "--no-mlflow", "--categories", "bottle", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
-                 "--set", f"backbone.finetuned={out}", "--set", "output_dir=bench"]) == 0
-    import json
+                 "--set", f"backbone.finetuned={out}", "--set", "output_dir=bench", *SMALL]) == 0
 
     rows = json.loads((tmp_path / "bench" / "benchmark" / "results.json").read_text())["results"]
     assert {r["method"] for r in rows} == {"ldknn(k=9,alpha=1)", "knn(k=9)", "defectmaker+ldknn(k=9,alpha=1)",
@@ -107,7 +131,7 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
     # the plain rows are what a benchmark without the fine-tuned backbone gives; the defectmaker+ rows
     # are not (their backbone did change)
     assert main(["benchmark", "--no-mlflow", "--categories", "bottle", "--methods", "ldknn,knn", "--set", "data.few_shot=8",
-                 "--set", "output_dir=plain"]) == 0
+                 "--set", "output_dir=plain", *SMALL]) == 0
     plain = {r["method"]: r["metrics"]
              for r in json.loads((tmp_path / "plain" / "benchmark" / "results.json").read_text())["results"]}
     got = {r["method"]: r["metrics"] for r in rows}
@@ -117,8 +141,6 @@ def test_two_worker_finetune_is_interrupted_resumes_and_feeds_the_detector(local
         assert got[method] == pytest.approx(metrics, rel=1e-6, abs=1e-9)
         assert got[f"defectmaker+{method}"].keys() == metrics.keys()
         assert got[f"defectmaker+{method}"] != pytest.approx(metrics, rel=1e-6, abs=1e-9)
-
-
 
 
 def test_one_process_loop_and_ray_train_give_the_same_weights(local_ray, tmp_path):

@@ -11,7 +11,9 @@ from reb_dist.config import SAMPLE_DATA
 def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_run(local_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = ["data.categories=[bottle]", "tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
+    # at 128 px (the features of a quarter of the default's pixels): the search, its splits and its runs
+    # are what is checked, not the scores
+    settings = ["data.categories=[bottle]", "data.image_size=128", "tune.validation=test", "tune.fraction=0.34", "tune.trials=3", "tune.map_trials=3", "tune.k_max=12",
                 "tune.multi_objective=true", "tune.concurrency=2", f"tune.storage_path={tmp_path / 'ray'}", f"tracking.uri={uri}",
                 "output_dir=out"]
     assert main(["tune", *[a for s in settings for a in ("--set", s)]]) == 0
@@ -69,7 +71,7 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
 
     # the choice goes into a model: its settings, its threshold, its bank without the held-out images
     assert main(["fit", "--categories", "bottle", "--selection", str(out / "selection.json"), "-o", "bottle.safetensors",
-                 "--set", "tracking.enabled=false"]) == 0
+                 "--set", "tracking.enabled=false", "--set", "data.image_size=128"]) == 0
     from reb_dist.io.model_file import load_model
 
     from reb_dist.detectors import detector_scoring_settings

@@ -46,6 +46,14 @@ class ScoringMethod:
         return replace(self, k=self.k if k is None else k, alpha=self.alpha if alpha is None else alpha)
 
     @property
+    def spec(self) -> str:
+        """The spec text of this method alone (not its map) that `parse_method` reads back, e.g.
+        "ldknn:k=9,alpha=0.1", "knn:k=4", "nn1" (what scoring.map_method and selection.json hold)."""
+        if self.name in ("nn1", "gde"):
+            return self.name
+        return f"ldknn:k={self.k},alpha={self.alpha:g}" if self.name == "ldknn" else f"{self.name}:k={self.k}"
+
+    @property
     def image(self) -> ScoringMethod:
         """The method of the image score alone (this method without its map part)."""
         return self if self.map is None else replace(self, map=None)

@@ -157,3 +157,13 @@ def test_ldof_is_exact_for_large_feature_norms(squared):
     # in chunks of 7 queries, and differences made 3 queries at a time: the same numbers
     np.testing.assert_allclose(scorer._mean_pairwise(order, squared, chunk=7, max_elements=3 * 10 * 16),
                                inner, rtol=1e-5)
+
+
+def test_a_methods_spec_parses_back_to_the_method():
+    from reb_dist.core.ldknn import ScoringMethod, parse_method
+
+    for method in (ScoringMethod("ldknn", 12, 0.35), ScoringMethod("knn", 4, 0.0), ScoringMethod("kthnn", 7),
+                   ScoringMethod("nn1"), ScoringMethod("gde")):
+        again = parse_method(method.spec, k=method.k if method.name in ("nn1", "gde") else 99, alpha=method.alpha)
+        assert again == method, method.spec
+    assert ScoringMethod("ldknn", 9, 0.1).spec == "ldknn:k=9,alpha=0.1"  # what selection.json has always held

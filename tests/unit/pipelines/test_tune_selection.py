@@ -63,11 +63,12 @@ def map_tables() -> ClassTables:
 
 
 def test_the_map_choice_takes_the_validation_optimum_not_the_test_one():
-    from reb_dist.pipelines.selection import MapSetting, global_map_choice
+    from reb_dist.core.ldknn import ScoringMethod
+    from reb_dist.pipelines.selection import global_map_choice
 
     c, scoring = map_tables(), ScoringConfig(sigma=0.0)  # 2x2 maps: no blur
     tune = TuneConfig(k_min=1, k_max=8)
-    assert reported_metrics(c, 1, 0.0, scoring, MapSetting("knn", 4))["pixel_auroc"] == 1.0  # the test optimum
+    assert reported_metrics(c, 1, 0.0, scoring, ScoringMethod("knn", 4, 0.0))["pixel_auroc"] == 1.0  # the test optimum
     chosen, objective = global_map_choice([c, c], tune, scoring)
-    assert objective == 1.0 and (chosen.method == "ldknn" or chosen.k == 1)
+    assert objective == 1.0 and (chosen.name == "ldknn" or chosen.k == 1)
     assert reported_metrics(c, 1, 0.0, scoring, chosen)["pixel_auroc"] == 0.0  # honest: worse on the test images

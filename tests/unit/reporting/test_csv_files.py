@@ -12,7 +12,8 @@ import pytest
 from reb_dist.config import SAMPLE_DATA, RunConfig
 from reb_dist.commands.fit import fit
 from reb_dist.commands.predict import predict_images
-from reb_dist.pipelines.selection import MapSetting, Selection, write_selection
+from reb_dist.core.ldknn import ScoringMethod
+from reb_dist.pipelines.selection import Selection, write_selection
 from reb_dist.reporting.report import write_report
 from tests.conftest import BOTTLE
 
@@ -35,7 +36,7 @@ def test_report_csv_keeps_method_specs_and_weight_paths_whole(tmp_path):
 
 def test_selection_csv_keeps_a_map_spec_whole(tmp_path):
     s = Selection(category=ODD, k=5, alpha=0.5, val_metrics={"val_image_auroc": 0.9, "val_pixel_auroc": 0.8},
-                  trials=3, seconds=1.0, map=MapSetting("ldknn", 9, 0.1), map_val_metrics={"map_objective": 0.7},
+                  trials=3, seconds=1.0, map=ScoringMethod("ldknn", 9, 0.1), map_val_metrics={"map_objective": 0.7},
                   calibration={"threshold": 12.5})
     write_selection(tmp_path, [s], [], {}, {})
     (row,) = read_csv(tmp_path / "selection.csv")

@@ -239,8 +239,8 @@ def cmd_benchmark(args, command_line: str) -> int:
 
 
 def cmd_finetune(args, command_line: str) -> int:
-    """`reb finetune`: see reb_dist.distributed.finetune.finetune_categories."""
-    from reb_dist.distributed.finetune import finetune_categories
+    """`reb finetune`: see reb_dist.commands.finetune.finetune_categories."""
+    from reb_dist.commands.finetune import finetune_categories
     from reb_dist.pipelines.evaluate import categories_of
     from reb_dist.commands.fit import output_files
 
@@ -251,8 +251,8 @@ def cmd_finetune(args, command_line: str) -> int:
 
 
 def cmd_tune(args, command_line: str) -> int:
-    """`reb tune`: see reb_dist.distributed.tuning.run_tune."""
-    from reb_dist.distributed.tuning import run_tune
+    """`reb tune`: see reb_dist.commands.tune.run_tune."""
+    from reb_dist.commands.tune import run_tune
     from reb_dist.pipelines.evaluate import categories_of
 
     log.info("# %s", command_line)
@@ -317,8 +317,8 @@ def cmd_cache(args, command_line: str) -> int:
 
 
 def cmd_sweep(args, command_line: str) -> int:
-    """`reb sweep`: see reb_dist.distributed.sweep.sweep_file (jobs/sweep.py runs this too)."""
-    from reb_dist.distributed.sweep import sweep_file
+    """`reb sweep`: see reb_dist.commands.sweep.sweep_file (jobs/sweep.py runs this too)."""
+    from reb_dist.commands.sweep import sweep_file
 
     sweep_file(args.sweep, args.out, args.tracking_uri, args.experiment)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -32,3 +34,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
     return True
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """`ensure_ray` for the length of a block: a Ray this call started is shut down after it."""
+    started = ensure_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

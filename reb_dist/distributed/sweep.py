@@ -1,32 +1,25 @@
-"""A sweep: datasets x categories x backbones, every method scored per cell, resumable.
+"""A sweep's cells as Ray tasks: datasets x categories x backbones, every method scored per cell.
 
 A cell is one (dataset, category, backbone); its methods share one bank and one search. Cells run
-as Ray tasks on whatever cluster the driver is connected to (`ray job submit` sets RAY_ADDRESS),
-at most `max_concurrent` at once. A finished cell is a file `cells/<cell>.json` written atomically,
-and a line in `done.log`; a resubmitted sweep skips every cell that has its file, so an interrupted
-sweep redoes only the cells that were running. MLflow is written from the driver only (parallel
-writers race on a sqlite store): one parent run per submission, one nested run per (cell, method).
-A stopped job (SIGTERM) ends its run FAILED; runs a killed job left RUNNING are closed FAILED by the
-next submission.
+as Ray tasks on whatever cluster the driver is connected to (`ray job submit` sets RAY_ADDRESS), at
+most `max_concurrent` at once. What is kept of them (cell files, done.log, MLflow, the summary, and
+resuming) is `reb sweep`'s: reb_dist.commands.sweep.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from reb_dist.config import RunConfig, apply_override
 from reb_dist.errors import ConfigError
-from reb_dist.io.atomic import write_text_atomic
-from reb_dist.io.tracking import SweepLog
-from reb_dist.reporting.tables import results_table_markdown, to_csv
+from reb_dist.distributed.runtime import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -115,27 +108,13 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
             "methods": {m.method.label: m.metrics for m in result.methods}}
 
 
-def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None,
-              experiment: str = "reb-dist-sweeps") -> dict[str, dict]:
-    """Run every cell not yet done; returns {cell id: result} for all cells (done before or now)."""
+def run_cells(sweep: Sweep, todo: list[Cell], out_dir: str | Path) -> Iterator[tuple[Cell, dict]]:
+    """Run `todo`'s cells as Ray tasks, at most `sweep.max_concurrent` at once, on the cluster the
+    driver is connected to (a local Ray when none); yields (cell, its result) as each finishes."""
     import ray
     from tqdm.auto import tqdm
 
-    from reb_dist.distributed.runtime import ensure_ray
-
-    out = Path(out_dir).absolute()
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    done = {c.id for c in sweep.cells if (out / "cells" / f"{c.id}.json").is_file()}
-    todo = [c for c in sweep.cells if c.id not in done]
-    log.info("sweep %s: %d cells, %d done before, %d to run -> %s", sweep.name, len(sweep.cells), len(done),
-             len(todo), out)
-    store = SweepLog(tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment, sweep.name,
-                   {"name": sweep.name, "base": sweep.base, "methods": sweep.methods,
-                    "cells": [asdict(c) for c in sweep.cells]}, str(out))
-    # `ray job stop` sends SIGTERM: turn it into an exception so the MLflow run ends FAILED
-    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
-    started = ensure_ray()
-    try:
+    with ray_session():
         task = ray.remote(num_cpus=sweep.cpus_per_cell, max_retries=1)(run_cell)
         pending: dict = {}
         queue = list(todo)
@@ -143,62 +122,9 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
         while queue or pending:
             while queue and len(pending) < sweep.max_concurrent:
                 cell = queue.pop(0)
-                pending[task.remote(sweep.cell_config(cell, out), cell.category)] = cell
+                pending[task.remote(sweep.cell_config(cell, out_dir), cell.category)] = cell
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
-            result = {"cell": asdict(cell), **ray.get(ready[0])}
-            store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
-                         {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "preset": result["preset"]},
-                         result["methods"])
-            write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
-            with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
-                fh.write(f"{cell.id}\n")
+            yield cell, ray.get(ready[0])
             bar.update()
         bar.close()
-        results = {c.id: json.loads((out / "cells" / f"{c.id}.json").read_text()) for c in sweep.cells}
-        _write_summary(sweep, out, results)
-        store.close("FINISHED")
-        return results
-    except BaseException:
-        store.close("FAILED")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if started:
-            ray.shutdown()
-
-
-def sweep_file(path: str | Path, out_dir: str | Path | None = None, tracking_uri: str | None = None,
-               experiment: str = "reb-dist-sweeps") -> dict[str, dict]:
-    """`reb sweep` (and jobs/sweep.py, for `ray job submit`): load the sweep file and run it.
-
-    Args:
-        path: the sweep YAML.
-        out_dir: the sweep's folder (default: outputs/sweeps/<sweep name>).
-        tracking_uri: the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db).
-        experiment: the MLflow experiment.
-
-    Returns:
-        {cell id: result}, as `run_sweep`.
-    """
-    sweep = Sweep.load(path)
-    out = Path(out_dir) if out_dir else Path("outputs") / "sweeps" / sweep.name
-    results = run_sweep(sweep, out, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment)
-    log.info("%d cells done; summary in %s", len(results), out / "summary.md")
-    return results
-
-
-def _raise_system_exit(signum, frame):
-    raise SystemExit(f"stopped by signal {signum}")
-
-
-def _write_summary(sweep: Sweep, out: Path, results: dict[str, dict]) -> None:
-    """summary.md and summary.csv: one row per (cell, method)."""
-    rows = [{"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone, "method": method,
-             **{k: m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")}}
-            for cell in sweep.cells for method, m in results[cell.id]["methods"].items()]
-    columns = ["dataset", "category", "backbone", "method", "image_auroc", "pixel_auroc", "aupro"]
-    presets = sorted({results[cell.id].get("preset", "exact") for cell in sweep.cells})  # older cells: exact
-    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns) + f"\nPreset: {', '.join(presets)}\n")
-    write_text_atomic(out / "summary.csv", to_csv([{k: (f"{v:.6f}" if isinstance(v, float) else v)
-                                                     for k, v in r.items()} for r in rows], columns))

@@ -276,17 +276,11 @@ def cmd_report(args, command_line: str) -> int:
 
 
 def cmd_predict(args, command_line: str) -> int:
-    """`reb predict`: see reb_dist.commands.predict.predict_images; prints scores.csv."""
-    from reb_dist.export.predict import is_exported
+    """`reb predict`: see reb_dist.commands.predict.predict_images (a model file or an exported one);
+    prints scores.csv."""
+    from reb_dist.commands.predict import predict_images
 
-    if is_exported(args.model):  # an exported .onnx / .pt file: scored by its runtime, no backbone weights
-        from reb_dist.export.predict import predict_exported
-
-        predictions = predict_exported(args.model, args.images, args.output, args.threshold)
-    else:
-        from reb_dist.commands.predict import predict_images
-
-        predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
+    predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
     print((Path(args.output) / "scores.csv").read_text(), end="")
     log.info("%d heatmap overlays written to %s", len(predictions), args.output)
     return 0

@@ -7,6 +7,7 @@ from contextlib import closing
 from pathlib import Path
 
 from reb_dist.errors import DatasetError
+from reb_dist.export.predict import is_exported, predict_exported
 from reb_dist.io.model_file import load_model
 from reb_dist.pipelines.predict import find_images, predict
 from reb_dist.reporting.results import write_predictions
@@ -21,7 +22,8 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
     """Score image files (and folders of them) with a saved model; overlays and scores.csv in `output`.
 
     Args:
-        model: a model file from `fit`.
+        model: a model file from `fit`, or a file `reb export` wrote (.onnx, .pt: scored by its
+            runtime, `reb_dist.export.predict`; `device` does not apply).
         images: image files or folders.
         output: the folder for `<stem>_heatmap.png` overlays (made unique where stems repeat, see
             `write_predictions`) and scores.csv.
@@ -35,6 +37,8 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
             others' overlays and scores.csv (with an error column) are written, naming each bad image
             with its problem.
     """
+    if is_exported(model):
+        return predict_exported(model, images, output, threshold, min(batch_size, 8))
     with closing(load_model(model, device)) as detector:
         calibration = detector.calibration
         if threshold is not None:

@@ -4,6 +4,7 @@ resubmitted, every cell done exactly once, every MLflow run closed."""
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,16 +45,26 @@ def cluster():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True,
-                             timeout=CLI_TIMEOUT).returncode != 0:
-            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
-            time.sleep(2)
-        yield address, env
-    except subprocess.TimeoutExpired as error:
-        raise AssertionError(f"{error}\n{agent_log(env)}") from error
+        while True:  # until the job API answers (asked in this process: each `ray job` CLI call costs ~2 s)
+            try:
+                client = api(address, env)
+                client.list_jobs()
+                break
+            except Exception as error:  # not up yet: connection refused, or no job agent yet
+                assert head.poll() is None and time.time() < deadline, f"the Ray head did not come up: {error}"
+                time.sleep(0.5)
+        yield address, env, client
     finally:
         head.terminate()
         head.wait(60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def api(address, env):
+    """The job API's Python client, with the head's token: for status and logs, which the test only reads."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers={"authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
 
 
 CLI_TIMEOUT = 120  # s for one `ray job` command: a hang fails the test with the agent's log, not at 600 s
@@ -79,23 +90,18 @@ def job(address, env, command, *args, timeout=CLI_TIMEOUT) -> str:
     return out.stdout + out.stderr
 
 
-# how `ray job status` words the end states (Ray 2.60)
-END_STATES = {"STOPPED": "was stopped", "SUCCEEDED": "succeeded", "FAILED": "failed"}
-
-
-def wait_status(address, env, job_id, wanted, timeout=600) -> str:
+def wait_status(client, job_id, wanted, timeout=600) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        text = job(address, env, "status", job_id)
-        for status in wanted:
-            if f"Job '{job_id}' {END_STATES[status]}" in text:
-                return status
-        time.sleep(2)
-    raise AssertionError(f"job {job_id} not in {wanted} after {timeout} s:\n{job(address, env, 'logs', job_id)[-3000:]}")
+        status = str(client.get_job_status(job_id).value)
+        if status in wanted:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not in {wanted} after {timeout} s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
 def test_sweep_job_is_stopped_resubmitted_and_runs_every_cell_once(cluster, tmp_path):
-    address, env = cluster
+    address, env, client = cluster
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("""
 name: jobtest
@@ -116,16 +122,16 @@ grid:
     done_log = out / "done.log"
     deadline = time.time() + 600
     while not (done_log.is_file() and done_log.read_text().strip()):
-        assert time.time() < deadline, job(address, env, "logs", "sweep-1")[-3000:]
+        assert time.time() < deadline, client.get_job_logs("sweep-1")[-3000:]
         time.sleep(0.5)
     job(address, env, "stop", "sweep-1")
-    assert wait_status(address, env, "sweep-1", ["STOPPED", "SUCCEEDED", "FAILED"]) == "STOPPED"
+    assert wait_status(client, "sweep-1", ["STOPPED", "SUCCEEDED", "FAILED"]) == "STOPPED"
     after_stop = done_log.read_text().split()
     assert 1 <= len(after_stop) < 3, "the stop must land part way for this test to mean anything"
 
     job(address, env, "submit", "--submission-id", "sweep-2", *entry, timeout=600)  # blocks until it ends
-    assert wait_status(address, env, "sweep-2", ["SUCCEEDED", "FAILED", "STOPPED"]) == "SUCCEEDED"
-    logs = job(address, env, "logs", "sweep-2")
+    assert wait_status(client, "sweep-2", ["SUCCEEDED", "FAILED", "STOPPED"]) == "SUCCEEDED"
+    logs = client.get_job_logs("sweep-2")
     assert f"{len(after_stop)} done before" in logs
 
     cells = ["full-bottle-efficientnet_lite0", "shot8-bottle-efficientnet_lite0", "shot4-bottle-efficientnet_lite0"]

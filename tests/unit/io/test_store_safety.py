@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -86,12 +87,21 @@ def test_processes_creating_a_new_sqlite_store_at_once_all_succeed(tmp_path: Pat
         (f"run-{i}", "FINISHED") for i in range(3)]
 
 
-def _store(path: Path) -> str:
-    """A new, complete store at `path`, made by another process (this one caches opened stores)."""
+@pytest.fixture(scope="module")
+def new_store(tmp_path_factory) -> Path:
+    """A new, complete store, made once by another process (this one caches opened stores): each test
+    damages its own copy of it (a process importing MLflow and migrating a store costs seconds)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
     uri = f"sqlite:///{path}"
     subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({uri!r}).search_experiments()"],
                    check=True, capture_output=True)
-    return uri
+    return path
+
+
+def _store(template: Path, path: Path) -> str:
+    """A copy of the new, complete store `template` at `path`."""
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.mark.parametrize("damage, says", [
@@ -101,8 +111,9 @@ def _store(path: Path) -> str:
      ["half-migrated", "_alembic_tmp_experiments", "mv "]),
     ("UPDATE alembic_version SET version_num = 'c8d9e0f1a2b3'", ["mlflow db upgrade"]),  # an older MLflow's store
 ])
-def test_a_broken_store_is_a_clear_error_not_a_traceback(tmp_path: Path, damage: str, says: list[str]) -> None:
-    uri = _store(tmp_path / "mlflow.db")
+def test_a_broken_store_is_a_clear_error_not_a_traceback(tmp_path: Path, damage: str, says: list[str],
+                                                         new_store: Path) -> None:
+    uri = _store(new_store, tmp_path / "mlflow.db")
     with sqlite3.connect(tmp_path / "mlflow.db") as con:
         con.executescript(damage)
     done = subprocess.run([str(Path(sys.executable).with_name("reb")), "report", "--tracking-uri", uri,

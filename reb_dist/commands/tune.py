@@ -50,8 +50,8 @@ def search_class(c: ClassTables, cfg: RunConfig, mlflow_parent: str | None = Non
 
 
 def record_class(tracker: Tracker, c: ClassTables, s: Selection, pareto: dict, cfg: RunConfig) -> None:
-    """A class's choice in its MLflow run (params, validation metrics, split, the Pareto plot and its
-    data) and on stderr."""
+    """A class's choice in its MLflow run: params, validation metrics, split, and the Pareto plot
+    with its data (`describe` gives the line tune_classes logs)."""
     params = {"selected.k": s.k, "selected.alpha": s.alpha, "validation": cfg.tune.validation,
               "selected.threshold": s.calibration["threshold"]}
     if s.map is not None:

@@ -46,6 +46,9 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
     """
     if detector.bank is None:
         raise RuntimeError("nothing to save: the detector has no memory bank")
+    if not {"backbone", "scoring"} <= set(detector.settings):  # what loading rebuilds the detector from
+        raise RuntimeError("cannot save a detector made without its settings: build it with "
+                           "reb_dist.detectors.build_detector")
     if density is None:
         density = detector.compute_density()
     metadata = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from reb_dist.io.model_file import MODEL_FORMAT, load_model
+from reb_dist.io.model_file import MODEL_FORMAT, load_model, save_model
 from reb_dist.errors import ModelFileError
 from reb_dist.pipelines.evaluate import load_category, loader
 
@@ -103,3 +103,13 @@ def test_model_with_incompatible_settings_is_a_model_file_error(saved, tmp_path)
     bad = _rewrite(path, tmp_path / "bad.safetensors", backbone='{"name": "efficientnet_lite0", "nope": 1}')
     with pytest.raises(ModelFileError, match=re.escape(str(bad))):
         load_model(bad, device="cpu")
+
+
+def test_a_detector_made_without_its_settings_is_refused_before_anything_is_written(detector, tmp_path):
+    from reb_dist.core.detector import Detector
+
+    bare = Detector(detector.backbone, detector.scoring, device="cpu")  # no settings: nothing to rebuild it from
+    bare.set_bank(detector.bank[:64])
+    with pytest.raises(RuntimeError, match="build_detector"):
+        save_model(bare, tmp_path / "bare.safetensors")
+    assert not (tmp_path / "bare.safetensors").exists()

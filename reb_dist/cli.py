@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from reb_dist.config import PRESETS, RunConfig
+from reb_dist.config import PRESET_ALIASES, PRESETS, RunConfig
 from reb_dist.errors import RebError
 
 log = logging.getLogger("reb_dist.cli")  # not __name__: run as `python -m reb_dist.cli` that is __main__
@@ -44,9 +44,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated scoring methods (scoring.methods), "
                                      "e.g. ldknn,knn,nn1 or ldknn:k=5,alpha=0.5")
     p.add_argument("--backbone", help="backbone name (backbone.name)")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="named defaults under the other settings: exact (default) or fast (coreset 0.1, "
-                        "approximate search re-ranked exactly, recall reported; see docs/RESULTS.md)")
+    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(PRESET_ALIASES),
+                   help="named defaults under the other settings: auto (default: exact up to 100k bank "
+                        "points, faithful above), exact, faithful (the whole bank, IVF re-ranked exactly, "
+                        "recall measured) or coreset-densities (a 10%% coreset; densities among coreset "
+                        "points; 'fast' is its old name); see docs/RESULTS.md section 11")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
 

@@ -68,14 +68,15 @@ class BankConfig:
     coreset_method: str = "fast"  # fast (batched exact greedy) | greedy (PatchCore's serial loop) | random
     seed: int = 0
     dtype: str = "float32"  # float32 | float16 (half the memory; vectors rounded to half precision)
-    # how bank densities find each bank point's K neighbours: exact | ivf | hnsw | auto (exact up to
-    # 1M points, IVF above; see reb_dist/core/ldknn/approx.py)
+    # how bank densities find each bank point's K neighbours over the WHOLE bank: exact | ivf | hnsw |
+    # auto (exact up to 100k points, IVF above; see reb_dist/core/ldknn/approx.py)
     neighbour_search: str = "auto"
-    # IVF lists visited per query; 0: 1/48 of the lists (74 at 780k points, where 64 gave recall@9 0.9975)
+    # IVF lists visited per query; 0: the fewest (a power of two) that reach recall_target, per K
     nprobe: int = 0
+    recall_target: float = 0.99  # recall@K against exact a calibrated nprobe must reach (seeded bank points)
     # how test patches find their nearest bank points: exact | ivf | hnsw | auto (as neighbour_search);
     # approximate candidates are re-ranked exactly, and every run reports its recall against exact
-    query_search: str = "exact"
+    query_search: str = "auto"
     recall_sample: int = 2000  # queries (seeded) whose approximate neighbours are checked against exact
     shards: int = 0  # 0: one in-process faiss index; N >= 1: N Ray actors, one shard each
     shard_cpus: float = 1.0
@@ -205,8 +206,9 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     output_dir: str = "outputs"
-    # a named set of defaults (PRESETS) under the file and the overrides: "exact" (the default) or "fast"
-    preset: str = "exact"
+    # a named set of defaults (PRESETS) under the file and the overrides: auto (the default), exact,
+    # faithful or coreset-densities ("fast" is read as coreset-densities)
+    preset: str = "auto"
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "settings") -> RunConfig:
@@ -215,7 +217,10 @@ class RunConfig:
         A `preset` in the mapping supplies defaults for what the mapping does not set itself.
         """
         values = values or {}
-        preset = values.get("preset", "exact") if isinstance(values, dict) else "exact"
+        preset = values.get("preset", "auto") if isinstance(values, dict) else "auto"
+        if preset in PRESET_ALIASES:  # an older name: read as what it always computed
+            preset = PRESET_ALIASES[preset]
+            values = {**values, "preset": preset}
         if preset not in PRESETS:
             raise ConfigError(f"{source}: preset {preset!r} is unknown; known: {sorted(PRESETS)}")
         cfg = _build(cls, _merge(PRESETS[preset], values), source)
@@ -294,14 +299,25 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Named defaults, applied under a run's file and overrides (`--preset fast`). "fast" trades a little
-# accuracy for an order of magnitude in time; its choices and their measured cost are in
-# docs/RESULTS.md ("Speed"). The default, "exact", changes nothing.
+# Named defaults, applied under a run's file and overrides (`--preset faithful`). Every result row
+# says which mode computed it (Detector.search_mode) and the recall it measured; docs/RESULTS.md
+# section 11 has the figures.
+# - auto (the default): exact up to 100k bank points (approx.EXACT_UP_TO), faithful above.
+# - exact: the whole bank, searched exactly: the paper's protocol, O(n^2) densities.
+# - faithful: the whole bank; test patches and densities searched with IVF, re-ranked exactly, nprobe
+#   calibrated to bank.recall_target: the exact quantities, approximately, at a fraction of the cost.
+# - coreset-densities: a 10% coreset bank, densities AMONG CORESET POINTS (another quantity, not an
+#   approximation of the whole bank's: it can rank methods and choose K/alpha differently); for small
+#   models and fast predict.
 PRESETS: dict[str, dict] = {
-    "exact": {},
-    "fast": {"bank": {"coreset_ratio": 0.1, "coreset_method": "fast", "query_search": "ivf",
-                      "neighbour_search": "ivf", "nprobe": 0}},
+    "auto": {},
+    "exact": {"bank": {"coreset_ratio": 1.0, "query_search": "exact", "neighbour_search": "exact"}},
+    "faithful": {"bank": {"coreset_ratio": 1.0, "query_search": "ivf", "neighbour_search": "ivf", "nprobe": 0}},
+    "coreset-densities": {"bank": {"coreset_ratio": 0.1, "coreset_method": "fast", "query_search": "ivf",
+                                   "neighbour_search": "ivf", "nprobe": 0}},
 }
+# older preset names, read as the preset that computes what they computed
+PRESET_ALIASES = {"fast": "coreset-densities"}
 
 
 # section.key -> the interval its value must lie in: "[" and "]" include the bound, "(" and ")" do not.
@@ -316,7 +332,8 @@ RANGES: dict[str, str] = {
     "bank.coreset_ratio": "(0, 1]",
     "bank.coreset_projection_dim": "[0, inf)",  # 0: no projection
     "bank.seed": "[0, inf)",  # numpy refuses negative seeds
-    "bank.nprobe": "[0, inf)",  # 0: a fraction of the lists
+    "bank.nprobe": "[0, inf)",  # 0: calibrated to bank.recall_target
+    "bank.recall_target": "(0, 1]",
     "bank.recall_sample": "[1, inf)",  # recall on no query would be NaN
     "bank.shards": "[0, inf)",
     "bank.shard_cpus": "[0, inf)",

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone
 from reb_dist.core.features import PatchFeatures, extract_features
+from reb_dist.core.ldknn.approx import RECALL_TARGET, self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
 from reb_dist.core.thresholds import Calibration
@@ -78,9 +79,10 @@ class BankPlan:
     seed: int = 0
     dtype: str = "float32"
     neighbour_search: str = "auto"
-    nprobe: int = 0
-    query_search: str = "exact"
+    nprobe: int = 0  # 0: calibrated per K to recall_target
+    query_search: str = "auto"
     recall_sample: int = 2000
+    recall_target: float = RECALL_TARGET
 
 
 def in_process_index(plan: BankPlan, use_gpu: bool = False) -> IndexFactory:
@@ -95,7 +97,8 @@ def in_process_index(plan: BankPlan, use_gpu: bool = False) -> IndexFactory:
 
             return TorchIndex(bank, device="cuda", dtype=plan.dtype)
         return BankIndex(bank, use_gpu=use_gpu, dtype=plan.dtype, neighbour_search=plan.neighbour_search,
-                         nprobe=plan.nprobe, query_search=plan.query_search)
+                         nprobe=plan.nprobe, query_search=plan.query_search, recall_target=plan.recall_target,
+                         seed=plan.seed)
 
     return build
 
@@ -143,6 +146,8 @@ class Detector:
         self.timings = Timings()
         # recall@K of the (approximate) test-patch search against exact, by K; empty when exact
         self.query_recall: dict[int, float] = {}
+        # recall@K of the (approximate) density search against exact, by K; empty when exact
+        self.density_recall: dict[int, float] = {}
         # image threshold + score range from a validation split; saved in the model, used by predict
         self.calibration: Calibration | None = None
 
@@ -182,7 +187,7 @@ class Detector:
         """Index `bank` (n, D) with the index factory; `density` (n,) preloads known densities for the
         configured K, `map_density` those for the map's K (`map_density_k`)."""
         self.close()
-        self.query_recall = {}
+        self.query_recall, self.density_recall = {}, {}
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         start = time.perf_counter()
         self.scorer = BankScorer(self.index_factory(self.bank))
@@ -197,6 +202,34 @@ class Detector:
         if self.scorer is not None:
             self.scorer.index.close()
         self.scorer = None
+
+    @property
+    def search_mode(self) -> str:
+        """What the bank's searches compute, the label every result row carries:
+
+        "exact": the whole bank, searched exactly (the paper's protocol);
+        "faithful": the whole bank, candidates found approximately and re-ranked exactly, so nearest
+            points and densities are the exact ones wherever the search found them (recall measured);
+        "coreset-densities": a coreset bank, whose densities are taken among coreset points (another
+            quantity than the whole bank's, not an approximation of it).
+        """
+        if self.plan.coreset_ratio < 1.0:
+            return "coreset-densities"
+        index = self.index
+        if index is None:
+            return "exact" if {self.plan.query_search, self.plan.neighbour_search} == {"exact"} else "faithful"
+        kinds = {getattr(index, "query_search", "exact"), getattr(index, "neighbour_search", "exact")}
+        return "exact" if kinds == {"exact"} else "faithful"
+
+    def measure_density_recall(self, k: int) -> None:
+        """Measure (once per K) the density search's recall@K against exact, when it is approximate."""
+        index = self.index
+        if getattr(index, "neighbour_search", "exact") == "exact" or k in self.density_recall:
+            return
+        start = time.perf_counter()
+        self.density_recall[k] = self_search_recall(index, min(k, len(index) - 1), self.plan.recall_sample,
+                                                    self.plan.seed)
+        self.timings.add("recall", start)
 
     @property
     def default_method(self) -> ScoringMethod:
@@ -221,6 +254,7 @@ class Detector:
         density = self.scorer.stats.local_density(k or self.scoring.k, self.scoring.squared,
                                                   progress="bank density")
         self.timings.add("density", start)
+        self.measure_density_recall(k or self.scoring.k)
         return density
 
     # --- scoring
@@ -249,11 +283,18 @@ class Detector:
         # LDKNN first: its bank densities and LOF's k-distances share one lazy self-search, so the
         # density cost is timed where the paper puts it, and LOF's time is only what it adds.
         parts = {part for m in methods for part in (m.image, m.map_method)}
+        density_ks = sorted({part.k for part in parts if part.name == "ldknn"})
+        if len(density_ks) > 1:  # one self-search with the largest K gives every smaller K's densities
+            start = time.perf_counter()
+            self.scorer.stats.neighbours(density_ks[-1], np.unique(ids[:, 0]), progress="bank density")
+            self.timings.add("density", start)
         for part in sorted(parts, key=lambda m: (m.name != "ldknn", m.label)):
             start = time.perf_counter()
             maps[part] = self.scorer.score_neighbours(part, dist2, ids, progress=True,
                                                       queries=queries).reshape(n, h, w)
             self.timings.add(f"score:{part.label}", start)
+        if density_ks:
+            self.measure_density_recall(density_ks[-1])
         # the image score from the image method's maps; the map (and pixel metrics) from the map method's
         return {m: Scores(m, maps[m.map_method], image_scores(maps[m.image], self.scoring.image_score))
                 for m in methods}

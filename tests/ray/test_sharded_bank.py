@@ -14,8 +14,8 @@ from reb_dist.io.shard_file import read_shard, shard_bounds, write_shards
 from reb_dist.errors import ModelFileError, RebError
 from reb_dist.core.ldknn import BankIndex, BankScorer, ScoringMethod
 from reb_dist.core.ldknn import approx
-from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
-                                   scaled_nprobe)
+from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k,
+                                        resolve_neighbour_search)
 from reb_dist.core.ldknn.search import merge_nearest
 
 SIZES = {1: [2400], 2: [500, 1900], 3: [1100, 150, 1150]}  # uneven on purpose

@@ -1,9 +1,11 @@
-"""Approximate candidate search for the bank's self-search (the O(n^2) density build).
+"""Approximate candidate search over the whole bank: for the bank's self-search (the O(n^2) density
+build) and for test patches.
 
 Only the candidates are approximate: they are re-ranked with exact distances like the exact path's,
-so a density is exact whenever its K neighbours were found, and a miss can only make it larger
-(the true K nearest are the smallest). Recall against the exact search is what
-bench/sharded_bank.py measures (docs/RESULTS.md section 3); test patches are always searched exactly.
+so a distance or density is exact whenever its K neighbours were found, and a miss can only make it
+larger (the true K nearest are the smallest). IVF's nprobe is calibrated per K to a recall target
+on a seeded sample of bank points, and each run measures the recall it got (`query_recall`,
+`self_search_recall`): the approximation is of the exact quantities, and it is measured.
 """
 
 from __future__ import annotations
@@ -18,15 +20,14 @@ if TYPE_CHECKING:
     import faiss
 
 NEIGHBOUR_SEARCHES = ("auto", "exact", "ivf", "hnsw")
-# Up to this many bank points `auto` stays exact: the exact density build runs at 72-91% of the
-# machine's GEMM rate, an evaluation needs only the bank points test patches land next to (780k x
-# 152 on 2 cores: 15-28 min), and IVF's recall at that size is 0.990-0.999, not 1. Above it, `auto`
-# takes IVF with nprobe scaled to the list count. Measured in docs/RESULTS.md section 3.
-EXACT_UP_TO = 1_000_000
-# IVF lists visited per query when nprobe=0 (auto): a fixed fraction of the lists, since recall at a
-# fixed nprobe falls as the bank (and so nlist = 4 sqrt(n)) grows. At 780k points (3,533 lists)
-# nprobe 16 / 32 / 64 / 128 gave recall@9 0.969 / 0.990 / 0.9975 / 0.9994; 1/48 of the lists is 74.
-NPROBE_FRACTION = 1 / 48
+# Up to this many bank points `auto` stays exact (about 100 training images at 256 px: the shipped
+# sample and few-shot banks), where the exact search costs seconds; above it, `auto` is IVF with an
+# exact re-rank and nprobe calibrated to `RECALL_TARGET` (the "faithful" mode: the whole bank's
+# nearest points and densities, approximately, with the recall measured). docs/RESULTS.md section 11.
+EXACT_UP_TO = 100_000
+# recall@K against exact search that a calibrated nprobe must reach on a seeded sample of bank points
+RECALL_TARGET = 0.99
+CALIBRATION_SAMPLE = 1000  # bank points whose exact K nearest other points the calibration compares with
 
 
 def resolve_neighbour_search(kind: str, bank_size: int) -> str:
@@ -50,19 +51,14 @@ def ivf_lists(n: int) -> int:
     return int(max(1, min(4 * math.sqrt(n), n // 39)))
 
 
-def scaled_nprobe(nlist: int) -> int:
-    """Return the IVF lists to probe per query: `NPROBE_FRACTION` of `nlist`, at least 16."""
-    return max(16, math.ceil(nlist * NPROBE_FRACTION))
-
-
-def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 0, hnsw_m: int = 32,
+def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 1, hnsw_m: int = 32,
                       ef_search: int = 64, seed: int = 0, block: int = 131072) -> "faiss.Index":
     """Build an IVF-flat or HNSW-flat faiss index over `bank` (float32 or float16, added block by block).
 
     Args:
         bank: The (n, d) bank.
         kind: "ivf" or "hnsw".
-        nprobe: IVF lists visited per query; 0 visits `scaled_nprobe(nlist)`.
+        nprobe: IVF lists visited per query (the caller may change `index.nprobe` later).
         hnsw_m: HNSW neighbours per node.
         ef_search: HNSW search breadth.
         seed: Seeds the sample of points the IVF quantizer is trained on.
@@ -80,10 +76,13 @@ def build_approximate(bank: np.ndarray, kind: str, *, nprobe: int = 0, hnsw_m: i
     if kind == "ivf":
         nlist = ivf_lists(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        # 40 points per list and 10 k-means rounds: on pill's 273k-point bank 4x quicker to train
+        # than faiss's defaults (64 x 25) at the same recall per nprobe (docs/RESULTS.md section 11)
+        index.cp.niter = 10
         rng = np.random.default_rng(seed)
-        train = bank[np.sort(rng.choice(n, size=min(n, nlist * 64), replace=False))]
+        train = bank[np.sort(rng.choice(n, size=min(n, nlist * 40), replace=False))]
         index.train(np.ascontiguousarray(train, dtype=np.float32))
-        index.nprobe = min(nprobe or scaled_nprobe(nlist), nlist)
+        index.nprobe = max(1, min(nprobe, nlist))
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_m)
         index.hnsw.efSearch = ef_search
@@ -99,6 +98,21 @@ def recall_at_k(exact_ids: np.ndarray, found_ids: np.ndarray) -> float:
     # not intersect1d(assume_unique=True): padded ids (-1) repeat, and would count as hits
     hits = sum(int(np.isin(a, b).sum()) for a, b in zip(exact_ids, found_ids))
     return hits / exact_ids.size
+
+
+def self_search_recall(index, k: int, sample: int = CALIBRATION_SAMPLE, seed: int = 0) -> float:
+    """recall@K of an index's bank self-search (the density build's) against exact, on seeded bank points.
+
+    Works for any `Index` (in process or sharded): the approximate K nearest other points of the
+    sample (`search_bank_points`) against the exact ones (`search(..., exact=True)` less self).
+    """
+    from reb_dist.core.ldknn.search import drop_self
+
+    n = len(index)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False)).astype(np.int64)
+    dist, ids = index.search(index.vectors(rows), k + 1, exact=True)
+    exact_ids = drop_self(dist, ids, rows, k)[1]
+    return recall_at_k(exact_ids, index.search_bank_points(rows, k)[1])
 
 
 def query_recall(index, queries: np.ndarray, k: int, sample: int = 2000, seed: int = 0) -> float:
@@ -117,3 +131,33 @@ def query_recall(index, queries: np.ndarray, k: int, sample: int = 2000, seed: i
     rows = np.random.default_rng(seed).choice(len(queries), min(sample, len(queries)), replace=False)
     q = np.ascontiguousarray(queries[np.sort(rows)], dtype=np.float32)
     return recall_at_k(index.search(q, k, exact=True)[1], index.search(q, k)[1])
+
+
+def calibrate_nprobe(ivf, sample_queries: np.ndarray, exact_ids: np.ndarray, k_fetch: int,
+                     target: float) -> tuple[int, float]:
+    """The smallest power-of-two nprobe whose candidates hold `target` of the exact K nearest.
+
+    Args:
+        ivf: a faiss IVF index; its nprobe is left as found.
+        sample_queries: (m, d) float32 queries (bank points: a density search's own queries, and a
+            stand-in for normal test patches, which lie among them).
+        exact_ids: (m, K) ids of their exact K nearest (other) bank points.
+        k_fetch: candidates fetched per query, as the search fetches them (K + spare + self).
+        target: recall@K to reach, in (0, 1].
+
+    Returns:
+        ``(nprobe, recall)``: the chosen nprobe (every list when the target needs them all) and the
+        recall@K it measured. Candidates are re-ranked exactly afterwards, so a true neighbour among
+        the candidates is a true neighbour found.
+    """
+    before, nlist = ivf.nprobe, ivf.nlist
+    nprobe = 1
+    try:
+        while True:
+            ivf.nprobe = nprobe
+            recall = recall_at_k(exact_ids, ivf.search(sample_queries, k_fetch)[1])
+            if recall >= target or nprobe >= nlist:
+                return nprobe, recall
+            nprobe = min(2 * nprobe, nlist)
+    finally:
+        ivf.nprobe = before

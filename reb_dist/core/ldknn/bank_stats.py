@@ -33,8 +33,14 @@ class BankStats:
                    progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(dist2, ids)``, each (len(point_ids), k), of each point's K nearest other bank points.
 
-        Only points not yet searched for this K are searched; results are cached.
+        Only points not yet searched for this K are searched; results are cached. Points already
+        searched with a larger K are answered from that search's first K columns, so densities for
+        many K cost one search with the largest (`reb_dist.core.ldknn.selection` does the same).
         """
+        point_ids = np.asarray(point_ids, dtype=np.int64)
+        for wider in sorted(kk for kk in self._dist2 if kk > k):  # a K' > K search holds the K nearest first
+            if not np.isnan(self._dist2[wider][point_ids, 0]).any():
+                return self._dist2[wider][point_ids, :k], self._ids[wider][point_ids, :k]
         n = len(self.index)
         if k not in self._dist2:
             self._dist2[k] = np.full((n, k), np.nan, np.float32)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from reb_dist.core.ldknn.approx import build_approximate, resolve_neighbour_search
+from reb_dist.core.ldknn.approx import (CALIBRATION_SAMPLE, RECALL_TARGET, build_approximate, calibrate_nprobe,
+                                        resolve_neighbour_search)
 
 EXTRA_CANDIDATES = 8
 SEARCH_BATCH = 16384  # queries per faiss call: bounded memory, visible progress
@@ -126,12 +127,16 @@ class BankIndex:
         use_gpu: Put the float32 flat index on the GPU when faiss has one.
         dtype: Storage dtype, "float32" or "float16".
         neighbour_search: "exact", "ivf", "hnsw" or "auto" (the density build).
-        nprobe: IVF lists probed per query; 0 scales it to the list count.
-        query_search: "exact" (default), "ivf", "hnsw" or "auto" (test patches).
+        nprobe: IVF lists probed per query; 0 calibrates it per K (`calibration`).
+        query_search: "exact", "ivf", "hnsw" or "auto" (test patches).
+        recall_target: recall@K a calibrated nprobe must reach on `CALIBRATION_SAMPLE` seeded bank
+            points (their K nearest other points, exact vs IVF candidates).
+        seed: seeds the IVF training sample and the calibration sample.
     """
 
     def __init__(self, bank: np.ndarray, use_gpu: bool = False, dtype: str = "float32",
-                 neighbour_search: str = "auto", nprobe: int = 0, query_search: str = "exact"):
+                 neighbour_search: str = "auto", nprobe: int = 0, query_search: str = "auto",
+                 recall_target: float = RECALL_TARGET, seed: int = 0):
         import faiss
 
         self.bank = check_bank(bank, dtype)
@@ -139,6 +144,10 @@ class BankIndex:
         self.neighbour_search = resolve_neighbour_search(neighbour_search, len(self.bank))
         self.query_search = resolve_neighbour_search(query_search, len(self.bank))
         self.nprobe = nprobe
+        self.recall_target = recall_target
+        self.seed = seed
+        # K -> (nprobe, recall@K on the calibration sample), filled as searches of each K run
+        self.calibration: dict[int, tuple[int, float]] = {}
         self._approximate: dict = {}  # kind -> faiss index, built on first use
         self.index = None
         if dtype == "float32":
@@ -191,7 +200,7 @@ class BankIndex:
         starts = range(0, len(queries), batch_size)
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
-            found = self._candidates(q, k_fetch, kind)
+            found = self._candidates(q, k_fetch, kind, k)
             short = (found[:, :k] < 0).any(axis=1)
             if kind != "exact" and short.any():  # the visited lists held fewer than K points
                 found[short] = self._candidates(q[short], k_fetch, "exact")
@@ -202,14 +211,35 @@ class BankIndex:
     def approximate_index(self, kind: str):
         """The bank's faiss index of `kind` ("ivf" or "hnsw"), built on first use (so fit can time it)."""
         if kind not in self._approximate:
-            self._approximate[kind] = build_approximate(self.bank, kind, nprobe=self.nprobe)
+            self._approximate[kind] = build_approximate(self.bank, kind, nprobe=self.nprobe or 1, seed=self.seed)
         return self._approximate[kind]
 
-    def _candidates(self, queries: np.ndarray, k: int, kind: str) -> np.ndarray:
+    def calibrated_nprobe(self, k: int, k_fetch: int) -> int:
+        """IVF lists to probe for a K-nearest search fetching `k_fetch` candidates: `nprobe` when set,
+        else the smallest power of two that finds `recall_target` of the sample's K nearest other
+        bank points (calibrated once per K; the result is kept in `calibration`)."""
+        if self.nprobe:
+            return self.nprobe
+        if k not in self.calibration:
+            n = len(self)
+            rows = np.random.default_rng(self.seed).choice(n, min(CALIBRATION_SAMPLE, n), replace=False)
+            rows = np.sort(rows).astype(np.int64)
+            sample = self.vectors(rows)
+            k_self = min(k + 1, n)  # the sample points are bank points: their own id comes first
+            dist, ids = self.search(sample, k_self, exact=True)
+            exact_ids = drop_self(dist, ids, rows, k_self - 1)[1]
+            self.calibration[k] = calibrate_nprobe(self.approximate_index("ivf"), sample, exact_ids,
+                                                   min(k_fetch + 1, n), self.recall_target)
+        return self.calibration[k][0]
+
+    def _candidates(self, queries: np.ndarray, k: int, kind: str, k_wanted: int | None = None) -> np.ndarray:
         import faiss
 
         if kind != "exact":
-            return self.approximate_index(kind).search(queries, k)[1]
+            index = self.approximate_index(kind)
+            if kind == "ivf":
+                index.nprobe = self.calibrated_nprobe(k_wanted or k, k)
+            return index.search(queries, k)[1]
         if self.index is not None:
             return self.index.search(queries, k)[1]
         parts = []

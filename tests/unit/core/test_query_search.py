@@ -47,7 +47,7 @@ def test_default_search_stays_exact_and_density_search_is_unchanged(bank_and_que
     np.testing.assert_array_equal(index.search_bank_points(np.arange(50), 4)[1],
                                   exact.search_bank_points(np.arange(50), 4)[1])
     np.testing.assert_array_equal(index.search(queries, 3, exact=True)[1], exact.search(queries, 3)[1])
-    assert BankIndex(bank).query_search == "exact"
+    assert BankIndex(bank).query_search == "exact"  # auto: exact for a small bank
 
 
 def test_an_approximate_run_reports_its_recall_in_every_methods_metrics(cfg, tmp_path):
@@ -65,8 +65,14 @@ def test_an_approximate_run_reports_its_recall_in_every_methods_metrics(cfg, tmp
     assert all("query_recall" not in m.metrics for m in exact.methods)
 
 
-def test_the_fast_preset_sits_under_explicit_settings():
+def test_presets_sit_under_explicit_settings_and_fast_is_read_as_coreset_densities():
     cfg = RunConfig.load(None, ["preset=fast", "bank.nprobe=32"])
-    assert cfg.preset == "fast" and cfg.bank.query_search == "ivf" and cfg.bank.coreset_ratio == 0.1
+    assert cfg.preset == "coreset-densities" and cfg.bank.query_search == "ivf" and cfg.bank.coreset_ratio == 0.1
     assert cfg.bank.nprobe == 32  # the user's own setting wins
-    assert RunConfig.load(None, []).bank.query_search == "exact" and RunConfig.load(None, []).bank.coreset_ratio == 1.0
+    faithful = RunConfig.load(None, ["preset=faithful"]).bank
+    assert (faithful.coreset_ratio, faithful.query_search, faithful.neighbour_search, faithful.nprobe) == (1.0, "ivf", "ivf", 0)
+    exact = RunConfig.load(None, ["preset=exact"]).bank
+    assert (exact.query_search, exact.neighbour_search) == ("exact", "exact")
+    default = RunConfig.load(None, [])
+    assert default.preset == "auto" and default.bank.coreset_ratio == 1.0
+    assert (default.bank.query_search, default.bank.neighbour_search) == ("auto", "auto")

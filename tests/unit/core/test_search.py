@@ -7,8 +7,9 @@ from reb_dist.distributed.sharded_bank import BankShard
 from reb_dist.io.shard_file import read_shard, write_shards
 from reb_dist.core.ldknn import BankIndex
 from reb_dist.core.ldknn import approx
-from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k, resolve_neighbour_search,
-                                   scaled_nprobe)
+from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k,
+                                        resolve_neighbour_search, self_search_recall)
+from reb_dist.core.ldknn.bank_stats import BankStats
 from reb_dist.core.ldknn.search import merge_nearest
 
 SIZES = {3: [1100, 150, 1150]}  # uneven on purpose
@@ -61,9 +62,42 @@ def test_auto_neighbour_search_depends_on_bank_size():
         resolve_neighbour_search("lsh", 10)
 
 
-def test_ivf_visits_a_fixed_fraction_of_its_lists_unless_told():
-    bank = np.random.default_rng(0).standard_normal((10_000, 8)).astype(np.float32)
-    nlist = ivf_lists(len(bank))
-    assert faiss.extract_index_ivf(build_approximate(bank, "ivf")).nprobe == scaled_nprobe(nlist)
-    assert scaled_nprobe(100) == 16 and scaled_nprobe(3533) == 74  # 780k points: 3,533 lists
-    assert faiss.extract_index_ivf(build_approximate(bank, "ivf", nprobe=5)).nprobe == 5
+def test_ivf_nprobe_is_calibrated_per_k_to_the_recall_target(bank_and_queries):
+    bank, _ = bank_and_queries
+    index = BankIndex(bank, neighbour_search="ivf", query_search="ivf", recall_target=0.9)
+    index.search_bank_points(np.arange(0, len(bank), 7), 9)
+    nprobe, recall = index.calibration[10]  # the self-search asks for K + 1 (the point itself first)
+    assert recall >= 0.9
+    # the smallest power of two that reaches it: half as many lists falls short
+    ivf = index.approximate_index("ivf")
+    if nprobe > 1:
+        ivf.nprobe = nprobe // 2
+        rows = np.sort(np.random.default_rng(0).choice(len(bank), 1000, replace=False))
+        d, i = index.search(bank[rows], 11, exact=True)
+        exact_ids = np.array([r[r != p][:10] for r, p in zip(i, rows)])
+        assert recall_at_k(exact_ids, ivf.search(bank[rows], 19)[1]) < 0.9
+    # what the run reports is measured on the real search, against exact, and it meets the target
+    assert self_search_recall(index, 9) >= 0.85
+    # a target of 1 visits lists until the sample's neighbours are all found
+    strict = BankIndex(bank, neighbour_search="ivf", recall_target=1.0)
+    strict.search_bank_points(np.arange(10), 9)
+    assert strict.calibration[10][1] == 1.0 and strict.calibration[10][0] >= nprobe
+    # a fixed nprobe is used as given, and nothing is calibrated
+    fixed = BankIndex(bank, neighbour_search="ivf", nprobe=2)
+    fixed.search_bank_points(np.arange(10), 9)
+    assert fixed.calibration == {} and faiss.extract_index_ivf(fixed.approximate_index("ivf")).nprobe == 2
+
+
+def test_densities_of_a_smaller_k_come_from_a_larger_search_without_searching_again(bank_and_queries):
+    bank, _ = bank_and_queries
+    points = np.arange(0, len(bank), 5)
+    wide, direct = BankStats(BankIndex(bank)), BankStats(BankIndex(bank))
+    calls = []
+    search = wide.index.search_bank_points
+    wide.index.search_bank_points = lambda *a, **kw: calls.append(a[1]) or search(*a, **kw)
+    wide.neighbours(25, points)
+    for k in (1, 9, 25):
+        np.testing.assert_array_equal(wide.local_density(k, True, points), direct.local_density(k, True, points))
+    assert calls == [25]  # K 1 and 9 were read from K 25's columns
+    wide.local_density(9, True, points + 1)  # points the wide search never saw are searched at K 9
+    assert calls == [25, 9]

@@ -39,6 +39,9 @@ class CategoryResult:
     feature_dim: int
     image_size: int = 256
     variant: str = ""  # "" for the configured weights, "defectmaker" for the fine-tuned ones
+    # what the bank's searches computed (Detector.search_mode): "exact", "faithful" or
+    # "coreset-densities"; every result row carries it, so figures of different modes never mix
+    search_mode: str = "exact"
 
     def label(self, method: ScoringMethod) -> str:
         """The method's name in tables: prefixed by the variant ("defectmaker+knn(k=9)")."""

@@ -50,9 +50,10 @@ def benchmark(cfg: RunConfig, command_line: str = "") -> list[CategoryResult]:
                 for m in result.methods:
                     tracker.log_result(category, result.label(m.method), m.metrics,
                                        {"k": m.method.k, "alpha": m.method.alpha,
-                                        "weights": run_cfg.backbone.weights or "imagenet"})
+                                        "weights": run_cfg.backbone.weights or "imagenet"}, mode=result.search_mode)
                 log.info(f"{category}{' ' + variant if variant else ''}: bank {result.bank_size} x "
-                         f"{result.feature_dim}, {len(result.labels)} test images, {result.timings['total']:.0f} s "
+                         f"{result.feature_dim} ({result.search_mode}), {len(result.labels)} test images, "
+                         f"{result.timings['total']:.0f} s "
                          f"({', '.join(f'{k} {v:.1f}' for k, v in result.timings.items() if k != 'total')})")
         rows = write_results(results, Path(cfg.output_dir) / "benchmark", tracker, command_line, cfg,
                              "benchmark", wall=time.perf_counter() - start)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from reb_dist.distributed.sweep import Sweep, run_cells
 from reb_dist.io.atomic import write_text_atomic
-from reb_dist.io.tracking import SweepLog
-from reb_dist.reporting.tables import results_table_markdown, to_csv
+from reb_dist.io.tracking import SweepLog, legacy_mode
+from reb_dist.reporting.tables import mode_footnote, results_table_markdown, to_csv
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     try:
         for cell, cell_result in cells:
             result = {"cell": asdict(cell), **cell_result}
-            store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone},
-                           {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "preset": result["preset"]},
+            mode = cell_mode(result)
+            store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone,
+                                     "mode": mode},
+                           {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "mode": mode},
                            result["methods"])
             write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
             with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
@@ -85,13 +87,24 @@ def _raise_system_exit(signum, frame):
     raise SystemExit(f"stopped by signal {signum}")
 
 
+def cell_mode(result: dict) -> str:
+    """A cell's search mode: its own, or for a cell file written before cells recorded one, the mode
+    its preset computed (`legacy_mode`: "fast" was coreset densities; no preset at all, exact)."""
+    return result.get("mode") or legacy_mode({"preset": result.get("preset", "exact")})
+
+
 def _write_summary(sweep: Sweep, out: Path, results: dict[str, dict]) -> None:
-    """summary.md and summary.csv: one row per (cell, method)."""
+    """summary.md and summary.csv: one row per (cell, method), with its search mode and, for an
+    approximate cell, the recall of each search against exact."""
+    metrics = ("image_auroc", "pixel_auroc", "aupro")
+    recalls = [k for k in ("query_recall", "density_recall")
+               if any(k in m for cell in sweep.cells for m in results[cell.id]["methods"].values())]
     rows = [{"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone, "method": method,
-             **{k: m.get(k, float("nan")) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+             "mode": cell_mode(results[cell.id]), **{k: m.get(k, float("nan")) for k in metrics},
+             **{k: m[k] for k in recalls if k in m}}
             for cell in sweep.cells for method, m in results[cell.id]["methods"].items()]
-    columns = ["dataset", "category", "backbone", "method", "image_auroc", "pixel_auroc", "aupro"]
-    presets = sorted({results[cell.id].get("preset", "exact") for cell in sweep.cells})  # older cells: exact
-    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns) + f"\nPreset: {', '.join(presets)}\n")
+    columns = ["dataset", "category", "backbone", "method", "mode", *metrics, *recalls]
+    note = mode_footnote(rows)
+    write_text_atomic(out / "summary.md", results_table_markdown(rows, columns) + (f"\n{note}\n" if note else ""))
     write_text_atomic(out / "summary.csv", to_csv([{k: (f"{v:.6f}" if isinstance(v, float) else v)
                                                      for k, v in r.items()} for r in rows], columns))

@@ -23,7 +23,7 @@ from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.selection import (ClassTables, Selection, class_tables, global_choice, global_map_choice,
                                           reported_metrics, validation_calibration, write_selection)
 from reb_dist.reporting.plots import pareto_plot, save_figure
-from reb_dist.reporting.tables import results_table_markdown, results_table_text
+from reb_dist.reporting.tables import mode_footnote, results_table_markdown, results_table_text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def record_class(tracker: Tracker, c: ClassTables, s: Selection, pareto: dict, c
     """A class's choice in its MLflow run: params, validation metrics, split, and the Pareto plot
     with its data (`describe` gives the line tune_classes logs)."""
     params = {"selected.k": s.k, "selected.alpha": s.alpha, "validation": cfg.tune.validation,
-              "selected.threshold": s.calibration["threshold"]}
+              "selected.threshold": s.calibration["threshold"], "mode": c.search_mode}
     if s.map is not None:
         params["selected.map_method"] = s.map.spec
     if pareto:
@@ -99,16 +99,25 @@ def reported_rows(tables: list[ClassTables], selections: list[Selection], cfg: R
             variants["per_class_pareto"] = (s.pareto_choice["k"], s.pareto_choice["alpha"], None)
         for variant, (k, a, map_setting) in variants.items():
             calibration = validation_calibration(c, k, a, cfg.tune, cfg.scoring)
-            metrics = reported_metrics(c, k, a, cfg.scoring, map_setting, calibration)
-            if c.query_recall is not None:  # an approximate figure is labelled as one
-                metrics.update(query_recall=c.query_recall, query_recall_k=1.0)
+            metrics = {**reported_metrics(c, k, a, cfg.scoring, map_setting, calibration), **recall_metrics(c, cfg)}
             map_spec = map_setting.spec if map_setting else ""
-            rows.append({"category": c.category, "variant": variant, "k": k, "alpha": a, "map_method": map_spec,
-                         "test_images": len(c.test_labels), "metrics": metrics})
+            rows.append({"category": c.category, "variant": variant, "mode": c.search_mode, "k": k, "alpha": a,
+                         "map_method": map_spec, "test_images": len(c.test_labels), "metrics": metrics})
             label = f"ldknn[{variant}](k={k},alpha={a:.3g})" + (f"+map:{map_spec}" if map_setting else "")
             tracker.log_result(c.category, label, metrics, {"k": k, "alpha": a, "variant": variant,
-                                                            "map_method": map_spec})
+                                                            "map_method": map_spec}, mode=c.search_mode)
     return rows, glob
+
+
+def recall_metrics(c: ClassTables, cfg: RunConfig) -> dict[str, float]:
+    """The recall against exact of a class's approximate searches, with their K (an approximate figure
+    is labelled as one): the test patches' nearest bank point, the bank self-search at tune.k_max."""
+    out = {}
+    if c.query_recall is not None:
+        out.update(query_recall=c.query_recall, query_recall_k=1.0)
+    if c.density_recall is not None:
+        out.update(density_recall=c.density_recall, density_recall_k=float(cfg.tune.k_max))
+    return out
 
 
 def tune_classes(cfg: RunConfig, categories: list[str], tracker: Tracker) -> tuple[list[Selection], list[dict], dict]:
@@ -149,18 +158,18 @@ def run_tune(cfg: RunConfig, categories: list[str], command_line: str = "") -> t
     tracker = Tracker(cfg.tracking)
     with tracker.run(cfg, "tune"):
         selections, rows, glob = tune_classes(cfg, categories, tracker)
-        shown = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "image_f1")
-        table = [{"category": r["category"], "variant": r["variant"], "k": r["k"], "alpha": f"{r['alpha']:.3f}",
-                  "map": r["map_method"] or "same", **{m: r["metrics"].get(m, float("nan")) for m in shown}}
-                 for r in rows]
-        columns = ["category", "variant", "k", "alpha", "map", *shown]
+        table, columns = tune_table(rows)
+        note = mode_footnote(table)
         print()
-        print(results_table_text(table, columns))
+        print(results_table_text(table, columns) + (f"\n{note}" if note else ""))
         wall = time.perf_counter() - start
         map_text = f", map {glob['map_method']}" if "map_method" in glob else ""
-        text = (results_table_markdown(table, columns) + f"\n\nValidation: {cfg.tune.validation}; global choice "
+        modes = ", ".join(dict.fromkeys(r["mode"] for r in rows))
+        text = (results_table_markdown(table, columns) + (f"\n{note}\n" if note else "")
+                + f"\n\nValidation: {cfg.tune.validation}; global choice "
                 f"K={glob['k']}, alpha={glob['alpha']:.3f}{map_text}; image threshold: {cfg.tune.threshold} on "
-                f"validation scores.  \nPreset: {cfg.preset}  \nCommand: `{command_line}`  \n"
+                f"validation scores.  \nPreset: {cfg.preset} (mode: {modes})"
+                f"  \nCommand: `{command_line}`  \n"
                 f"Wall time: {wall:.0f} s\n")
         out = Path(cfg.output_dir) / "tune"
         write_text_atomic(out / "results.md", text)
@@ -170,3 +179,15 @@ def run_tune(cfg: RunConfig, categories: list[str], command_line: str = "") -> t
             tracker.log_artifact(out / name)
     log.info(f"wall time {wall:.0f} s; selected K and alpha in {out}/selection.csv")
     return selections, rows, glob
+
+
+def tune_table(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The printed and written table of `reported_rows`' rows, and its columns: each row's search mode,
+    and the recall of each approximate search where any row has one."""
+    shown = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "image_f1")
+    recalls = [k for k in ("query_recall", "density_recall") if any(k in r["metrics"] for r in rows)]
+    table = [{"category": r["category"], "variant": r["variant"], "mode": r["mode"], "k": r["k"],
+              "alpha": f"{r['alpha']:.3f}", "map": r["map_method"] or "same",
+              **{m: r["metrics"].get(m, float("nan")) for m in shown},
+              **{k: r["metrics"][k] for k in recalls if k in r["metrics"]}} for r in rows]
+    return table, ["category", "variant", "mode", "k", "alpha", "map", *shown, *recalls]

@@ -103,7 +103,8 @@ def run_cell(cfg: RunConfig, category: str) -> dict:
 
     start = time.perf_counter()
     result = evaluate_category(cfg, category)
-    return {"category": category, "backbone": cfg.backbone.name, "preset": cfg.preset, "bank_size": result.bank_size,
+    return {"category": category, "backbone": cfg.backbone.name, "preset": cfg.preset, "mode": result.search_mode,
+            "bank_size": result.bank_size,
             "seconds": time.perf_counter() - start, "timings": result.timings,
             "methods": {m.method.label: m.metrics for m in result.methods}}
 

@@ -32,6 +32,8 @@ from reb_dist.io.atomic import file_lock, host_id, pid_alive
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger(__name__)
 REPORT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+# recall@K against exact of an approximate run's test-patch search and density self-search
+REPORT_RECALLS = ("query_recall", "density_recall")
 HOST_TAG, PID_TAG = "reb.host", "reb.pid"
 DEFAULT_URI = "sqlite:///mlflow.db"  # the store when neither the settings nor the environment name one
 URI_ENV = "MLFLOW_TRACKING_URI"
@@ -215,16 +217,21 @@ class Tracker:
             yield self
 
     def log_result(self, category: str, method_label: str, metrics: dict[str, float],
-                   extra_params: dict | None = None) -> None:
-        """A nested run per (category, method): metric names stay the same across runs."""
+                   extra_params: dict | None = None, mode: str | None = None) -> None:
+        """A nested run per (category, method): metric names stay the same across runs.
+
+        `mode`, the search mode the figures were computed in (Detector.search_mode), is a tag and a
+        param, so `reb report` keeps rows of different modes apart and the UI can filter on it.
+        """
         if not self.enabled:
             return
         import mlflow
 
         with mlflow.start_run(run_name=f"{category}/{method_label}", nested=True, tags=process_tags()):
-            mlflow.set_tags({"category": category, "method": method_label})
-            if extra_params:
-                mlflow.log_params({k: str(v) for k, v in extra_params.items()})
+            mlflow.set_tags({"category": category, "method": method_label, **({"mode": mode} if mode else {})})
+            params = {**(extra_params or {}), **({"mode": mode} if mode else {})}
+            if params:
+                mlflow.log_params({k: str(v) for k, v in params.items()})
             mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
 
     @contextlib.contextmanager
@@ -348,16 +355,19 @@ def collect_results(uri: str | None, experiments: list[str] | None = None) -> tu
 
     Runs of this host left RUNNING by a killed process are first marked FAILED (`fail_dead_runs`).
     Result runs (tagged `category` and `method`) become one row each, keyed by (category, backbone,
-    weights, method), the newest run winning; tune trial runs (tag kind=trial) become trial rows. A
-    tune class run with a Pareto search (param selected.pareto_k) adds, the newest per class, one
-    trial row {"category", "pareto"}: its pareto_<category>.json (trials, front, choice, reference).
+    weights, method, search mode), the newest run winning: a coreset-densities run never replaces the
+    exact row of the same class, its figures being of another quantity (`run_mode`). Tune trial runs
+    (tag kind=trial) become trial rows. A tune class run with a Pareto search (param
+    selected.pareto_k) adds, the newest per class, one trial row {"category", "pareto"}: its
+    pareto_<category>.json (trials, front, choice, reference).
 
     Args:
         uri: the MLflow tracking URI (None: `resolve_uri`'s choice).
         experiments: only these experiment names (default: all).
 
     Returns:
-        (result rows, trial rows), as plain dicts.
+        (result rows, trial rows), as plain dicts; a result row has its mode, its REPORT_METRICS and,
+        for an approximate run, its REPORT_RECALLS.
     """
     client, _ = open_store(resolve_uri(uri))
     exps = [e for e in client.search_experiments() if not experiments or e.name in experiments]
@@ -365,6 +375,7 @@ def collect_results(uri: str | None, experiments: list[str] | None = None) -> tu
     results: dict[tuple, dict] = {}
     trials = []
     pareto: dict[str, dict] = {}
+    parents: dict[str, object] = {}  # parent run id -> its data, each read once
     for run in client.search_runs([e.experiment_id for e in exps], "attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time ASC"], max_results=50000):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -375,15 +386,47 @@ def collect_results(uri: str | None, experiments: list[str] | None = None) -> tu
             pareto[tags["category"]] = {"category": tags["category"],
                                         "pareto": _run_json(client, run.info.run_id, f"pareto_{tags['category']}.json")}
         elif "category" in tags and "method" in tags and "image_auroc" in metrics:
-            backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(client, tags)
+            parent = lambda: _parent(client, tags, parents)
+            backbone = tags.get("backbone") or params.get("backbone.name") or _parent_backbone(parent())
             weights = params.get("weights", "imagenet")
             # a sweep's datasets can share category names (e.g. a full and a few-shot bank)
             category = f"{tags['dataset']}/{tags['category']}" if tags.get("dataset") else tags["category"]
-            key = (category, backbone, weights, tags["method"])
+            key = (category, backbone, weights, tags["method"], run_mode(tags, params, parent))
             results[key] = {"category": key[0], "backbone": key[1], "weights": key[2], "method": key[3],
-                            **{m: metrics[m] for m in REPORT_METRICS if m in metrics}, "run_id": run.info.run_id}
-    rows = sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"]))
+                            "mode": key[4], **{m: metrics[m] for m in REPORT_METRICS + REPORT_RECALLS if m in metrics},
+                            "run_id": run.info.run_id}
+    rows = sorted(results.values(), key=lambda r: (r["category"], r["backbone"], r["weights"], r["method"], r["mode"]))
     return rows, trials + [pareto[c] for c in sorted(pareto)]
+
+
+def run_mode(tags: dict, params: dict, parent=lambda: None) -> str:
+    """The search mode of a result run: its `mode` tag, or for a run logged before results carried
+    one, `legacy_mode` of its own params over its parent's (`parent()`: the parent run's data or None).
+
+    What those older runs logged: a benchmark or tune result run only its k, alpha and weights (tune:
+    variant, map_method), while its parent run had the settings (`config.flat()`: preset, bank.*) and
+    a `preset` tag; a sweep cell run had `preset` among its own params and a parent without settings.
+    """
+    if tags.get("mode"):
+        return tags["mode"]
+    data = parent()
+    return legacy_mode({**(data.params if data else {}), **params})
+
+
+def legacy_mode(params: dict[str, str]) -> str:
+    """The search mode of settings logged before runs carried one (params as MLflow holds them).
+
+    The old presets were "exact" (the default: it changed no setting) and "fast" (a 0.1 coreset,
+    IVF); a run with no preset at all predates presets and was exact. A coreset bank computes
+    coreset densities whatever the preset; an IVF or HNSW search set explicitly was re-ranked exactly
+    (faithful). "auto" searches count as exact: they stayed exact up to 1M bank points then, more
+    than an MVTec AD class's bank at the default image size.
+    """
+    preset = params.get("preset", "exact")
+    if preset in ("fast", "coreset-densities") or float(params.get("bank.coreset_ratio", 1.0)) < 1.0:
+        return "coreset-densities"
+    searches = {params.get("bank.query_search", "exact"), params.get("bank.neighbour_search", "exact")}
+    return "faithful" if preset == "faithful" or searches & {"ivf", "hnsw"} else "exact"
 
 
 def _run_json(client, run_id: str, name: str) -> dict:
@@ -391,9 +434,15 @@ def _run_json(client, run_id: str, name: str) -> dict:
         return json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
 
 
-def _parent_backbone(client, tags: dict) -> str:
+def _parent_backbone(data) -> str:
+    return (data.tags.get("backbone") or data.params.get("backbone.name", "?")) if data else "?"
+
+
+def _parent(client, tags: dict, cache: dict):
+    """The data (tags, params) of a run's parent run, read once per parent; None for a run without one."""
     parent = tags.get("mlflow.parentRunId")
     if not parent:
-        return "?"
-    run = client.get_run(parent)
-    return run.data.tags.get("backbone") or run.data.params.get("backbone.name", "?")
+        return None
+    if parent not in cache:
+        cache[parent] = client.get_run(parent).data
+    return cache[parent]

@@ -283,15 +283,25 @@ def score_test_set(detector: Detector, split: ClassSplit, data: DataConfig,
             pixel_metrics = evaluate(labels[keep], scores.image_scores[keep], [types[i] for i in keep],
                                      masks[keep], maps[keep], [groups[i] for i in keep])
             metrics.update({k: v for k, v in pixel_metrics.items() if k.startswith(("pixel_", "aupro"))})
-        if detector.query_recall:  # the test patches were searched approximately: say how well
-            k, recall = max(detector.query_recall.items())
-            metrics.update(query_recall=recall, query_recall_k=float(k))
+        metrics.update(recall_metrics(detector))
         detector.timings.add("metrics", t0)
         results.append(MethodResult(method, metrics, scores.image_scores,
                                     [(i, maps[i]) for i in example_ids] if maps is not None else []))
     timings = {"load_and_check": load_s, **detector.timings.seconds, "total": time.perf_counter() - start}
     return CategoryResult(split.name, split, labels, types, results, timings, len(detector.bank),
-                          detector.bank.shape[1], detector.image_size)
+                          detector.bank.shape[1], detector.image_size, search_mode=detector.search_mode)
+
+
+def recall_metrics(detector: Detector) -> dict[str, float]:
+    """The recall against exact of the detector's approximate searches, at the largest K measured:
+    query_recall (test patches) and density_recall (the bank self-search densities come from), each
+    with its K. Empty for exact searches, so an approximate figure is never mistaken for an exact one."""
+    out = {}
+    for name, measured in (("query_recall", detector.query_recall), ("density_recall", detector.density_recall)):
+        if measured:
+            k, recall = max(measured.items())
+            out.update({name: recall, f"{name}_k": float(k)})
+    return out
 
 
 def pixel_countable(samples: list[Sample]) -> np.ndarray:

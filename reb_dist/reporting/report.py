@@ -1,10 +1,11 @@
 """A comparison report built from an MLflow store: what every command and sweep logged, side by side.
 
 Result runs (tagged `category` and `method`; benchmark, tune and sweep runs all are) become one
-table row each, keyed by backbone and weights; the newest run wins where a (category, backbone,
-method) was measured more than once. Tune trial runs (tag kind=trial, params k and alpha) become a
-K/alpha scatter per class, and a class's multi-objective tune search (its pareto_<class>.json) its
-Pareto plot. Written: report.md, report.csv, auroc_by_class.png, k_alpha_<class>.png,
+table row each, keyed by backbone, weights and search mode; the newest run wins where a (category,
+backbone, weights, method, mode) was measured more than once, so a coreset-densities run never hides
+the exact figures of its class. An approximate row shows the recall of its searches against exact.
+Tune trial runs (tag kind=trial, params k and alpha) become a K/alpha scatter per class, and a
+class's multi-objective tune search (its pareto_<class>.json) its Pareto plot. Written: report.md, report.csv, auroc_by_class.png, k_alpha_<class>.png,
 pareto_<class>.png.
 """
 
@@ -16,9 +17,10 @@ import numpy as np
 
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.tracking import REPORT_METRICS as METRICS
+from reb_dist.io.tracking import REPORT_RECALLS as RECALLS
 from reb_dist.io.tracking import collect_results
 from reb_dist.reporting.plots import pareto_plot, save_figure
-from reb_dist.reporting.tables import to_csv
+from reb_dist.reporting.tables import mode_footnote, to_csv
 
 __all__ = ["collect_results", "write_report"]
 
@@ -36,18 +38,21 @@ def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ["category", "backbone", "weights", "method", *METRICS]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(METRICS)]
+    numbers = [*METRICS, *RECALLS]  # recall: blank for an exact row
+    header = ["category", "backbone", "weights", "method", "mode", *numbers]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * 5 + "---:|" * len(numbers)]
     csv_rows = []
     for r in rows:
-        vals = [r.get(m) for m in METRICS]
-        md.append("| " + " | ".join([r["category"], r["backbone"], Path(r["weights"]).name, r["method"]]
+        vals = [r.get(m) for m in numbers]
+        md.append("| " + " | ".join([r["category"], r["backbone"], Path(r["weights"]).name, r["method"], r["mode"]]
                                     + ["-" if v is None else f"{100 * v:.1f}" for v in vals]) + " |")
         # weights is a path and method a spec with commas (ldknn(k=9,alpha=1)): the csv module quotes them
         csv_rows.append({"category": r["category"], "backbone": r["backbone"], "weights": r["weights"],
-                         "method": r["method"], **{m: None if v is None else f"{v:.6f}" for m, v in zip(METRICS, vals)}})
+                         "method": r["method"], "mode": r["mode"],
+                         **{m: None if v is None else f"{v:.6f}" for m, v in zip(numbers, vals)}})
+    note = mode_footnote(rows)
     written = [out / "report.md", out / "report.csv"]
-    write_text_atomic(written[0], "\n".join(md) + "\n")
+    write_text_atomic(written[0], "\n".join(md) + "\n" + (f"\n{note}\n" if note else ""))
     write_text_atomic(written[1], to_csv(csv_rows, header))
     if rows:
         written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
@@ -67,20 +72,21 @@ def _auroc_bars(rows: list[dict], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     categories = sorted({r["category"] for r in rows})
-    series = sorted({(r["backbone"], Path(r["weights"]).name, r["method"]) for r in rows})
+    series = sorted({(r["backbone"], Path(r["weights"]).name, r["method"], r["mode"]) for r in rows})
     fig = Figure(figsize=(max(6, 1.2 * len(categories) * max(1, len(series)) / 3), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / len(series)
     for i, s in enumerate(series):
         values = [next((r["image_auroc"] for r in rows if (r["category"], r["backbone"], Path(r["weights"]).name,
-                                                            r["method"]) == (c, *s)), np.nan) for c in categories]
+                                                            r["method"], r["mode"]) == (c, *s)), np.nan)
+                  for c in categories]
         ax.bar(np.arange(len(categories)) + i * width, 100 * np.array(values), width, label=" / ".join(s))
     ax.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories)
     ax.set_ylabel("image AUROC (%)")
     low = np.nanmin([100 * r["image_auroc"] for r in rows])
     ax.set_ylim(max(0, low - 5), 100.5)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("image AUROC per class: backbone / weights / method")
+    ax.set_title("image AUROC per class: backbone / weights / method / mode")
     fig.tight_layout()
     return save_figure(fig, path, 120)
 

@@ -18,7 +18,7 @@ from reb_dist.core.thresholds import Calibration, normalise
 from reb_dist.io.atomic import copy_atomic, file_lock, write_text_atomic
 from reb_dist.io.data import read_image, sample_mask
 from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
-from reb_dist.reporting.tables import results_table_markdown, results_table_text, to_csv
+from reb_dist.reporting.tables import mode_footnote, results_table_markdown, results_table_text, to_csv
 
 from reb_dist.results import CategoryResult, Prediction
 
@@ -26,28 +26,37 @@ if TYPE_CHECKING:  # a type only
     from reb_dist.io.tracking import Tracker
 
 log = logging.getLogger(__name__)
-RESULT_COLUMNS = ["category", "method", "image_auroc", "pixel_auroc", "aupro", "image_f1", "seconds"]
+METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "aupro", "image_f1"]
+RESULT_COLUMNS = ["category", "method", "mode", *METRIC_COLUMNS, "seconds"]
+# recall@K against exact of the test-patch search and of the density self-search: approximate runs only
+RECALL_COLUMNS = ["query_recall", "density_recall"]
 
 
 def result_rows(results: list[CategoryResult]) -> list[dict]:
-    """One table row per (category, method): the metrics and the seconds of search + scoring, and
-    the test-patch search's recall against exact where it was approximate."""
+    """One table row per (category, method): its search mode (so rows of different modes are never
+    read as one figure), the metrics, the seconds of search + scoring, and the recall against exact of
+    each search that was approximate."""
     rows = []
     for r in results:
         for m in r.methods:
             seconds = r.timings.get("search", 0) + r.timings.get(f"score:{m.method.label}", 0)
-            row = {"category": r.category, "method": r.label(m.method),
-                   **{k: m.metrics.get(k, float("nan")) for k in RESULT_COLUMNS[2:6]},
+            row = {"category": r.category, "method": r.label(m.method), "mode": r.search_mode,
+                   **{k: m.metrics.get(k, float("nan")) for k in METRIC_COLUMNS},
                    "seconds": int(round(seconds))}
-            if "query_recall" in m.metrics:
-                row["query_recall"] = m.metrics["query_recall"]
+            row.update({k: m.metrics[k] for k in RECALL_COLUMNS if k in m.metrics})
             rows.append(row)
     return rows
 
 
 def columns_of(rows: list[dict]) -> list[str]:
-    """The table's columns: the standard ones, and recall when any row searched approximately."""
-    return RESULT_COLUMNS + (["query_recall"] if any("query_recall" in r for r in rows) else [])
+    """The table's columns: the standard ones, and each recall that any row measured."""
+    return RESULT_COLUMNS + [k for k in RECALL_COLUMNS if any(k in r for r in rows)]
+
+
+def with_footnote(table: str, rows: list[dict]) -> str:
+    """A table with the footnote its rows' modes need (`mode_footnote`), if any."""
+    note = mode_footnote(rows)
+    return table + (f"\n{note}\n" if note else "")
 
 
 def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, command_line: str,
@@ -79,14 +88,16 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
     folder.mkdir(parents=True)
     print()
     columns = columns_of(rows)
-    print(results_table_text(rows, columns))
-    markdown = results_table_markdown(rows, columns)
-    footer = (f"\n\nCommand: `{command_line}`  \nPreset: {config.preset}"
+    print(with_footnote(results_table_text(rows, columns), rows))
+    markdown = with_footnote(results_table_markdown(rows, columns), rows)
+    modes = ", ".join(dict.fromkeys(r.search_mode for r in results))
+    footer = (f"\n\nCommand: `{command_line}`  \nPreset: {config.preset} (mode: {modes})"
               + (f"  \nWall time: {wall:.0f} s" if wall else "") + f"  \nRun folder: {run}\n")
     files = [write_text_atomic(folder / "results.md", markdown + footer)]
     payload = {"command": command_line, "run": run, "wall_seconds": wall, "config": config.to_dict(),
-               "results": [{"category": r.category, "method": r.label(m.method), "metrics": m.metrics,
-                            "timings": r.timings, "bank_size": r.bank_size} for r in results for m in r.methods]}
+               "results": [{"category": r.category, "method": r.label(m.method), "mode": r.search_mode,
+                            "metrics": m.metrics, "timings": r.timings, "bank_size": r.bank_size}
+                           for r in results for m in r.methods]}
     if resolved:
         payload["resolved"] = resolved
     files.append(write_text_atomic(folder / "results.json", json.dumps(payload, indent=2, default=float)))

@@ -112,6 +112,17 @@ def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+# the note under any table with a coreset-densities row: its figures are of another quantity
+CORESET_NOTE = ("mode coreset-densities: densities are among coreset points, not the whole bank's (another "
+                "quantity than the exact and faithful rows', not an approximation of it)")
+
+
+def mode_footnote(rows: Sequence[Mapping[str, Any]], key: str = "mode") -> str:
+    """The one footnote line a table needs for its rows' search modes ("" when none needs one):
+    a coreset-densities row's densities are not the whole bank's, and a reader must not read them so."""
+    return CORESET_NOTE if any(r.get(key) == "coreset-densities" for r in rows) else ""
+
+
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """CSV text (header + one line per row, values as given), quoted where a value needs it."""
     buffer = io.StringIO()

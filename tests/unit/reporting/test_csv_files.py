@@ -26,12 +26,12 @@ def read_csv(path) -> list[dict]:
 
 def test_report_csv_keeps_method_specs_and_weight_paths_whole(tmp_path):
     rows = [{"category": "bottle", "backbone": "efficientnet_lite0", "weights": f"/w/{ODD}.safetensors",
-             "method": "ldknn(k=9,alpha=1)", "image_auroc": 0.5, "pixel_auroc": None, "aupro": 0.25}]
+             "method": "ldknn(k=9,alpha=1)", "mode": "exact", "image_auroc": 0.5, "pixel_auroc": None, "aupro": 0.25}]
     write_report(rows, [], tmp_path)
     back = read_csv(tmp_path / "report.csv")
     assert back == [{"category": "bottle", "backbone": "efficientnet_lite0", "weights": f"/w/{ODD}.safetensors",
-                     "method": "ldknn(k=9,alpha=1)", "image_auroc": "0.500000", "pixel_auroc": "",
-                     "aupro": "0.250000"}]
+                     "method": "ldknn(k=9,alpha=1)", "mode": "exact", "image_auroc": "0.500000", "pixel_auroc": "",
+                     "aupro": "0.250000", "query_recall": "", "density_recall": ""}]
 
 
 def test_selection_csv_keeps_a_map_spec_whole(tmp_path):

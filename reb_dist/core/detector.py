@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone
 from reb_dist.core.features import PatchFeatures, extract_features
-from reb_dist.core.ldknn.approx import RECALL_TARGET, self_search_recall
+from reb_dist.core.ldknn.approx import RECALL_TARGET
+from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
 from reb_dist.core.thresholds import Calibration

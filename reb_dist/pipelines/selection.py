@@ -59,6 +59,8 @@ class ClassTables:
     val_has_mask: np.ndarray | None = None  # (n,) bool: normal, or anomalous with a mask
     test_has_mask: np.ndarray | None = None  # (n,) bool, as evaluate counts pixel metrics (None: all)
     sigma: float = 4.0  # the map blur the pixel metrics are taken after
+    search_mode: str = "exact"  # what the bank's searches computed (Detector.search_mode)
+    density_recall: float | None = None  # recall@k_max of an approximate density search (None: exact)
 
 
 @dataclass
@@ -130,6 +132,8 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         if detector.index.query_search != "exact":
             recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
                                           bank.recall_sample, bank.seed)
+        detector.measure_density_recall(tune.k_max)
+        mode, density_recall = detector.search_mode, detector.density_recall.get(tune.k_max)
     finally:
         detector.close()
     # as evaluate does: pixel metrics count normal images and anomalous ones that have a mask
@@ -138,7 +142,8 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
                        np.array([s.label for s in v.test]), test_masks if test_masks.any() else None,
                        [s.defect_type for s in v.test], v.record(),
                        {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall,
-                       val_pixel if val_pixel.any() else None, val_has_mask, test_has_mask, scoring.sigma)
+                       val_pixel if val_pixel.any() else None, val_has_mask, test_has_mask, scoring.sigma,
+                       mode, density_recall)
 
 
 def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: ScoringConfig) -> tuple[int, float, float]:

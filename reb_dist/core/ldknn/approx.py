@@ -100,21 +100,6 @@ def recall_at_k(exact_ids: np.ndarray, found_ids: np.ndarray) -> float:
     return hits / exact_ids.size
 
 
-def self_search_recall(index, k: int, sample: int = CALIBRATION_SAMPLE, seed: int = 0) -> float:
-    """recall@K of an index's bank self-search (the density build's) against exact, on seeded bank points.
-
-    Works for any `Index` (in process or sharded): the approximate K nearest other points of the
-    sample (`search_bank_points`) against the exact ones (`search(..., exact=True)` less self).
-    """
-    from reb_dist.core.ldknn.search import drop_self
-
-    n = len(index)
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False)).astype(np.int64)
-    dist, ids = index.search(index.vectors(rows), k + 1, exact=True)
-    exact_ids = drop_self(dist, ids, rows, k)[1]
-    return recall_at_k(exact_ids, index.search_bank_points(rows, k)[1])
-
-
 def query_recall(index, queries: np.ndarray, k: int, sample: int = 2000, seed: int = 0) -> float:
     """recall@K of an index's query search against exact search, on a seeded sample of queries.
 

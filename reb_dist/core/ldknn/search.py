@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reb_dist.core.ldknn.approx import (CALIBRATION_SAMPLE, RECALL_TARGET, build_approximate, calibrate_nprobe,
-                                        resolve_neighbour_search)
+                                        recall_at_k, resolve_neighbour_search)
 
 EXTRA_CANDIDATES = 8
 SEARCH_BATCH = 16384  # queries per faiss call: bounded memory, visible progress
@@ -109,6 +109,19 @@ def check_bank(bank: np.ndarray, dtype: str) -> np.ndarray:
     if bank.ndim != 2 or len(bank) == 0:
         raise ValueError(f"a memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
     return np.ascontiguousarray(bank, dtype=np.dtype(dtype))
+
+
+def self_search_recall(index, k: int, sample: int = CALIBRATION_SAMPLE, seed: int = 0) -> float:
+    """recall@K of an index's bank self-search (the density build's) against exact, on seeded bank points.
+
+    Works for any `Index` (in process or sharded): the approximate K nearest other points of the
+    sample (`search_bank_points`) against the exact ones (`search(..., exact=True)` less self).
+    """
+    n = len(index)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False)).astype(np.int64)
+    dist, ids = index.search(index.vectors(rows), k + 1, exact=True)
+    exact_ids = drop_self(dist, ids, rows, k)[1]
+    return recall_at_k(exact_ids, index.search_bank_points(rows, k)[1])
 
 
 class BankIndex:

@@ -8,7 +8,8 @@ from reb_dist.io.shard_file import read_shard, write_shards
 from reb_dist.core.ldknn import BankIndex
 from reb_dist.core.ldknn import approx
 from reb_dist.core.ldknn.approx import (EXACT_UP_TO, build_approximate, ivf_lists, recall_at_k,
-                                        resolve_neighbour_search, self_search_recall)
+                                        resolve_neighbour_search)
+from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.bank_stats import BankStats
 from reb_dist.core.ldknn.search import merge_nearest
 

@@ -10,6 +10,7 @@ run FAILED; runs a killed job left RUNNING are closed FAILED by the next submiss
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,20 +38,23 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     store = SweepLog(tracking_uri or f"sqlite:///{out / 'mlflow.db'}", experiment, sweep.name,
                      {"name": sweep.name, "base": sweep.base, "methods": sweep.methods,
                       "cells": [asdict(c) for c in sweep.cells]}, str(out))
-    # `ray job stop` sends SIGTERM: turn it into an exception so the MLflow run ends FAILED
-    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    # `ray job stop` sends SIGTERM: turn it into an exception so the MLflow run ends FAILED, but only
+    # between cells: a cell's MLflow runs, file and done.log line are kept together or not at all
+    stop = _DeferredStop()
+    previous = signal.signal(signal.SIGTERM, stop.handle)
     cells = run_cells(sweep, todo, out)
     try:
         for cell, cell_result in cells:
             result = {"cell": asdict(cell), **cell_result}
             mode = cell_mode(result)
-            store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category, "backbone": cell.backbone,
-                                     "mode": mode},
-                           {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "mode": mode},
-                           result["methods"])
-            write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
-            with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
-                fh.write(f"{cell.id}\n")
+            with stop.deferred():
+                store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category,
+                                         "backbone": cell.backbone, "mode": mode},
+                               {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "mode": mode},
+                               result["methods"])
+                write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
+                with open(out / "done.log", "a") as fh:  # one line per completed cell, ever
+                    fh.write(f"{cell.id}\n")
         results = {c.id: json.loads((out / "cells" / f"{c.id}.json").read_text()) for c in sweep.cells}
         _write_summary(sweep, out, results)
         store.close("FINISHED")
@@ -83,8 +87,28 @@ def sweep_file(path: str | Path, out_dir: str | Path | None = None, tracking_uri
     return results
 
 
-def _raise_system_exit(signum, frame):
-    raise SystemExit(f"stopped by signal {signum}")
+class _DeferredStop:
+    """A SIGTERM handler that raises SystemExit at once, or, inside `deferred()`, when it ends."""
+
+    def __init__(self):
+        self.holding = False
+        self.received: int | None = None
+
+    def handle(self, signum, frame):
+        if self.holding:
+            self.received = signum
+        else:
+            raise SystemExit(f"stopped by signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.received is not None:
+            raise SystemExit(f"stopped by signal {self.received}")
 
 
 def cell_mode(result: dict) -> str:

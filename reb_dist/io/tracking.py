@@ -333,13 +333,23 @@ class SweepLog:
 
     def log_cell(self, cell_id: str, tags: dict[str, str], params: dict[str, str],
                  methods: dict[str, dict[str, float]]) -> None:
-        """One FINISHED nested run per method of a cell, tagged `tags` + method, with `params`."""
+        """One FINISHED nested run per method of a cell, tagged `tags` + cell + method, with `params`.
+
+        Idempotent: a method this sweep already logged FINISHED for this cell (by an earlier submission
+        stopped before the cell's file was written, which therefore reruns the cell) is not logged again.
+        """
         from mlflow.entities import Metric, Param
 
+        logged = {r.data.tags.get("method") for r in self.client.search_runs(
+            [self.experiment_id], f"tags.sweep = '{self.sweep}' and tags.kind = 'cell' and tags.cell = '{cell_id}' "
+            "and attributes.status = 'FINISHED'")}
         now = int(time.time() * 1000)
         for method, metrics in methods.items():
+            if method in logged:
+                continue
             run = self.client.create_run(self.experiment_id, run_name=f"{cell_id}/{method}", tags={
-                "mlflow.parentRunId": self.run_id, "sweep": self.sweep, "kind": "cell", **tags, "method": method})
+                "mlflow.parentRunId": self.run_id, "sweep": self.sweep, "kind": "cell", **tags, "cell": cell_id,
+                "method": method})
             self.client.log_batch(run.info.run_id,
                                   metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()],
                                   params=[Param(k, str(v)) for k, v in {**params, "method": method}.items()])

@@ -1,0 +1,45 @@
+"""A sweep's MLflow bookkeeping survives a stop between logging a cell and writing its file."""
+
+import os
+import signal
+
+import mlflow
+import pytest
+
+from reb_dist.commands.sweep import _DeferredStop
+from reb_dist.io.tracking import SweepLog
+
+
+def cell_runs(uri):
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    return sorted((r.data.tags["cell"], r.data.tags["method"]) for r in runs if r.data.tags.get("kind") == "cell")
+
+
+def test_a_cell_logged_by_a_stopped_submission_is_not_logged_again(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    methods = {"knn(k=9)": {"image_auroc": 0.9}, "ldknn(k=9,alpha=1)": {"image_auroc": 0.95}}
+    first = SweepLog(uri, "sweeps", "s", {}, str(tmp_path))
+    first.log_cell("c1", {"category": "bottle"}, {"bank_size": 10}, methods)
+    # stopped here: c1's file was never written, so the next submission reruns c1 and logs it again
+    second = SweepLog(uri, "sweeps", "s", {}, str(tmp_path))
+    second.log_cell("c1", {"category": "bottle"}, {"bank_size": 10}, methods)
+    second.log_cell("c2", {"category": "bottle"}, {"bank_size": 10}, {"knn(k=9)": {"image_auroc": 0.8}})
+    assert cell_runs(uri) == [("c1", "knn(k=9)"), ("c1", "ldknn(k=9,alpha=1)"), ("c2", "knn(k=9)")]
+
+
+def test_a_sigterm_inside_a_cells_bookkeeping_stops_the_sweep_only_after_it():
+    stop = _DeferredStop()
+    previous = signal.signal(signal.SIGTERM, stop.handle)
+    steps = []
+    try:
+        with pytest.raises(SystemExit, match="signal 15"):
+            with stop.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("file written")
+                steps.append("done.log written")
+        assert steps == ["file written", "done.log written"]
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGTERM)  # outside a cell's bookkeeping: at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -54,7 +54,7 @@ class ClassTables:
     test_types: list[str]
     split: dict
     seconds: dict = field(default_factory=dict)
-    query_recall: float | None = None  # recall@1 of an approximate test-patch search (None: exact)
+    query_recall: float | None = None  # recall@1 of the approximate test-patch search run (None: exact)
     val_pixel_masks: np.ndarray | None = None  # (n, S, S) 0/1 masks of the validation images
     val_has_mask: np.ndarray | None = None  # (n,) bool: normal, or anomalous with a mask
     test_has_mask: np.ndarray | None = None  # (n,) bool, as evaluate counts pixel metrics (None: all)
@@ -131,7 +131,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         recall = None
         if detector.index.query_search != "exact":
             recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
-                                          bank.recall_sample, bank.seed)
+                                          bank.recall_sample, bank.seed, search_k=query_k)
         detector.measure_density_recall(tune.k_max)
         mode, density_recall = detector.search_mode, detector.density_recall.get(tune.k_max)
     finally:

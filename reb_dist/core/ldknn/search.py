@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from reb_dist.core.ldknn.approx import (CALIBRATION_SAMPLE, RECALL_TARGET, build_approximate, calibrate_nprobe,
-                                        recall_at_k, resolve_neighbour_search)
+from reb_dist.core.ldknn.approx import (CALIBRATION_SAMPLE, QUERY_CALIBRATION_MIN, RECALL_TARGET, build_approximate,
+                                        calibrate_nprobe, recall_at_k, resolve_neighbour_search)
 
 EXTRA_CANDIDATES = 8
 SEARCH_BATCH = 16384  # queries per faiss call: bounded memory, visible progress
@@ -159,8 +159,10 @@ class BankIndex:
         self.nprobe = nprobe
         self.recall_target = recall_target
         self.seed = seed
-        # K -> (nprobe, recall@K on the calibration sample), filled as searches of each K run
+        # K -> (nprobe, recall@K on the calibration sample), filled as searches of each K run: of
+        # the bank's own points (the density build), and of the last large set of test patches
         self.calibration: dict[int, tuple[int, float]] = {}
+        self.query_calibration: dict[int, tuple[int, float]] = {}
         self._approximate: dict = {}  # kind -> faiss index, built on first use
         self.index = None
         if dtype == "float32":
@@ -210,10 +212,13 @@ class BankIndex:
         dist = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         kind = "exact" if exact else self.neighbour_search if approximate else self.query_search
+        of_queries = not (exact or approximate)
+        if kind == "ivf" and of_queries and not self.nprobe and len(queries) >= QUERY_CALIBRATION_MIN:
+            self.calibrate_on_queries(queries, k, k_fetch)
         starts = range(0, len(queries), batch_size)
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
-            found = self._candidates(q, k_fetch, kind, k)
+            found = self._candidates(q, k_fetch, kind, k, of_queries)
             short = (found[:, :k] < 0).any(axis=1)
             if kind != "exact" and short.any():  # the visited lists held fewer than K points
                 found[short] = self._candidates(q[short], k_fetch, "exact")
@@ -227,12 +232,29 @@ class BankIndex:
             self._approximate[kind] = build_approximate(self.bank, kind, nprobe=self.nprobe or 1, seed=self.seed)
         return self._approximate[kind]
 
-    def calibrated_nprobe(self, k: int, k_fetch: int) -> int:
+    def calibrate_on_queries(self, queries: np.ndarray, k: int, k_fetch: int) -> tuple[int, float]:
+        """Calibrate the test patches' nprobe for K on a seeded sample of `queries` themselves (their
+        exact K nearest vs IVF candidates), keep it in `query_calibration[k]` and return it.
+
+        The sample is drawn with seed + 1, so that `query_recall` (seeded with `seed`) measures the
+        recall mostly on other queries than the ones the nprobe was chosen on."""
+        rows = np.random.default_rng(self.seed + 1).choice(len(queries), min(CALIBRATION_SAMPLE, len(queries)),
+                                                            replace=False)
+        sample = as_float32(queries[np.sort(rows)])
+        exact_ids = self.search(sample, k, exact=True)[1]
+        self.query_calibration[k] = calibrate_nprobe(self.approximate_index("ivf"), sample, exact_ids, k_fetch,
+                                                     self.recall_target)
+        return self.query_calibration[k]
+
+    def calibrated_nprobe(self, k: int, k_fetch: int, of_queries: bool = False) -> int:
         """IVF lists to probe for a K-nearest search fetching `k_fetch` candidates: `nprobe` when set,
         else the smallest power of two that finds `recall_target` of the sample's K nearest other
-        bank points (calibrated once per K; the result is kept in `calibration`)."""
+        bank points (calibrated once per K; the result is kept in `calibration`). For test patches
+        (`of_queries`), the last calibration on test patches of this K (`calibrate_on_queries`) wins."""
         if self.nprobe:
             return self.nprobe
+        if of_queries and k in self.query_calibration:
+            return self.query_calibration[k][0]
         if k not in self.calibration:
             n = len(self)
             rows = np.random.default_rng(self.seed).choice(n, min(CALIBRATION_SAMPLE, n), replace=False)
@@ -245,13 +267,14 @@ class BankIndex:
                                                    min(k_fetch + 1, n), self.recall_target)
         return self.calibration[k][0]
 
-    def _candidates(self, queries: np.ndarray, k: int, kind: str, k_wanted: int | None = None) -> np.ndarray:
+    def _candidates(self, queries: np.ndarray, k: int, kind: str, k_wanted: int | None = None,
+                    of_queries: bool = False) -> np.ndarray:
         import faiss
 
         if kind != "exact":
             index = self.approximate_index(kind)
             if kind == "ivf":
-                index.nprobe = self.calibrated_nprobe(k_wanted or k, k)
+                index.nprobe = self.calibrated_nprobe(k_wanted or k, k, of_queries)
             return index.search(queries, k)[1]
         if self.index is not None:
             return self.index.search(queries, k)[1]

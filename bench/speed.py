@@ -65,7 +65,7 @@ def parse_methods(text: str, cfg: RunConfig) -> list[ScoringMethod]:
     out = []
     for spec in filter(None, text.split(",")):
         own, _, mapped = spec.partition("+map:")
-        out.append(parse_method(own, s.k, s.alpha, s.squared, map_spec=mapped.replace(";", ",")))
+        out.append(parse_method(own.replace(";", ","), s.k, s.alpha, s.squared, map_spec=mapped.replace(";", ",")))
     return out
 
 
@@ -97,7 +97,8 @@ def run_variant(spec: str, base: list[str], methods_text: str, backbone, train: 
                "bank_mb": detector.bank.nbytes / 2 ** 20,
                "query_recall": max(detector.query_recall.items())[1] if detector.query_recall else 1.0,
                "density_recall": max(detector.density_recall.items())[1] if detector.density_recall else 1.0,
-               "calibration": getattr(index, "calibration", {})}
+               "calibration": getattr(index, "calibration", {}),
+               "query_calibration": getattr(index, "query_calibration", {})}
     rows = {}
     for m in methods:
         s = scores[m]
@@ -131,7 +132,7 @@ def main() -> None:
     p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--variants", default="exact,faithful,coreset-densities")
     p.add_argument("--methods", default="nn1,knn,ldknn,ldknn:k=25,ldknn+map:knn",
-                   help="comma-separated; 'A+map:B' = image score A, anomaly map B (';' for a comma inside B)")
+                   help="comma-separated; 'A+map:B' = image score A, anomaly map B; ';' for a comma inside a method (ldknn:k=61;alpha=1.75)")
     args = p.parse_args()
     print_command()
     base = [f"data.root={args.root}", "tracking.enabled=false", "cache.enabled=false", *args.overrides]

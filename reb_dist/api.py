@@ -73,18 +73,20 @@ class Model:
         self.category = model_metadata(path).get("category") if path is not None else None
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Model:
+    def load(cls, path: str | Path, device: str | None = None, engine: str | None = None) -> Model:
         """A model from a file written by `reb fit` (its backbone's weights checked by fingerprint).
 
         Args:
             path: the .safetensors model file.
             device: where features are computed (default: the one it was fitted with; "auto" picks
                 CUDA when there is a GPU).
+            engine: what runs the forward pass: "auto" (ONNX Runtime on CPU), "torch" or
+                "onnxruntime" (default: the model's setting). Scores agree within float rounding.
 
         Raises:
             ModelFileError: the file is missing, not a model file, or its backbone weights differ.
         """
-        return cls(load_model(path, device), path)
+        return cls(load_model(path, device, engine=engine), path)
 
     @classmethod
     def fit(cls, root: str | Path = "sample", category: str | None = None, output: str | Path | None = None,

@@ -57,6 +57,9 @@ class BackboneConfig:
     layer_dim: int = 1024  # adaptive only
     target_dim: int = 1024  # adaptive only
     device: str = "auto"  # auto | cpu | cuda
+    # what runs the forward pass: auto (onnxruntime on CPU when installed, else torch) | torch | onnxruntime
+    engine: str = "auto"
+    threads: int = 0  # CPU threads of torch, ONNX Runtime and faiss; 0: this process's CPUs (a Ray worker's share)
 
 
 @dataclass
@@ -329,6 +332,7 @@ RANGES: dict[str, str] = {
     "data.few_shot": "[0, inf)",  # 0: every training image
     "backbone.layer_dim": "[1, inf)",
     "backbone.target_dim": "[1, inf)",
+    "backbone.threads": "[0, inf)",  # 0: the CPUs this process may use
     "bank.coreset_ratio": "(0, 1]",
     "bank.coreset_projection_dim": "[0, inf)",  # 0: no projection
     "bank.seed": "[0, inf)",  # numpy refuses negative seeds
@@ -385,6 +389,7 @@ def _choices() -> dict[str, tuple]:
     from reb_dist.core.anomaly_map import IMAGE_SCORE_REDUCTIONS
     from reb_dist.core.backbones import available_backbones
     from reb_dist.core.defectmaker import TASKS
+    from reb_dist.core.feature_engines import ENGINES
     from reb_dist.core.features import AGGREGATIONS
     from reb_dist.core.ldknn import CORESET_METHODS
     from reb_dist.core.ldknn.approx import NEIGHBOUR_SEARCHES
@@ -397,6 +402,7 @@ def _choices() -> dict[str, tuple]:
         "data.layout": tuple(LAYOUTS),
         "backbone.name": tuple(available_backbones()),
         "backbone.aggregation": AGGREGATIONS,
+        "backbone.engine": ENGINES,
         "bank.coreset_method": CORESET_METHODS,
         "bank.dtype": STORAGE_DTYPES,
         "bank.neighbour_search": NEIGHBOUR_SEARCHES,

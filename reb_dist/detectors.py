@@ -8,6 +8,7 @@ never sees a settings class and the settings never reach into the core's objects
 from __future__ import annotations
 
 from dataclasses import asdict, fields
+from pathlib import Path
 
 from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
 from reb_dist.core.backbones import build_backbone
@@ -37,12 +38,16 @@ def bank_plan(bank: BankConfig | None) -> BankPlan:
 
 
 def build_detector(backbone: BackboneConfig, scoring: ScoringConfig, image_size: int = 256,
-                   bank: BankConfig | None = None, index_factory: IndexFactory | None = None) -> Detector:
-    """A detector with the configured backbone and its weights (ImageNet or a weights file)."""
+                   bank: BankConfig | None = None, index_factory: IndexFactory | None = None,
+                   graph_folder: str | Path | None = None) -> Detector:
+    """A detector with the configured backbone and its weights (ImageNet or a weights file), its
+    feature engine and threads; `graph_folder` is where an ONNX engine caches its graph (default:
+    beside the default feature cache)."""
     return Detector(build_backbone(backbone.name, backbone.weights), detector_scoring(scoring), image_size,
                     aggregation=backbone.aggregation, layer_dim=backbone.layer_dim, target_dim=backbone.target_dim,
                     device=backbone.device, bank=bank_plan(bank), index_factory=index_factory,
-                    settings={"backbone": asdict(backbone), "scoring": asdict(scoring)})
+                    settings={"backbone": asdict(backbone), "scoring": asdict(scoring)},
+                    engine=backbone.engine, threads=backbone.threads, graph_folder=graph_folder)
 
 
 def set_scoring(detector: Detector, scoring: ScoringConfig) -> None:

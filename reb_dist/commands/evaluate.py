@@ -11,6 +11,7 @@ from reb_dist.commands.placement import bank_placement
 from reb_dist.config import RunConfig
 from reb_dist.detectors import detector_backbone, detector_scoring_settings
 from reb_dist.errors import ConfigError
+from reb_dist.io.feature_cache import cache_folder
 from reb_dist.io.model_file import load_model, model_metadata
 from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.evaluate import categories_of, evaluate_category
@@ -18,6 +19,8 @@ from reb_dist.reporting.results import write_results
 from reb_dist.results import CategoryResult
 
 log = logging.getLogger(__name__)
+# backbone settings that are the user's to choose at evaluation, not the model's (finetuned: benchmark only)
+RUNTIME_BACKBONE_SETTINGS = ("device", "engine", "threads", "finetuned")
 
 
 def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> CategoryResult:
@@ -47,19 +50,21 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     category = categories[0]
     placement = bank_placement(cfg)
     detector = load_model(model, cfg.backbone.device, bank=cfg.bank,
-                          index_factory=placement(category) if placement else None)
+                          index_factory=placement(category) if placement else None,
+                          engine=cfg.backbone.engine, threads=cfg.backbone.threads,
+                          graph_folder=cache_folder(cfg.cache) / "onnx")
     backbone, scoring = detector_backbone(detector), detector_scoring_settings(detector)
     resolved = {"model": str(model), "backbone": asdict(backbone), "scoring": asdict(scoring),
                 "image_size": detector.image_size}
     if fitted_on is not None:
         resolved["category"] = fitted_on
-    # Say so wherever the user's settings differ from the model's (device is the user's to choose,
-    # finetuned is read by benchmark only): a silently replaced --backbone or k misleads.
+    # Say so wherever the user's settings differ from the model's (device, engine and threads are the
+    # user's to choose, finetuned is read by benchmark only): a silently replaced --backbone or k misleads.
     def show(value) -> str:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
     differences = [(f"backbone.{k}", v, getattr(backbone, k))
-                   for k, v in asdict(cfg.backbone).items() if k not in ("device", "finetuned")]
+                   for k, v in asdict(cfg.backbone).items() if k not in RUNTIME_BACKBONE_SETTINGS]
     differences += [(f"scoring.{k}", v, getattr(scoring, k)) for k, v in asdict(cfg.scoring).items()]
     differences.append(("data.image_size", cfg.data.image_size, detector.image_size))
     for key, yours, models in differences:

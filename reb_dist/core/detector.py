@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,9 @@ from tqdm.auto import tqdm
 
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone
-from reb_dist.core.features import PatchFeatures, extract_features
+from reb_dist.core.feature_engines import (OnnxRuntimeEngine, TorchEngine, apply_threads, default_graph_folder,
+                                           graph_key, onnxruntime_engine, resolve_engine)
+from reb_dist.core.features import PatchFeatures
 from reb_dist.core.ldknn.approx import RECALL_TARGET
 from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
@@ -126,12 +129,16 @@ class Detector:
         index_factory: builds the bank's `Index` (default: `in_process_index(bank)`).
         settings: the settings it was made from, as plain mappings ("backbone", "scoring"): stored
             with a saved model and reported; the detector itself never reads them.
+        engine: what runs the forward pass: "auto", "torch" or "onnxruntime" (`core.feature_engines`).
+        threads: CPU threads of torch, ONNX Runtime and faiss (0: the CPUs this process may use).
+        graph_folder: where the ONNX engine caches its exported graph (default: beside the feature cache).
     """
 
     def __init__(self, backbone: Backbone, scoring: DetectorScoring, image_size: int = 256, *,
                  aggregation: str = "avgpool", layer_dim: int = 1024, target_dim: int = 1024,
                  device: str = "auto", bank: BankPlan | None = None, index_factory: IndexFactory | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, engine: str = "auto", threads: int = 0,
+                 graph_folder: str | Path | None = None):
         self.backbone = backbone
         self.plan = bank or BankPlan()
         self.scoring = scoring
@@ -141,6 +148,10 @@ class Detector:
         self.device = resolve_device(device)
         self.features = PatchFeatures(backbone.model, aggregation, layer_dim, target_dim)
         self.features.to(self.device).eval()
+        self.threads = apply_threads(threads)
+        self.engine_name = resolve_engine(engine, self.device)
+        self.graph_folder = Path(graph_folder) if graph_folder else default_graph_folder()
+        self._engine = None  # built on first use: a detector that only scores features never exports
         self.index_factory = index_factory or in_process_index(self.plan, self.device.type == "cuda")
         self.bank: np.ndarray | None = None
         self.scorer: BankScorer | None = None
@@ -164,11 +175,27 @@ class Detector:
         start = time.perf_counter()
         images = (b["image"] if isinstance(b, dict) else b
                   for b in tqdm(batches, total=total, desc=desc, unit="batch", leave=False))
-        out = list(extract_features(self.features, images, self.device))
+        engine = self.feature_engine
+        out = [engine(x) for x in images]
         self.timings.add("features", start)
         if not out:
             raise ValueError("no images to extract features from")
         return np.concatenate(out)
+
+    @property
+    def feature_engine(self) -> TorchEngine | OnnxRuntimeEngine:
+        """The engine that runs the forward pass (`engine_name`), built on first use."""
+        if self._engine is None:
+            start = time.perf_counter()
+            if self.engine_name == "onnxruntime":
+                key = graph_key(self.backbone.name, self.backbone.fingerprint, self.aggregation, self.layer_dim,
+                                self.target_dim, self.image_size)
+                self._engine = onnxruntime_engine(self.features, self.backbone.channels, key, self.image_size,
+                                                  self.graph_folder, self.threads)
+            else:
+                self._engine = TorchEngine(self.features, self.device)
+            self.timings.add("engine", start)
+        return self._engine
 
     # --- bank
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reb_dist.core.anomaly_map import gaussian_kernel1d
-from reb_dist.core.features import aggregate_avgpool
+from reb_dist.core.features import ExportableFeatures, adaptive_pool_matrix  # noqa: F401 (re-exported)
 from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, neighbour_scores
 from reb_dist.core.ldknn.scorers import ScoringMethod
 
@@ -55,51 +55,6 @@ class Threshold:
         if float(t32) < threshold:
             t32 = np.nextafter(t32, np.float32(np.inf))
         return cls(float(t32), low, high)
-
-
-def adaptive_pool_matrix(length: int, size: int) -> torch.Tensor:
-    """(length, size) matrix M with x @ M == F.adaptive_avg_pool1d(x, size) for rows x of `length`.
-
-    ONNX has no adaptive pooling to a size that does not divide the input; a fixed matrix of the
-    same averages exports everywhere. Row j is the pooling of the j-th unit vector.
-    """
-    return F.adaptive_avg_pool1d(torch.eye(length).unsqueeze(1), size).squeeze(1)
-
-
-class ExportableFeatures(nn.Module):
-    """`PatchFeatures` with its "adaptive" aggregation's pooling done by fixed matrices (see
-    `adaptive_pool_matrix`); "avgpool" is used as it is.
-
-    Args:
-        features: the detector's `PatchFeatures`.
-        channels: (C2, C3) of its backbone's stages (`Backbone.channels`).
-    """
-
-    def __init__(self, features: nn.Module, channels: tuple[int, int]):
-        super().__init__()
-        self.backbone = features.backbone
-        self.aggregation = features.aggregation
-        if self.aggregation == "adaptive":
-            layer_dim, target_dim = features.layer_dim, features.target_dim
-            self.register_buffer("pool_stage2", adaptive_pool_matrix(channels[0] * 9, layer_dim))
-            self.register_buffer("pool_stage3", adaptive_pool_matrix(channels[1] * 9, layer_dim))
-            self.register_buffer("pool_stages", adaptive_pool_matrix(layer_dim * 2, target_dim))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised images -> (B, D, h, w) patch features."""
-        stages = self.backbone(images)
-        if self.aggregation == "avgpool":
-            return aggregate_avgpool(stages)
-        h, w = stages[0].shape[-2:]
-        per_stage = []
-        for s, pool in zip(stages, (self.pool_stage2, self.pool_stage3)):
-            # as aggregate_adaptive: unfold 3x3, upsample to stage 2's grid, pool each C*9 vector
-            patches = F.unfold(s, kernel_size=3, padding=1)
-            patches = patches.reshape(patches.shape[0], patches.shape[1], s.shape[2], s.shape[3])
-            if patches.shape[-2:] != (h, w):
-                patches = F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=False)
-            per_stage.append(patches.permute(0, 2, 3, 1) @ pool)  # (B, h, w, layer_dim)
-        return (torch.cat(per_stage, -1) @ self.pool_stages).permute(0, 3, 1, 2)
 
 
 class ExportedDetector(nn.Module):

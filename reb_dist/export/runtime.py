@@ -2,7 +2,7 @@
 
 Nothing here imports the backbone's weights package, timm, faiss, Ray or MLflow, and the ONNX path
 does not import torch either: a deployment needs the exported file, its `<file>.json` metadata and
-`pip install reb-dist[export]` (onnxruntime), or torch alone for a TorchScript file.
+onnxruntime (`pip install onnxruntime`), or torch alone for a TorchScript file.
 
     model = load_exported("bottle.onnx")
     result = model.score_files(["new/001.png", "new/002.png"])
@@ -107,7 +107,7 @@ class ExportedModel:
             import onnxruntime as ort
         except ImportError as exc:
             raise ModelFileError(f"{self.path}: scoring an ONNX model needs onnxruntime "
-                                 "(pip install 'reb-dist[export]')") from exc
+                                 "(pip install onnxruntime)") from exc
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

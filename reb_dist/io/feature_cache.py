@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from reb_dist.version import __version__
 from reb_dist.config import CacheConfig
+from reb_dist.core.feature_engines import cache_home
 from reb_dist.errors import ModelFileError
 from reb_dist.io.atomic import write_atomic
 from reb_dist.io.tensor_files import read_tensors
@@ -47,9 +48,7 @@ _TEMP = re.compile(r"\.[0-9a-f]{64}\.safetensors\.\d+\.[0-9a-f]{8}\.tmp")  # wri
 
 def default_folder() -> Path:
     """$XDG_CACHE_HOME/reb-dist/features, or ~/.cache/reb-dist/features when that is unset or relative."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(base) if base and Path(base).is_absolute() else Path("~/.cache").expanduser()
-    return root / "reb-dist" / "features"
+    return cache_home() / "features"
 
 
 def cache_folder(cfg: CacheConfig) -> Path:
@@ -60,13 +59,14 @@ def cache_folder(cfg: CacheConfig) -> Path:
 def extraction_settings(detector: Detector) -> dict:
     """Everything except the image that a detector's patch features depend on (part of every key).
 
-    The device type is included because CPU and GPU kernels do not give bit-identical floats.
+    The device type and the feature engine are included because their kernels do not give
+    bit-identical floats.
     """
     d = detector
     return {"backbone": d.backbone.name, "fingerprint": d.backbone.fingerprint,
             "image_size": int(d.image_size), "aggregation": d.aggregation,
             "layer_dim": int(d.layer_dim), "target_dim": int(d.target_dim),
-            "device": detector.device.type, "reb_dist": __version__}
+            "device": detector.device.type, "engine": detector.engine_name, "reb_dist": __version__}
 
 
 def file_sha256(path: str | Path) -> str:

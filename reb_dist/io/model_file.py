@@ -73,7 +73,8 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
 
 
 def load_model(path: str | Path, device: str | None = None, bank: BankConfig | None = None,
-               index_factory: IndexFactory | None = None) -> Detector:
+               index_factory: IndexFactory | None = None, engine: str | None = None, threads: int | None = None,
+               graph_folder: str | Path | None = None) -> Detector:
     """A detector from a model file, its backbone checked against the stored fingerprint.
 
     Args:
@@ -81,6 +82,10 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
         device: where features are computed (default: the device the model was fitted with).
         bank: how to hold the bank this time (storage dtype, search); default settings if None.
         index_factory: builds the bank's index (default: in process; see reb_dist.pipelines.bank).
+        engine: what runs the forward pass ("auto", "torch", "onnxruntime"; default: the model's
+            setting, "auto" in files saved before engines existed). Any engine scores a model alike.
+        threads: CPU threads (default: the model's setting; 0: this process's CPUs).
+        graph_folder: where an ONNX engine caches its graph (default: beside the default feature cache).
 
     Returns:
         The detector, with its bank indexed, its densities preloaded and its calibration restored
@@ -102,9 +107,10 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
     calibration = _read_calibration(path, meta.get("calibration"))
-    if device is not None:
-        backbone_cfg.device = device
-    detector = build_detector(backbone_cfg, scoring, image_size, bank, index_factory)
+    for key, value in (("device", device), ("engine", engine), ("threads", threads)):
+        if value is not None:  # the loader's to choose: the model's features do not depend on them
+            setattr(backbone_cfg, key, value)
+    detector = build_detector(backbone_cfg, scoring, image_size, bank, index_factory, graph_folder)
     if detector.backbone.fingerprint != meta.get("backbone_fingerprint"):
         raise ModelFileError(
             f"{path}: was fitted with {backbone_cfg.name} weights of fingerprint "

@@ -19,7 +19,7 @@ from reb_dist.config import SAMPLE_DATA, CacheConfig, RunConfig, ScoringConfig
 from reb_dist.core.backbones import build_backbone, feature_fingerprint
 from reb_dist.core.detector import Detector
 from reb_dist.detectors import detector_scoring
-from reb_dist.core.features import PatchFeatures
+from reb_dist.core.feature_engines import OnnxRuntimeEngine, TorchEngine
 from reb_dist.io.data import Sample
 from reb_dist.io.feature_cache import (FEATURE_CACHE_FORMAT, FeatureCache, default_folder, extraction_settings,
                                        feature_key, file_sha256)
@@ -33,15 +33,14 @@ SIZE = 64  # small images: every extraction here takes a fraction of a second
 
 @pytest.fixture
 def forwards(monkeypatch):
-    """Images passed through the backbone, per forward call."""
+    """Images passed through the backbone, per forward call of either feature engine."""
     seen: list[int] = []
-    original = PatchFeatures.forward
+    for engine in (TorchEngine, OnnxRuntimeEngine):
+        def counting(self, images, original=engine.__call__):
+            seen.append(int(images.shape[0]))
+            return original(self, images)
 
-    def counting(self, images):
-        seen.append(int(images.shape[0]))
-        return original(self, images)
-
-    monkeypatch.setattr(PatchFeatures, "forward", counting)
+        monkeypatch.setattr(engine, "__call__", counting)
     return seen
 
 
@@ -85,7 +84,8 @@ def test_the_key_changes_with_every_input_and_with_nothing_else(tmp_path, backbo
     image = file_sha256(images[0].image_path)
     key = feature_key(base, image)
     changed = [{"fingerprint": "0" * 16}, {"backbone": "resnet18"}, {"image_size": SIZE * 2},
-               {"aggregation": "adaptive"}, {"layer_dim": 512}, {"target_dim": 512}, {"device": "cuda"}]
+               {"aggregation": "adaptive"}, {"layer_dim": 512}, {"target_dim": 512}, {"device": "cuda"},
+               {"engine": "torch" if base["engine"] != "torch" else "onnxruntime"}]
     keys = {feature_key({**base, **c}, image) for c in changed} | {key, feature_key(base, "f" * 64)}
     assert len(keys) == len(changed) + 2
 

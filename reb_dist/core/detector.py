@@ -239,13 +239,15 @@ class Detector:
         "faithful": the whole bank, candidates found approximately and re-ranked exactly, so nearest
             points and densities are the exact ones wherever the search found them (recall measured);
         "coreset-densities": a coreset bank, whose densities are taken among coreset points (another
-            quantity than the whole bank's, not an approximation of it).
+            quantity than the whole bank's, not an approximation of it);
+        "auto": not fitted yet, and "auto" searches, which are exact or faithful by the bank's size.
         """
         if self.plan.coreset_ratio < 1.0:
             return "coreset-densities"
         index = self.index
-        if index is None:
-            return "exact" if {self.plan.query_search, self.plan.neighbour_search} == {"exact"} else "faithful"
+        if index is None:  # "auto" resolves by the bank's size, unknown until it is fitted
+            kinds = {self.plan.query_search, self.plan.neighbour_search}
+            return "exact" if kinds == {"exact"} else "auto" if "auto" in kinds else "faithful"
         kinds = {getattr(index, "query_search", "exact"), getattr(index, "neighbour_search", "exact")}
         return "exact" if kinds == {"exact"} else "faithful"
 

@@ -92,3 +92,15 @@ def test_only_methods_reading_several_neighbours_are_warned_about_a_coreset():
     assert [w.split(" reads")[0] for w in warned] == ["knn(k=20)", "kthnn(k=9)", "knn(k=3)"]
     assert all("bank.coreset_ratio=0.1" in w for w in warned)
     assert coreset_neighbour_warnings(scoring, 1.0) == []  # the full bank: nothing to warn about
+
+
+def test_search_mode_before_fitting_does_not_guess_what_auto_will_resolve_to(detector):
+    def mode(*settings):
+        return Detector(detector.backbone, detector.scoring, 256, device="cpu",
+                        bank=bank_plan(RunConfig.load(None, BOTTLE + list(settings)).bank)).search_mode
+
+    assert mode() == "auto"  # exact or faithful by the bank's size, unknown before a fit
+    assert mode("preset=exact") == "exact"
+    assert mode("preset=faithful") == "faithful"
+    assert mode("preset=coreset-densities") == "coreset-densities"
+    assert detector.search_mode == "exact"  # fitted: the sample's 16k points are searched exactly

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,17 @@ class ClassTables:
     sigma: float = 4.0  # the map blur the pixel metrics are taken after
     search_mode: str = "exact"  # what the bank's searches computed (Detector.search_mode)
     density_recall: float | None = None  # recall@k_max of an approximate density search (None: exact)
+    # K -> (n, h, w, K) squared distances of the test patches to their K nearest bank points: the
+    # KNN maps' search, run only for the K a reported KNN map asks for (`test_table`); None when
+    # the test table was searched at tune.k_max up front (a bank on Ray actors, which stop after the tables)
+    test_search: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
+
+    def test_table(self, k: int = 1) -> NeighbourTable:
+        """The test table, with each patch's `k` nearest bank points kept (searched now when deferred)."""
+        kept = 1 if self.test.query_dist2 is None else self.test.query_dist2.shape[-1]
+        if k > kept and self.test_search is not None:
+            self.test = replace(self.test, query_dist2=self.test_search(k))
+        return self.test
 
 
 @dataclass
@@ -127,11 +139,17 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         query_k = tune.k_max if tune.map_trials else 1  # KNN maps need each patch's K nearest
         val_table = neighbour_table(detector.index, val_feats, tune.k_max, f"{category} validation search", query_k)
         test_feats, test_masks = extract_with_masks(detector, v.test, data, "test", features_cache)
-        test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", query_k)
+        # An in-process index outlives the tables: the test patches' K nearest (for KNN maps) are
+        # searched later, only for the K a chosen map asks for, not at tune.k_max for every patch
+        # (magnetic_tile: 596k patches, K = 64). Actors of a sharded bank stop with the tables.
+        deferred = placement is None and query_k > 1
+        test_k = 1 if deferred else query_k
+        test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", test_k)
+        test_search = deferred_search(detector.index, test_feats, f"{category} test search") if deferred else None
         recall = None
         if detector.index.query_search != "exact":
             recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
-                                          bank.recall_sample, bank.seed, search_k=query_k)
+                                          bank.recall_sample, bank.seed, search_k=test_k)
         detector.measure_density_recall(tune.k_max)
         mode, density_recall = detector.search_mode, detector.density_recall.get(tune.k_max)
     finally:
@@ -143,7 +161,18 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
                        [s.defect_type for s in v.test], v.record(),
                        {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall,
                        val_pixel if val_pixel.any() else None, val_has_mask, test_has_mask, scoring.sigma,
-                       mode, density_recall)
+                       mode, density_recall, test_search)
+
+
+def deferred_search(index, features: np.ndarray, progress: str) -> Callable[[int], np.ndarray]:
+    """K -> (n, h, w, K) squared distances of (n, h, w, d) `features` to their K nearest bank points."""
+    n, h, w, d = features.shape
+
+    def search(k: int) -> np.ndarray:
+        dist2, _ = index.search(features.reshape(-1, d), k, progress=progress)
+        return dist2.reshape(n, h, w, k).astype(np.float32)
+
+    return search
 
 
 def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: ScoringConfig) -> tuple[int, float, float]:
@@ -272,7 +301,7 @@ def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfi
     """Metrics on the class's reported test images only: image metrics of LDKNN at (K, alpha), pixel
     metrics of `map_setting`'s maps (default: the same LDKNN maps), and precision, recall and F1 at
     `calibration`'s threshold when given (next to `image_f1`, the best F1 any threshold reaches)."""
-    maps = ldknn_maps(c.test, k, alpha, scoring.squared)
+    maps = ldknn_maps(c.test_table(), k, alpha, scoring.squared)
     scores = image_scores(maps, scoring.image_score)
     metrics = evaluate(c.test_labels, scores, c.test_types)
     if calibration is not None:
@@ -282,7 +311,8 @@ def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfi
     if c.test_masks is None or not scoring.pixel_metrics:
         return metrics
     if map_setting is not None:
-        maps = method_maps(c.test, map_setting.name, map_setting.k, map_setting.alpha, scoring.squared)
+        table = c.test_table(map_setting.k if map_setting.name == "knn" else 1)
+        maps = method_maps(table, map_setting.name, map_setting.k, map_setting.alpha, scoring.squared)
     keep = np.ones(len(c.test_labels), bool) if c.test_has_mask is None else c.test_has_mask
     ids = np.flatnonzero(keep)
     pixel = pixel_maps(maps[ids], c.test_masks.shape[-1], scoring.sigma)

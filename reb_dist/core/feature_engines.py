@@ -111,13 +111,16 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 
 
 class TorchEngine:
-    """Patch features with torch: (B, 3, S, S) normalised images -> (B, h, w, D) float32 numpy."""
+    """Patch features with torch: (B, 3, S, S) normalised images -> (B, h, w, D) float32 numpy.
+
+    channels_last: the input layout; None: channels_last on CPU (faster there), the default on a GPU.
+    """
 
     name = "torch"
 
-    def __init__(self, features: PatchFeatures, device: torch.device):
+    def __init__(self, features: PatchFeatures, device: torch.device, channels_last: bool | None = None):
         self.device = device
-        self.channels_last = device.type == "cpu"
+        self.channels_last = device.type == "cpu" if channels_last is None else channels_last
         self.model = features.to(device).eval()
 
     @torch.no_grad()

@@ -137,14 +137,16 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         n, h, w, _ = val_feats.shape
         val_masks = patch_masks(val_pixel, h, w) & val_has_mask[:, None, None] if val_pixel.any() else None
         query_k = tune.k_max if tune.map_trials else 1  # KNN maps need each patch's K nearest
-        val_table = neighbour_table(detector.index, val_feats, tune.k_max, f"{category} validation search", query_k)
+        stats = detector.scorer.stats  # one cache of bank points' neighbours for both tables
+        val_table = neighbour_table(detector.index, val_feats, tune.k_max, f"{category} validation search", query_k,
+                                    stats)
         test_feats, test_masks = extract_with_masks(detector, v.test, data, "test", features_cache)
         # An in-process index outlives the tables: the test patches' K nearest (for KNN maps) are
         # searched later, only for the K a chosen map asks for, not at tune.k_max for every patch
         # (magnetic_tile: 596k patches, K = 64). Actors of a sharded bank stop with the tables.
         deferred = placement is None and query_k > 1
         test_k = 1 if deferred else query_k
-        test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", test_k)
+        test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", test_k, stats)
         test_search = deferred_search(detector.index, test_feats, f"{category} test search") if deferred else None
         recall = None
         if detector.index.query_search != "exact":

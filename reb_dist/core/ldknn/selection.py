@@ -37,11 +37,14 @@ class NeighbourTable:
 
 
 def neighbour_table(index, features: np.ndarray, k_max: int, progress: str | None = None,
-                    query_k: int = 1) -> NeighbourTable:
+                    query_k: int = 1, stats=None) -> NeighbourTable:
     """Search (n, h, w, d) features against a bank index (in-process or sharded), once for all K <= k_max.
 
     Args:
         query_k: nearest bank points kept per patch; above 1, KNN maps up to that K can be made too.
+        stats: the bank's `BankStats`, whose cache answers bank points another table already
+            searched (validation and test patches land next to many of the same points); None:
+            every nearest point is searched.
 
     Returns:
         A `NeighbourTable` of each patch's nearest bank point and those points' `k_max` nearest others.
@@ -49,7 +52,10 @@ def neighbour_table(index, features: np.ndarray, k_max: int, progress: str | Non
     n, h, w, d = features.shape
     dist2, ids = index.search(features.reshape(-1, d), max(1, query_k), progress=progress)
     points, rows = np.unique(ids[:, 0], return_inverse=True)
-    bank_dist2, _ = index.search_bank_points(points, k_max, progress=progress)
+    if stats is not None:
+        bank_dist2, _ = stats.neighbours(k_max, points, progress=progress)
+    else:
+        bank_dist2, _ = index.search_bank_points(points, k_max, progress=progress)
     return NeighbourTable(dist2[:, 0].reshape(n, h, w), rows.reshape(n, h, w).astype(np.int64), bank_dist2,
                           dist2.reshape(n, h, w, -1).astype(np.float32) if query_k > 1 else None)
 

@@ -78,3 +78,29 @@ def test_test_split_is_disjoint_stratified_and_seeded(ci_split):
         holdout_test_split(ci_split, fraction=0.05)
     with pytest.raises(ValueError, match="unknown validation split"):
         make_split(ci_split, "cross")
+
+
+def test_tables_sharing_the_banks_stats_search_each_bank_point_once():
+    from reb_dist.core.ldknn import BankIndex, BankScorer
+    from reb_dist.core.ldknn.selection import neighbour_table
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(400, 8)).astype(np.float32)
+    val, test = (rng.normal(size=(3, 4, 4, 8)).astype(np.float32) for _ in range(2))
+    index = BankIndex(bank)
+    searched = []
+    original = index.search_bank_points
+
+    def counting(point_ids, k, progress=None):
+        searched.extend(np.asarray(point_ids).tolist())
+        return original(point_ids, k, progress)
+
+    index.search_bank_points = counting
+    stats = BankScorer(index).stats
+    tables = [neighbour_table(index, f, 6, stats=stats) for f in (val, test)]
+    assert len(searched) == len(set(searched))  # no bank point searched twice
+    plain = BankIndex(bank)
+    for table, f in zip(tables, (val, test)):
+        alone = neighbour_table(plain, f, 6)
+        np.testing.assert_array_equal(table.bank_dist2, alone.bank_dist2)
+        np.testing.assert_array_equal(table.nn_dist2, alone.nn_dist2)

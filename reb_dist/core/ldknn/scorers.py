@@ -100,7 +100,8 @@ class BankScorer:
             v = np.asarray(self.index.vectors(nbr[s:s + chunk]), np.float32)  # (c, K, d)
             step = max(1, max_elements // (len(first) * v.shape[-1]))
             for r in range(0, len(v), step):
-                diff = v[r:r + step, first] - v[r:r + step, second]  # (rows, pairs, d)
+                end = min(r + step, len(v))  # the chunk's last step may be short (step need not divide it)
+                diff = v[r:end, first] - v[r:end, second]  # (rows, pairs, d)
                 d2 = np.einsum("cpd,cpd->cp", diff, diff)
-                out[s + r:s + r + step] = to_distance(d2, squared).mean(axis=1)
+                out[s + r:s + end] = to_distance(d2, squared).mean(axis=1)
         return out

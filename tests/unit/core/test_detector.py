@@ -104,3 +104,19 @@ def test_search_mode_before_fitting_does_not_guess_what_auto_will_resolve_to(det
     assert mode("preset=faithful") == "faithful"
     assert mode("preset=coreset-densities") == "coreset-densities"
     assert detector.search_mode == "exact"  # fitted: the sample's 16k points are searched exactly
+
+
+def test_every_method_of_the_readmes_benchmark_example_scores_the_sample(detector, test_features):
+    """README: `reb benchmark ... --methods nn1,knn,kthnn,lof,ldof,ldknn`; LDOF crashed on the sample's bottle."""
+    import re
+    from pathlib import Path
+
+    from reb_dist.core.ldknn import parse_method
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    listed = re.search(r"reb benchmark [^\n]*--methods ([\w,:=.]+)", readme).group(1)
+    methods = [parse_method(m) for m in listed.split(",")]
+    assert {m.name for m in methods} >= {"ldof", "lof", "ldknn"}
+    scores = detector.score_features(test_features, methods)
+    for method in methods:
+        assert np.isfinite(scores[method].image_scores).all(), method.label

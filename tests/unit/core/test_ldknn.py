@@ -167,3 +167,16 @@ def test_a_methods_spec_parses_back_to_the_method():
         again = parse_method(method.spec, k=method.k if method.name in ("nn1", "gde") else 99, alpha=method.alpha)
         assert again == method, method.spec
     assert ScoringMethod("ldknn", 9, 0.1).spec == "ldknn:k=9,alpha=0.1"  # what selection.json has always held
+
+
+def test_ldof_pairwise_means_are_right_when_the_step_does_not_divide_the_chunk():
+    """The README's `--methods ...,ldof` crashed on the sample's bottle: a chunk of 4096 rows taken 1533
+    at a time left a short last step, written into a 1533-row slice (a broadcast error)."""
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(300, 6)).astype(np.float32)
+    nbr = rng.integers(0, 300, size=(25, 4))
+    scorer = BankScorer(BankIndex(bank))
+    got = scorer._mean_pairwise(nbr, squared=False, chunk=10, max_elements=6 * 6 * 3)  # steps of 3 in chunks of 10
+    v = bank[nbr]
+    pairs = [np.linalg.norm(v[:, i] - v[:, j], axis=1) for i in range(4) for j in range(i + 1, 4)]
+    np.testing.assert_allclose(got, np.mean(pairs, axis=0), rtol=1e-5)

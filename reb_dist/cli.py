@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="the exported file (default: the model's path with .onnx or .pt); "
                                           "its metadata goes beside it as <file>.json")
     p.add_argument("--dynamo", action="store_true", help="onnx: torch's dynamo exporter (slower to export)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never the model itself)")
 
     p = sub.add_parser("cache", help="the patch feature cache: where it is and how big (info), or empty it (clear)")
     p.add_argument("action", choices=["info", "clear"])
@@ -193,7 +194,8 @@ def configure_logging(verbosity: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (logged)."""
+    """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (logged), 130
+    when interrupted (Ctrl-C: one line, no traceback)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbosity)
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -208,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     except RebError as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (the MLflow run is already ended FAILED), the shell's 130
+        log.error("interrupted: %s stopped (its MLflow run is marked FAILED; files are written whole or not "
+                  "at all)", command_line)
+        return 130
 
 
 def print_config(args: argparse.Namespace) -> int:
@@ -292,7 +298,7 @@ def cmd_export(args, command_line: str) -> int:
     """`reb export`: see reb_dist.export.writer.export_model."""
     from reb_dist.export.writer import export_model
 
-    exported, metadata = export_model(args.model, args.format, args.output, args.dynamo)
+    exported, metadata = export_model(args.model, args.format, args.output, args.dynamo, args.force)
     print(f"{exported}\n{metadata}")
     return 0
 

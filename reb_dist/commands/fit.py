@@ -16,6 +16,7 @@ from reb_dist.core.thresholds import calibrate as calibrate_threshold
 from reb_dist.errors import ConfigError
 from reb_dist.io.model_file import save_model
 from reb_dist.io.tracking import Tracker
+from reb_dist.io.feature_cache import file_sha256
 from reb_dist.pipelines.evaluate import categories_of, fit_detector, load_category
 from reb_dist.pipelines.validation import ValidationSplit, synthetic_split
 
@@ -29,6 +30,9 @@ def output_files(output: str | None, categories: list[str], default_dir: Path, s
             raise ConfigError(f"--output {output} is one file but there are {len(categories)} categories")
         return {categories[0]: Path(output)}
     folder = Path(output) if output else default_dir
+    if folder.exists() and not folder.is_dir():  # checked before any work, not after the bank is built
+        raise ConfigError(f"--output {folder}: is a file, not a folder; give a folder, or a .safetensors file "
+                          "name for one category")
     return {c: folder / f"{c}{suffix}.safetensors" for c in categories}
 
 
@@ -71,6 +75,7 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
                     calibration = synthetic_calibration(detector, validation, cfg)
                 detector.calibration = calibration
                 save_model(detector, path, category=category, dataset_root=cfg.data.resolved_root().absolute())
+                written = file_sha256(path)  # what MLflow logs must be these bytes, whatever replaces the file
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
             tracker.log_result(category, "fit", info)
@@ -79,7 +84,7 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
             if calibration is not None:
                 log.info(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
                          f"{calibration.source})")
-            model_uri = tracker.log_model(path, category)  # a pyfunc MLflow model (+ registry entry)
+            model_uri = tracker.log_model(path, category, written)  # a pyfunc MLflow model (+ registry entry)
             if model_uri:
                 log.info(f"{category}: MLflow model {model_uri} (mlflow.pyfunc.load_model)")
     return paths

@@ -9,7 +9,7 @@ from pathlib import Path
 from reb_dist.errors import DatasetError
 from reb_dist.export.predict import is_exported, predict_exported
 from reb_dist.io.model_file import load_model
-from reb_dist.pipelines.predict import find_images, predict
+from reb_dist.pipelines.predict import check_output_folder, predict, prediction_inputs
 from reb_dist.reporting.results import write_predictions
 from reb_dist.results import Prediction
 
@@ -37,9 +37,11 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
             others' overlays and scores.csv (with an error column) are written, naming each bad image
             with its problem.
     """
+    check_output_folder(output)  # before the model loads: a bad --output costs nothing
     if is_exported(model):
         return predict_exported(model, images, output, threshold, min(batch_size, 8))
     with closing(load_model(model, device)) as detector:
+        paths = prediction_inputs(images, output)
         calibration = detector.calibration
         if threshold is not None:
             log.info(f"threshold {threshold:.6g}: given")
@@ -50,7 +52,7 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
                      f"({calibration.method}{quantile}{source})")
         else:
             log.info("no threshold: none given and the model has no calibration, so images are not flagged")
-        predictions = predict(detector, find_images(images), batch_size, threshold)
+        predictions = predict(detector, paths, batch_size, threshold)
     write_predictions(predictions, Path(output), threshold, calibration)
     failed = [p for p in predictions if p.error is not None]
     if failed:  # a non-zero exit, though the good images' results are written

@@ -12,7 +12,7 @@ import numpy as np
 from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import DatasetError, ModelFileError
 from reb_dist.export.runtime import ExportedModel, load_exported, resize
-from reb_dist.pipelines.predict import Prediction, find_images, predict
+from reb_dist.pipelines.predict import Prediction, prediction_inputs, predict
 
 log = logging.getLogger(__name__)
 EXPORTED_SUFFIXES = (".onnx", ".pt", ".torchscript")
@@ -73,7 +73,7 @@ def predict_exported(model: str | Path, images: list[str | Path], output: str | 
         log.info(f"threshold {threshold:.6g}: the model's calibration ({calibration.method})")
     else:
         log.info("no threshold: none given and the model has no calibration, so images are not flagged")
-    predictions = predict(scorer, find_images(images), batch_size, threshold)
+    predictions = predict(scorer, prediction_inputs(images, output), batch_size, threshold)
     write_predictions(predictions, Path(output), threshold, calibration)
     failed = [p for p in predictions if p.error is not None]
     if failed:

@@ -68,7 +68,7 @@ def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, 
 
 
 def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
-                 dynamo: bool = False) -> tuple[Path, Path]:
+                 dynamo: bool = False, force: bool = False) -> tuple[Path, Path]:
     """Export a model file (from `reb fit`) to `fmt` ("onnx" or "torchscript").
 
     Args:
@@ -77,12 +77,15 @@ def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
         fmt: "onnx" or "torchscript".
         output: the exported file (default: the model's path with .onnx or .pt).
         dynamo: ONNX only: torch's dynamo exporter instead of the TorchScript-based one.
+        force: replace an existing output file (never the model itself).
 
     Returns:
         (the exported file, its metadata JSON).
 
     Raises:
-        ExportError: an unknown format, or a model whose scoring method cannot be exported.
+        ExportError: an unknown format, an output that is the model itself (or its metadata file
+            would be), an existing output without `force`, or a model whose scoring method cannot
+            be exported. Outputs are checked before any work.
         ModelFileError: the model file cannot be loaded.
     """
     from reb_dist.io.model_file import load_model
@@ -91,6 +94,7 @@ def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model = Path(model)
     output = Path(output) if output else model.with_suffix(FORMATS[fmt])
+    check_outputs(model, output, force)
     detector = load_model(model, device="cpu")
     try:
         module = build_module(detector, str(model))
@@ -102,3 +106,14 @@ def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
     finally:
         detector.close()
     return output, write_text_atomic(metadata_path(output), json.dumps(meta, indent=2) + "\n")
+
+
+def check_outputs(model: Path, output: Path, force: bool) -> None:
+    """Refuse, before any work, an export that would overwrite the model it reads, or (without
+    `force`) an existing file."""
+    for target in (output, metadata_path(output)):
+        if target.exists() and model.exists() and target.resolve() == model.resolve():
+            raise ExportError(f"{target}: is the model being exported; choose another --output")
+    existing = [str(t) for t in (output, metadata_path(output)) if t.exists()]
+    if existing and not force:
+        raise ExportError(f"{existing[0]}: exists; choose another --output or pass --force to replace it")

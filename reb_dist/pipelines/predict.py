@@ -9,6 +9,7 @@ predictions (scores, maps, normalised scores and flags in float64); what scores 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import logging
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +23,8 @@ from reb_dist.results import Prediction
 from reb_dist.io.data import is_image_file, preprocess, read_image
 from reb_dist.io.data.images import check_image_side
 
+log = logging.getLogger(__name__)
+
 
 def find_images(items: Iterable[str | Path]) -> list[Path]:
     """Image files given directly, and every image under given folders (sorted)."""
@@ -30,6 +33,35 @@ def find_images(items: Iterable[str | Path]) -> list[Path]:
         paths += sorted(p for p in item.rglob("*") if is_image_file(p)) if item.is_dir() else [item]
     if not paths:
         raise DatasetError(" ".join(map(str, items)) or ".", "no images found")
+    return paths
+
+
+OVERLAY_SUFFIX = "_heatmap.png"  # what write_predictions names its overlays: <stem>[-N]_heatmap.png
+
+
+def check_output_folder(output: str | Path) -> None:
+    """DatasetError when `output` is an existing file: checked before any work, not when writing."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(out, "is a file; --output must be a folder for the overlays and scores.csv")
+
+
+def prediction_inputs(images: Iterable[str | Path], output: str | Path) -> list[Path]:
+    """The images `reb predict` scores: `find_images`, less the overlays of an earlier run into the
+    same `output` folder (`-o` inside or equal to an input folder: they would be scored as new images).
+
+    Raises:
+        DatasetError: `output` is an existing file (checked before any work), or no images are found.
+    """
+    check_output_folder(output)
+    out = Path(output).resolve()
+    paths = find_images(images)
+    own = [p for p in paths if p.name.endswith(OVERLAY_SUFFIX) and p.resolve().parent == out]
+    if own:
+        log.info("skipping %d overlays of an earlier run in %s (the output folder)", len(own), out)
+        paths = [p for p in paths if p not in own]
+    if not paths:
+        raise DatasetError(" ".join(map(str, images)), "no images found besides earlier overlays")
     return paths
 
 

@@ -150,3 +150,48 @@ def test_adaptive_aggregation_exports_to_onnx_with_the_same_features(small_detec
         scores = module(images)[0].numpy()
     session = onnxruntime.InferenceSession(str(save_onnx(module, tmp_path / "adaptive.onnx")))
     np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0], scores, rtol=RTOL)
+
+
+def test_reb_export_never_overwrites_its_model_and_replaces_an_output_only_with_force(model_file, exported, capsys):
+    before = model_file.read_bytes()
+    assert main(["export", "-m", str(model_file), "-f", "onnx", "-o", str(model_file)]) == 2
+    assert "is the model being exported" in capsys.readouterr().err
+    assert model_file.read_bytes() == before  # it once became ONNX bytes, exit 0
+    # an existing output: refused before any work, named; --force replaces it
+    pt = exported["torchscript"]
+    stamp = pt.stat().st_mtime_ns
+    assert main(["export", "-m", str(model_file), "-f", "torchscript", "-o", str(pt)]) == 2
+    assert f"{pt}: exists" in capsys.readouterr().err and pt.stat().st_mtime_ns == stamp
+    assert main(["export", "-m", str(model_file), "-f", "torchscript", "-o", str(pt), "--force"]) == 0
+    assert pt.stat().st_mtime_ns != stamp
+    assert main(["export", "-m", str(model_file), "-f", "torchscript", "-o", str(model_file), "--force"]) == 2
+    assert model_file.read_bytes() == before  # --force never means the model itself
+
+
+def test_reb_predict_into_its_input_folder_scores_the_images_not_its_own_overlays(model_file, export_paths, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, p in enumerate(export_paths):
+        shutil.copy(p, imgs / f"{i}.png")
+    for _ in range(2):  # the second run once scored the first run's overlays as 4 more images
+        assert main(["predict", "-m", str(model_file), str(imgs), "-o", str(imgs)]) == 0
+        rows = (imgs / "scores.csv").read_text().splitlines()[1:]
+        assert len(rows) == len(export_paths) and not any("_heatmap" in r.split(",")[0] for r in rows)
+    capsys.readouterr()
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert main(["predict", "-m", str(model_file), str(imgs), "-o", str(a_file)]) == 2  # before any work
+    assert f"{a_file}: is a file" in capsys.readouterr().err
+
+
+def test_reb_fit_into_a_file_that_is_not_a_folder_fails_before_building_the_bank(tmp_path, capsys, monkeypatch):
+    from reb_dist.commands import fit as fit_command
+
+    monkeypatch.setattr(fit_command, "fit_detector", lambda *a, **k: pytest.fail("the bank was built"))
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    assert main(["fit", "--no-mlflow", "--categories", "bottle", "-o", str(a_file)]) == 2
+    assert f"--output {a_file}: is a file" in capsys.readouterr().err

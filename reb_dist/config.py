@@ -325,6 +325,7 @@ PRESET_ALIASES = {"fast": "coreset-densities"}
 
 # section.key -> the interval its value must lie in: "[" and "]" include the bound, "(" and ")" do not.
 # Optional settings left at None are not checked; every float setting must also be finite.
+MAX_ALPHA = 100  # the largest LDKNN alpha any setting takes (scoring, method specs, tune's search space)
 RANGES: dict[str, str] = {
     "data.image_size": "[1, inf)",
     "data.batch_size": "[1, inf)",
@@ -343,7 +344,10 @@ RANGES: dict[str, str] = {
     "bank.shard_cpus": "[0, inf)",
     "bank.shard_gpus": "[0, inf)",
     "scoring.k": "[1, inf)",
-    "scoring.sigma": "[0, inf)",  # 0: no blur
+    # LDKNN's density coefficient: the paper's useful range is about 0..2; far above it the density
+    # term alone ranks patches (1e308 overflowed to inf scores: AUROC 50, pixel metrics missing)
+    "scoring.alpha": f"[0, {MAX_ALPHA}]",
+    "scoring.sigma": "[0, 64]",  # 0: no blur; in pixels of the image (64: a quarter of 256 px)
     "finetune.steps": "[1, inf)",
     "finetune.images_per_step": "[1, inf)",
     "finetune.micro_batch": "[1, inf)",
@@ -368,7 +372,9 @@ RANGES: dict[str, str] = {
     "tune.k_max": "[1, inf)",
     "tune.trials": "[1, inf)",
     "tune.map_trials": "[0, inf)",  # 0: no map search
-    "tune.map_alpha_max": "[0, inf)",
+    "tune.map_alpha_max": f"[0, {MAX_ALPHA}]",
+    "tune.alpha_min": f"[0, {MAX_ALPHA}]",
+    "tune.alpha_max": f"[0, {MAX_ALPHA}]",
     "tune.quantile": "(0, 1)",
     "tune.concurrency": "[0, inf)",  # 0: as many as the cluster has CPUs
     "tune.seed": "[0, inf)",
@@ -440,7 +446,7 @@ def _method_problems(scoring: ScoringConfig) -> list[str]:
     """
     from reb_dist.core.ldknn import METHODS, parse_method
 
-    allowed = f"{', '.join(METHODS)}, each optionally with :k=N,alpha=X (N >= 1, X finite)"
+    allowed = f"{', '.join(METHODS)}, each optionally with :k=N,alpha=X (N >= 1, 0 <= X <= {MAX_ALPHA})"
     if not scoring.methods:
         return [f"scoring.methods=[] is empty; allowed: one or more of {allowed}"]
     problems = []
@@ -450,7 +456,7 @@ def _method_problems(scoring: ScoringConfig) -> list[str]:
         except ValueError as exc:
             problems.append(f"{named} cannot be used ({exc}); allowed: {allowed}")
             continue
-        if not math.isfinite(method.alpha):
+        if not (math.isfinite(method.alpha) and 0 <= method.alpha <= MAX_ALPHA):
             problems.append(f"{named} has alpha={method.alpha!r}; allowed: {allowed}")
     return problems
 

@@ -7,6 +7,7 @@ a model never silently runs with other weights than it was fitted with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,12 +15,12 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from reb_dist.version import __version__
-from reb_dist.config import BackboneConfig, BankConfig, ScoringConfig
+from reb_dist.config import BackboneConfig, BankConfig, RunConfig, ScoringConfig
 from reb_dist.core.detector import Detector
 from reb_dist.detectors import build_detector
 from reb_dist.core.ldknn import IndexFactory
 from reb_dist.core.thresholds import Calibration
-from reb_dist.errors import ModelFileError
+from reb_dist.errors import ConfigError, ModelFileError
 from reb_dist.io.atomic import write_atomic
 from reb_dist.io.tensor_files import read_tensors
 
@@ -66,6 +67,7 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
         metadata["dataset_root"] = str(dataset_root)
     if detector.calibration is not None:
         metadata["calibration"] = json.dumps(detector.calibration.to_dict())
+    metadata["settings_sha256"] = settings_digest(metadata)
     tensors = {"bank": detector.bank, "density": np.asarray(density, np.float32)}
     if detector.map_density_k is not None:  # a decoupled LDKNN map at its own K needs its own densities
         tensors["map_density"] = np.asarray(detector.compute_density(detector.map_density_k), np.float32)
@@ -107,6 +109,7 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: incomplete or incompatible model file ({exc!r})") from exc
     calibration = _read_calibration(path, meta.get("calibration"))
+    check_loaded(path, meta, backbone_cfg, scoring, image_size, tensors)
     for key, value in (("device", device), ("engine", engine), ("threads", threads)):
         if value is not None:  # the loader's to choose: the model's features do not depend on them
             setattr(backbone_cfg, key, value)
@@ -134,6 +137,43 @@ def model_metadata(path: str | Path) -> dict[str, str]:
     """
     meta, _ = read_tensors(Path(path), MODEL_FORMAT, "model file")
     return dict(meta)
+
+
+# the metadata a model scores by: edited after saving, the model would score otherwise than it was
+# fitted to (an image_size changed by hand scored at the wrong size); `settings_sha256` covers them
+DIGESTED = ("backbone", "scoring", "image_size", "calibration")  # the fingerprint is checked against the weights
+
+
+def settings_digest(metadata: dict[str, str]) -> str:
+    """The sha256 of a model file's `DIGESTED` metadata entries (hex)."""
+    payload = json.dumps({k: metadata.get(k) for k in DIGESTED}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_loaded(path: Path, meta: dict[str, str], backbone: BackboneConfig, scoring: ScoringConfig,
+                 image_size: int, tensors: dict[str, np.ndarray | None]) -> None:
+    """A model file's settings pass the checks settings from a command line pass, its metadata is as
+    saved (files written before the digest have none to compare), and its bank and densities are
+    finite (densities, mean distances, also >= 0). ModelFileError naming the file otherwise."""
+    digest = meta.get("settings_sha256")
+    if digest is not None and digest != settings_digest(meta):
+        raise ModelFileError(f"{path}: its settings ({', '.join(DIGESTED)}) were changed after it was saved; "
+                             "fit the model again with the settings you want")
+    cfg = RunConfig(backbone=backbone, scoring=scoring)
+    cfg.data.image_size = image_size
+    try:
+        cfg.validate(f"model file {path}")
+    except ConfigError as exc:
+        raise ModelFileError(str(exc).removeprefix("model file ")) from exc
+    for name in ("bank", "density", "map_density"):
+        values = tensors.get(name)
+        if values is None:
+            continue
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise ModelFileError(f"{path}: its {name} holds {bad} values that are not finite numbers")
+        if name != "bank" and (values < 0).any():
+            raise ModelFileError(f"{path}: its {name} holds negative values; densities are mean distances (>= 0)")
 
 
 def _read_calibration(path: Path, text: str | None) -> Calibration | None:

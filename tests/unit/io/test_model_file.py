@@ -113,3 +113,50 @@ def test_a_detector_made_without_its_settings_is_refused_before_anything_is_writ
     with pytest.raises(RuntimeError, match="build_detector"):
         save_model(bare, tmp_path / "bare.safetensors")
     assert not (tmp_path / "bare.safetensors").exists()
+
+
+def _edit(src, dst, tensors=None, **meta_changes):
+    """A copy of a model file with metadata and tensors changed and its settings digest made to match
+    (as a tool that rewrites files would), so the loader's own checks are what refuses it."""
+    from reb_dist.io.model_file import settings_digest
+
+    with safe_open(str(src), framework="numpy") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    meta["settings_sha256"] = settings_digest(meta)
+    save_file({**load_file(str(src)), **(tensors or {})}, str(dst), meta)
+    return dst
+
+
+def test_a_model_files_settings_and_tensors_are_checked_as_a_command_lines_are(saved, tmp_path):
+    _, path = saved
+    scoring = json.loads(load_file_meta(path)["scoring"])
+    bank = load_file(str(path))["bank"]
+    density = load_file(str(path))["density"]
+    nan_bank = bank.copy()
+    nan_bank[3] = np.nan
+    cases = {
+        "alpha_nan": ({"scoring": json.dumps({**scoring, "alpha": float("nan")})}, None, "scoring.alpha=nan"),
+        "alpha_huge": ({"scoring": json.dumps({**scoring, "alpha": 1e308})}, None, "scoring.alpha=1e+308"),
+        "unknown_method": ({"scoring": json.dumps({**scoring, "methods": ["patchcore"]})}, None, "'patchcore'"),
+        "negative_density": ({}, {"density": np.full_like(density, -1e30)}, "density holds negative values"),
+        "nan_bank": ({}, {"bank": nan_bank}, f"bank holds {bank.shape[1]} values that are not finite"),
+    }
+    for name, (meta, tensors, says) in cases.items():
+        bad = _edit(path, tmp_path / f"{name}.safetensors", tensors, **meta)
+        with pytest.raises(ModelFileError) as exc:
+            load_model(bad, device="cpu")
+        assert str(bad) in str(exc.value) and says in str(exc.value), (name, str(exc.value))
+
+
+def test_a_model_whose_settings_were_edited_after_saving_is_refused(saved, tmp_path):
+    _, path = saved
+    edited = _rewrite(path, tmp_path / "edited.safetensors", image_size="128")  # once: scored at 128 px
+    with pytest.raises(ModelFileError, match=re.escape(f"{edited}: its settings")):
+        load_model(edited, device="cpu")
+    assert load_model(_rewrite(path, tmp_path / "same.safetensors"), device="cpu").image_size == 256
+
+
+def load_file_meta(path):
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata())

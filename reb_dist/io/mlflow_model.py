@@ -13,6 +13,8 @@ network).
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
 from reb_dist.version import __version__
+from reb_dist.errors import ModelFileError
+from reb_dist.io.feature_cache import file_sha256
 from reb_dist.io.model_file import model_metadata
 
 IMAGE_COLUMN = "image"
@@ -44,17 +48,28 @@ def pip_requirements() -> list[str]:
     return [f"reb-dist=={__version__}", f"mlflow=={mlflow.__version__}"]
 
 
-def log_model(model_file: str | Path, name: str, registered_name: str | None = None):
+def log_model(model_file: str | Path, name: str, registered_name: str | None = None, sha256: str | None = None):
     """Log a model file as a pyfunc MLflow model in the active run (registered when a name is given).
 
     Args:
         model_file: a .safetensors file written by `reb fit`.
         name: the logged model's name in the run (e.g. the category).
         registered_name: the model registry name to add it to as a new version; None: not registered.
+        sha256: the hash of the bytes the fit wrote: the file is copied aside, the copy checked
+            against it and logged, so the run holds the model this fit made even when another
+            process replaces the file meanwhile (ModelFileError when it already has).
 
     Returns:
         MLflow's ModelInfo (`.model_uri` loads it; `.registered_model_version` when registered).
     """
+    if sha256 is not None:
+        with tempfile.TemporaryDirectory(prefix="reb-model-") as folder:
+            copy = Path(folder) / Path(model_file).name
+            shutil.copyfile(model_file, copy)
+            if file_sha256(copy) != sha256:
+                raise ModelFileError(f"{model_file}: was replaced after this fit wrote it (another fit to the same "
+                                     "path?); the MLflow run does not log another model as this one")
+            return log_model(copy, name, registered_name)
     meta = model_metadata(model_file)
     metadata = {k: meta[k] for k in ("category", "backbone_weights", "backbone_fingerprint", "image_size",
                                      "reb_dist_version", "calibration") if k in meta}

@@ -103,6 +103,9 @@ def open_store(uri: str, experiment: str | None = None):
     import mlflow
 
     db = sqlite_path(uri)
+    if db is not None:
+        _check_folder(uri, db)
+    _check_reachable(uri)
     with file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext():
         if db is not None:
             _check_no_interrupted_migration(db)
@@ -116,6 +119,38 @@ def open_store(uri: str, experiment: str | None = None):
         except Exception as exc:
             raise _store_error(uri, db, exc) from exc
     return client, experiment_id
+
+
+REACH_TIMEOUT = 5.0  # seconds to connect to an HTTP tracking server before saying it cannot be reached
+
+
+def _check_folder(uri: str, db: Path) -> None:
+    """A sqlite store's folder exists (made when missing) and is writable: sqlite and the store's
+    lock file need both, and said FileNotFoundError on the lock instead."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingStoreError(f"{uri}: cannot create the store's folder {db.parent} ({exc.strerror or exc})") from exc
+    if not os.access(db.parent, os.W_OK | os.X_OK):
+        raise TrackingStoreError(f"{uri}: the store's folder {db.parent} is not writable; choose another "
+                                 "tracking.uri, or --no-mlflow")
+
+
+def _check_reachable(uri: str) -> None:
+    """An http(s) tracking server answers a TCP connection within `REACH_TIMEOUT` seconds; MLflow
+    itself retries for minutes in silence (4 min 21 s measured) before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=REACH_TIMEOUT).close()
+    except OSError as exc:
+        raise TrackingStoreError(f"{uri}: the MLflow server cannot be reached ({exc.strerror or exc}); start it, "
+                                 "set another tracking.uri, or --no-mlflow") from exc
 
 
 def _check_no_interrupted_migration(db: Path) -> None:
@@ -246,9 +281,10 @@ class Tracker:
             mlflow.set_tags(tags)
             yield active.info.run_id
 
-    def log_model(self, model_file, category: str) -> str | None:
+    def log_model(self, model_file, category: str, sha256: str | None = None) -> str | None:
         """A model file as a pyfunc MLflow model in the active run, named after its category, and
-        registered under tracking.register_model ("{category}" filled in) when that is set.
+        registered under tracking.register_model ("{category}" filled in) when that is set; with
+        `sha256`, only the very bytes of that hash (see `reb_dist.io.mlflow_model.log_model`).
 
         Returns:
             The logged model's URI for `mlflow.pyfunc.load_model`; None when tracking is off.
@@ -262,7 +298,7 @@ class Tracker:
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"tracking.register_model={self.cfg.register_model!r}: only {{category}} can be "
                               f"filled in ({exc!r})") from exc
-        return log_model(model_file, category, registered).model_uri
+        return log_model(model_file, category, registered, sha256).model_uri
 
     def log_params(self, params: dict) -> None:
         """Params of the active run, values as text."""
@@ -391,7 +427,8 @@ def collect_results(uri: str | None, experiments: list[str] | None = None) -> tu
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         if tags.get("kind") == "trial" and "k" in params:
             trials.append({"category": tags.get("category", "?"), "k": int(params["k"]),
-                           "alpha": float(params["alpha"]), **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+                           "alpha": float(params["alpha"]),
+                           **{k: v for k, v in metrics.items() if k.startswith("val_") or k == "objective"}})
         elif tags.get("kind") == "class" and "selected.pareto_k" in params:
             pareto[tags["category"]] = {"category": tags["category"],
                                         "pareto": _run_json(client, run.info.run_id, f"pareto_{tags['category']}.json")}

@@ -53,3 +53,18 @@ def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypat
 
 def _all_files(folder: str) -> list[Path]:
     return [p for p in Path(folder).rglob("*") if p.is_file()]
+
+
+def test_a_model_file_replaced_after_the_fit_wrote_it_is_not_logged_as_the_fits(tmp_path):
+    import pytest
+
+    from reb_dist.errors import ModelFileError
+    from reb_dist.io.feature_cache import file_sha256
+    from reb_dist.io.mlflow_model import log_model
+
+    model = tmp_path / "bottle.safetensors"
+    model.write_bytes(b"the model this fit wrote")
+    written = file_sha256(model)
+    model.write_bytes(b"another fit's model, written to the same path meanwhile")
+    with pytest.raises(ModelFileError, match="was replaced after this fit wrote it"):
+        log_model(model, "bottle", sha256=written)  # before: logged whatever the path held by then

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -293,3 +294,26 @@ def test_files_written_by_a_library_with_its_own_0600_temporary_are_0644(tmp_pat
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_a_store_that_cannot_be_opened_fails_within_seconds_naming_its_uri(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from reb_dist.io.tracking import TrackingStoreError, open_store
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    with pytest.raises(TrackingStoreError, match=re.escape(f"{uri}: cannot create the store's folder")):
+        open_store(uri)  # was: FileNotFoundError on the lock file, a traceback
+    made = f"sqlite:///{tmp_path / 'new' / 'folder' / 'mlflow.db'}"
+    assert open_store(made, "e")[1] is not None  # a missing folder is made
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(TrackingStoreError, match=f"http://127.0.0.1:{port}: the MLflow server cannot be reached"):
+        open_store(f"http://127.0.0.1:{port}", "e")  # MLflow alone retried for 4 min 21 s
+    assert time.perf_counter() - start < 10

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from reb_dist.commands.placement import bank_placement
 from reb_dist.config import RunConfig
+from reb_dist.core.ldknn import parse_method
 from reb_dist.detectors import detector_backbone, detector_scoring_settings
 from reb_dist.errors import ConfigError
 from reb_dist.io.feature_cache import cache_folder
@@ -24,7 +25,8 @@ RUNTIME_BACKBONE_SETTINGS = ("device", "engine", "threads", "finetuned")
 
 
 def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> CategoryResult:
-    """Score one category's test set with a saved model (its first method), report and log it.
+    """Score one category's test set with a saved model (its first method, or the methods `cfg`
+    names when they are not the model's own), report and log it.
 
     The model's own backbone, scoring and image size are used; where `cfg` asks for other values,
     one warning line per setting on stderr says so. They are returned in the result files and
@@ -65,7 +67,11 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
 
     differences = [(f"backbone.{k}", v, getattr(backbone, k))
                    for k, v in asdict(cfg.backbone).items() if k not in RUNTIME_BACKBONE_SETTINGS]
-    differences += [(f"scoring.{k}", v, getattr(scoring, k)) for k, v in asdict(cfg.scoring).items()]
+    # methods are the user's to choose too: any of them scores from the model's bank (its densities
+    # and K are the model's); the same methods as the model's: its default method, as predict scores
+    own_methods = cfg.scoring.methods != scoring.methods
+    differences += [(f"scoring.{k}", v, getattr(scoring, k)) for k, v in asdict(cfg.scoring).items()
+                    if not (own_methods and k == "methods")]
     differences.append(("data.image_size", cfg.data.image_size, detector.image_size))
     for key, yours, models in differences:
         if yours != models:
@@ -74,7 +80,12 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     tracker = Tracker(cfg.tracking)
     with closing(detector), tracker.run(cfg, "evaluate"):
         tracker.log_params({f"model.{k}": v for k, v in _flat(resolved).items()})
-        result = evaluate_category(cfg, category, detector, [detector.default_method])
+        methods = [detector.default_method]
+        if own_methods:
+            methods = [parse_method(m, scoring.k, scoring.alpha, scoring.squared) for m in cfg.scoring.methods]
+            log.info(f"scoring methods: {', '.join(m.label for m in methods)} (yours; the model was fitted with "
+                     f"{', '.join(scoring.methods)}), from the model's bank")
+        result = evaluate_category(cfg, category, detector, methods)
         write_results([result], Path(cfg.output_dir) / "evaluate", tracker, command_line, cfg,
                       "evaluate", resolved=resolved)
     return result

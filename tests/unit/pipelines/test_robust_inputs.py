@@ -149,9 +149,8 @@ def test_evaluate_warns_for_each_setting_the_model_overrides(saved, no_scoring, 
     with pytest.raises(_Scored):
         evaluate(cfg, model)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 5
-    for setting, yours, models in (("backbone.name", "resnet18", "efficientnet_lite0"),
-                                   ("scoring.methods", "[knn]", "[ldknn, knn, nn1]"), ("scoring.k", "5", "9"),
+    assert len(warnings) == 4  # the methods are the user's to choose: scored from the model's bank, not warned of
+    for setting, yours, models in (("backbone.name", "resnet18", "efficientnet_lite0"), ("scoring.k", "5", "9"),
                                    ("scoring.alpha", "0.5", "1.0"), ("data.image_size", "128", "256")):
         assert any(f"{setting}: your settings say {yours}, but {model} was fitted with {models}: the model's "
                    "value is used" in w for w in warnings), setting

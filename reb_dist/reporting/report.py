@@ -57,7 +57,7 @@ def write_report(rows: list[dict], trials: list[dict], out: str | Path) -> list[
     if rows:
         written.append(_auroc_bars(rows, out / "auroc_by_class.png"))
     searches = [t for t in trials if "pareto" in t]  # collect_results' Pareto records, one per class
-    trials = [t for t in trials if "pareto" not in t]
+    trials = [t for t in trials if "pareto" not in t and "val_image_auroc" in t]  # image trials, not the map search's
     for category in sorted({t["category"] for t in trials}):
         written.append(_k_alpha_surface([t for t in trials if t["category"] == category], category,
                                         out / f"k_alpha_{category}.png"))
@@ -91,6 +91,14 @@ def _auroc_bars(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path, 120)
 
 
+def chosen_trial(trials: list[dict]) -> dict:
+    """The image trial the search chose: the best `objective` (image AUROC, pixel AUROC breaking
+    ties), as Ray Tune picked it; not the best image AUROC alone, which ties and then named another
+    trial than selection.json's. Trials logged before the objective was kept: by image AUROC."""
+    ranked = [t.get("objective", t.get("val_image_auroc", np.nan)) for t in trials]
+    return trials[int(np.nanargmax(ranked))]
+
+
 def _k_alpha_surface(trials: list[dict], category: str, path: Path) -> Path:
     from matplotlib.figure import Figure
 
@@ -98,8 +106,8 @@ def _k_alpha_surface(trials: list[dict], category: str, path: Path) -> Path:
     ax = fig.add_subplot()
     values = [100 * t.get("val_image_auroc", np.nan) for t in trials]
     points = ax.scatter([t["k"] for t in trials], [t["alpha"] for t in trials], c=values, cmap="viridis", s=40)
-    best = int(np.nanargmax(values))
-    ax.scatter([trials[best]["k"]], [trials[best]["alpha"]], marker="*", s=250, c="red", label="best")
+    best = chosen_trial(trials)
+    ax.scatter([best["k"]], [best["alpha"]], marker="*", s=250, c="red", label="chosen")
     fig.colorbar(points, ax=ax, label="validation image AUROC (%)")
     ax.set_xlabel("K")
     ax.set_ylabel("alpha")

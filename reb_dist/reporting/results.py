@@ -120,8 +120,13 @@ def write_results(results: list[CategoryResult], out: Path, tracker: Tracker, co
 def category_plots(result: CategoryResult, out: Path) -> list[Path]:
     """ROC curves of every method, and a heatmap gallery of the first method's example maps."""
     name = f"{result.category}{'_' + result.variant if result.variant else ''}"
-    paths = [plot_roc_curves({result.label(m.method): (result.labels, m.image_scores) for m in result.methods},
-                             out / f"roc_{name}.png", title=f"{name}: image ROC")]
+    paths = []
+    if len(np.unique(result.labels)) == 2:  # a ROC curve needs normal and anomalous test images
+        paths.append(plot_roc_curves({result.label(m.method): (result.labels, m.image_scores)
+                                      for m in result.methods}, out / f"roc_{name}.png", title=f"{name}: image ROC"))
+    else:
+        log.warning(f"{name}: no ROC curve: the test set has only {'anomalous' if result.labels.all() else 'normal'} "
+                    "images, so image AUROC and the ROC are undefined")
     first = result.methods[0]
     if first.examples:
         items = []

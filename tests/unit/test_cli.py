@@ -160,3 +160,28 @@ def test_quiet_hides_progress_and_verbose_shows_debug(workdir, capsys):
     err = capsys.readouterr().err
     assert "images -> bank" not in err and "debug:" not in err
     assert (workdir / "c.safetensors").is_file()  # quiet, not idle
+
+
+def test_a_test_set_of_one_kind_reports_undefined_metrics_and_writes_everything_else(workdir, capsys):
+    """Only good test images: the table printed, then the ROC plot raised a traceback (exit 1)."""
+    root = workdir / "only_good"
+    shutil.copytree(SAMPLE_DATA / "bottle" / "train", root / "bottle" / "train")
+    shutil.copytree(SAMPLE_DATA / "bottle" / "test" / "good", root / "bottle" / "test" / "good")
+    assert main(["benchmark", "--no-mlflow", "--root", str(root), "--categories", "bottle", "--methods", "ldknn,knn",
+                 "--set", "data.few_shot=4", "--set", "cache.enabled=false", "--set", "output_dir=out"]) == 0
+    captured = capsys.readouterr()
+    assert "no ROC curve: the test set has only normal images" in captured.err
+    assert (workdir / "out" / "benchmark" / "results.md").is_file()
+    assert not list((workdir / "out" / "benchmark").glob("roc_*.png"))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(workdir, capsys, monkeypatch):
+    from reb_dist import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_fit", interrupted)
+    assert main(["fit", "--no-mlflow", "--categories", "bottle"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: reb fit" in err and "Traceback" not in err

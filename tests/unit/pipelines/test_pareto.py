@@ -100,3 +100,14 @@ def test_the_report_draws_a_stored_pareto_search(tmp_path, record):
     assert tmp_path / "pareto_bottle.png" in written and tmp_path / "k_alpha_bottle.png" in written
     assert (tmp_path / "pareto_bottle.png").stat().st_size > 1000
     assert not (tmp_path / "k_alpha_pareto.png").exists() and len(written) == 4
+
+
+def test_the_tune_plot_stars_the_trial_the_search_chose():
+    """Two trials tie on validation image AUROC; the search chose by its objective (pixel AUROC breaks
+    the tie), and the plot starred the first of the tie instead (K 36 starred, K 39 chosen)."""
+    from reb_dist.reporting.report import chosen_trial
+
+    trials = [{"k": 36, "alpha": 1.43, "val_image_auroc": 0.98, "objective": 0.98 + 1e-3 * 0.90},
+              {"k": 39, "alpha": 1.09, "val_image_auroc": 0.98, "objective": 0.98 + 1e-3 * 0.95},
+              {"k": 9, "alpha": 1.0, "val_image_auroc": 0.97, "objective": 0.97 + 1e-3 * 0.99}]
+    assert (chosen_trial(trials)["k"], chosen_trial(trials)["alpha"]) == (39, 1.09)

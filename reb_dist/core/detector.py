@@ -12,6 +12,7 @@ coreset and index options (`BankPlan`). `reb_dist.detectors` makes them from the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
 from reb_dist.core.thresholds import Calibration
+
+log = logging.getLogger(__name__)
+
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when torch sees a GPU, else CPU; any other name as torch spells it."""
@@ -190,8 +194,14 @@ class Detector:
             if self.engine_name == "onnxruntime":
                 key = graph_key(self.backbone.name, self.backbone.fingerprint, self.aggregation, self.layer_dim,
                                 self.target_dim, self.image_size)
-                self._engine = onnxruntime_engine(self.features, self.backbone.channels, key, self.image_size,
-                                                  self.graph_folder, self.threads)
+                try:
+                    self._engine = onnxruntime_engine(self.features, self.backbone.channels, key, self.image_size,
+                                                      self.graph_folder, self.threads)
+                except OSError as exc:  # e.g. a read-only cache folder: torch computes the same features
+                    log.warning("the ONNX feature graph cannot be written to %s (%s); features run on torch",
+                                self.graph_folder, exc.strerror or exc)
+                    self.engine_name = "torch"
+                    self._engine = TorchEngine(self.features, self.device)
             else:
                 self._engine = TorchEngine(self.features, self.device)
             self.timings.add("engine", start)

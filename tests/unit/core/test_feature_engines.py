@@ -113,3 +113,17 @@ def test_a_saved_model_scores_alike_whichever_engine_extracts_its_features(detec
     assert np.argsort(ort_scores).tolist() == np.argsort(torch_scores).tolist()
     for a, b in zip(by_engine["torch"], by_engine["onnxruntime"]):
         np.testing.assert_allclose(b.pixel_map, a.pixel_map, rtol=1e-4, atol=1e-4 * np.abs(a.pixel_map).max())
+
+
+def test_an_unwritable_graph_folder_falls_back_to_torch_with_a_warning(backbone, images, tmp_path, caplog):
+    from reb_dist.core.detector import Detector
+    from reb_dist.detectors import detector_scoring
+    from reb_dist.config import ScoringConfig
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    detector = Detector(backbone, detector_scoring(ScoringConfig()), SIZE, device="cpu", graph_folder=blocker / "onnx")
+    assert detector.engine_name == "onnxruntime"
+    features = detector.extract([images])
+    assert detector.engine_name == "torch" and features.shape == (4, SIZE // 8, SIZE // 8, 152)
+    assert "features run on torch" in caplog.text

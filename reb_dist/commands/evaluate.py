@@ -12,7 +12,7 @@ from reb_dist.config import RunConfig
 from reb_dist.core.ldknn import parse_method
 from reb_dist.detectors import detector_backbone, detector_scoring_settings
 from reb_dist.errors import ConfigError
-from reb_dist.io.feature_cache import cache_folder
+from reb_dist.io.feature_cache import graph_folder
 from reb_dist.io.model_file import load_model, model_metadata
 from reb_dist.io.tracking import Tracker
 from reb_dist.pipelines.evaluate import categories_of, evaluate_category
@@ -54,7 +54,7 @@ def evaluate(cfg: RunConfig, model: str | Path, command_line: str = "") -> Categ
     detector = load_model(model, cfg.backbone.device, bank=cfg.bank,
                           index_factory=placement(category) if placement else None,
                           engine=cfg.backbone.engine, threads=cfg.backbone.threads,
-                          graph_folder=cache_folder(cfg.cache) / "onnx")
+                          graph_folder=graph_folder(cfg.cache))
     backbone, scoring = detector_backbone(detector), detector_scoring_settings(detector)
     resolved = {"model": str(model), "backbone": asdict(backbone), "scoring": asdict(scoring),
                 "image_size": detector.image_size}

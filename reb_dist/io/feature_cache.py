@@ -56,6 +56,11 @@ def cache_folder(cfg: CacheConfig) -> Path:
     return Path(cfg.dir).expanduser() if cfg.dir else default_folder()
 
 
+def graph_folder(cfg: CacheConfig) -> Path:
+    """Where the ONNX feature engine caches its graphs: `onnx/` in the feature cache's folder."""
+    return cache_folder(cfg) / "onnx"
+
+
 def extraction_settings(detector: Detector) -> dict:
     """Everything except the image that a detector's patch features depend on (part of every key).
 

@@ -22,7 +22,7 @@ from reb_dist.core.metrics import evaluate
 from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.data import (ClassSplit, ImageDataset, Sample, check_split, few_shot, list_categories, load_split,
                               sample_mask)
-from reb_dist.io.feature_cache import FeatureCache, cache_folder, extraction_settings
+from reb_dist.io.feature_cache import FeatureCache, extraction_settings, graph_folder
 from reb_dist.results import CategoryResult, MethodResult
 from reb_dist.pipelines.bank import BankPlacement, placed_index_factory
 
@@ -210,7 +210,7 @@ def fit_detector(cfg: RunConfig, split: ClassSplit, placement: BankPlacement | N
     Training features come through the feature cache `cfg.cache` describes (none when disabled).
     """
     detector = build_detector(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank,
-                              placed_index_factory(cfg.bank, split.name, placement), cache_folder(cfg.cache) / "onnx")
+                              placed_index_factory(cfg.bank, split.name, placement), graph_folder(cfg.cache))
     train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
                                FeatureCache.from_config(cfg.cache))
     detector.fit_features(train)

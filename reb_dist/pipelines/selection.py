@@ -34,7 +34,7 @@ from reb_dist.core.metrics import evaluate
 from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.data import preprocess
-from reb_dist.io.feature_cache import FeatureCache, cache_folder
+from reb_dist.io.feature_cache import FeatureCache, graph_folder
 from reb_dist.pipelines.bank import BankPlacement, placed_index_factory
 from reb_dist.pipelines.evaluate import extract_samples, extract_with_masks, load_category, pixel_countable
 from reb_dist.pipelines.validation import ValidationSet, make_split
@@ -116,7 +116,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
     split = load_category(data, category)
     v = make_split(split, tune.validation, tune.fraction or None, tune.seed, data.image_size, saliency)
     detector = build_detector(backbone, scoring, data.image_size, bank, placed_index_factory(bank, category, placement),
-                              cache_folder(cache) / "onnx" if cache is not None else None)
+                              graph_folder(cache) if cache is not None else None)
     try:
         features_cache = FeatureCache.from_config(cache) if cache is not None else None
         train_feats, _ = extract_samples(detector, v.train, data, f"{category} bank", features_cache)

@@ -8,9 +8,6 @@ Two aggregations, as the reference implementations do it:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,13 +122,3 @@ class ExportableFeatures(nn.Module):
                 patches = F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=False)
             per_stage.append(patches.permute(0, 2, 3, 1) @ pool)  # (B, h, w, layer_dim)
         return (torch.cat(per_stage, -1) @ self.pool_stages).permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def extract_features(model: PatchFeatures, batches: Iterable[torch.Tensor],
-                     device: str | torch.device = "cpu") -> Iterator[np.ndarray]:
-    """Yield (B, h, w, D) float32 arrays, one per batch of normalised images."""
-    model = model.to(device).eval()
-    for images in batches:
-        feats = model(images.to(device, non_blocking=True))
-        yield feats.permute(0, 2, 3, 1).contiguous().float().cpu().numpy()

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from reb_dist.core.backbones import build_backbone
-from reb_dist.core.features import PatchFeatures, aggregate_adaptive, aggregate_avgpool, extract_features
+from reb_dist.core.feature_engines import TorchEngine
+from reb_dist.core.features import PatchFeatures, aggregate_adaptive, aggregate_avgpool
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,9 @@ def test_features_are_deterministic_and_computed_without_grad(lite0, small_image
     grad_enabled = []
     hook = lite0.model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
     try:
-        first = list(extract_features(model, [images[:1], images[1:]]))
-        second = list(extract_features(model, [images]))
+        engine = TorchEngine(model, torch.device("cpu"))  # what the detector extracts with on CPU
+        first = [engine(b) for b in (images[:1], images[1:])]
+        second = [engine(images)]
     finally:
         hook.remove()
     assert grad_enabled == [False, False, False]
@@ -154,5 +156,5 @@ def test_features_are_deterministic_and_computed_without_grad(lite0, small_image
     assert all(a.dtype == np.float32 for a in first + second)
     # the same images give the same features, whatever the batching
     np.testing.assert_allclose(np.concatenate(first), second[0], rtol=1e-5, atol=1e-5)
-    third = list(extract_features(model, [images]))
+    third = [engine(images)]
     np.testing.assert_array_equal(second[0], third[0])

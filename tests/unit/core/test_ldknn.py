@@ -176,7 +176,7 @@ def test_ldof_pairwise_means_are_right_when_the_step_does_not_divide_the_chunk()
     bank = rng.normal(size=(300, 6)).astype(np.float32)
     nbr = rng.integers(0, 300, size=(25, 4))
     scorer = BankScorer(BankIndex(bank))
-    got = scorer._mean_pairwise(nbr, squared=False, chunk=10, max_elements=6 * 6 * 3)  # steps of 3 in chunks of 10
+    got = scorer._mean_pairwise(nbr, squared=False, chunk=10, max_elements=6 * 6 * 4)  # steps of 4 in chunks of 10
     v = bank[nbr]
     pairs = [np.linalg.norm(v[:, i] - v[:, j], axis=1) for i in range(4) for j in range(i + 1, 4)]
     np.testing.assert_allclose(got, np.mean(pairs, axis=0), rtol=1e-5)

@@ -11,7 +11,12 @@ QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # two Ray Train workers importing torch on a busy 2-core machine can take more than Ray's 60 s
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
 }
+# Ray's switch for a single-machine Ray (on by default only on Windows and macOS): the node's address is
+# 127.0.0.1, so its GCS, raylet, workers and agents listen on the loopback interface only
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -31,9 +36,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
+    with _loopback_only():
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
     return True
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local Ray starts: its node address is 127.0.0.1, so nothing it runs listens on other
+    interfaces (by default its servers listen on all of them). The processes it starts keep the
+    setting; this process gets its own back, so joining a cluster later works as before."""
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = before_env
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +31,41 @@ RESOURCE_SETTINGS = {"engine", "evaluate_checkpoints", "checkpoint_every", "max_
                      "data_cpus", "torch_threads", "storage_path", "run_name", "fail_at_step"}
 # testing: rank 0 SIGKILLs itself after this step, on the first attempt only (a real worker death)
 KILL_WORKER_ENV = "REB_TEST_KILL_WORKER_AT_STEP"
+
+
+RAY_RESOURCE_STEP = 1e-4  # Ray's granularity of fractional resources
+
+
+def fit_cpus(cluster_cpus: float, workers: int, cpus_per_worker: float, data_workers: int,
+             data_cpus: float) -> tuple[float, float]:
+    """CPUs per training worker and per DefectMaker actor such that all of them fit on the cluster at once.
+
+    The training workers and the data pipeline's actors run together: if the workers take every CPU
+    (two workers of one CPU on a 2-CPU cluster), the actors wait for a CPU for ever and so does
+    training. Both are scaled down by one factor when the plan asks more CPUs than the cluster has;
+    CPUs are only Ray's scheduling units here, so the run computes the same thing, only sharing cores.
+
+    Raises:
+        RebError: the cluster has no CPUs at all.
+    """
+    if cluster_cpus <= 0:
+        raise RebError("the Ray cluster has no CPUs: fine-tuning needs at least one for its workers and "
+                       "DefectMaker actors")
+    asked = workers * cpus_per_worker + data_workers * data_cpus
+    if asked <= cluster_cpus:
+        return cpus_per_worker, data_cpus
+    scale = cluster_cpus / asked
+
+    def down(cpus: float) -> float:
+        return max(RAY_RESOURCE_STEP, math.floor(cpus * scale / RAY_RESOURCE_STEP) * RAY_RESOURCE_STEP)
+
+    per_worker, per_actor = down(cpus_per_worker), down(data_cpus)
+    log.warning("the Ray cluster has %g CPUs, the fine-tuning plan asks %g (%d workers x %g + %d DefectMaker "
+                "actors x %g): giving each worker %.4g and each actor %.4g CPUs so that all of them start "
+                "(finetune.num_workers, finetune.cpus_per_worker, finetune.data_workers, finetune.data_cpus "
+                "set the plan)", cluster_cpus, asked, workers, cpus_per_worker, data_workers, data_cpus,
+                per_worker, per_actor)
+    return per_worker, per_actor
 
 
 @dataclass
@@ -122,7 +158,8 @@ def ssl_class_names(cfg: RunConfig) -> list[str]:
     return list(DefectMaker(task=cfg.finetune.task, image_size=cfg.data.image_size).classes)
 
 
-def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], num_classes: int, workers: int):
+def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], num_classes: int, workers: int,
+                    data_cpus: float):
     """The DefectMaker stream from the newest checkpoint of `run_dir` on.
 
     Ray Train calls this each time it starts the worker group, first and after a worker died, so a
@@ -135,7 +172,7 @@ def _resumed_stream(cfg: RunConfig, run_dir: Path, paths: list[str], num_classes
     first, count = stream_window(f, latest_checkpoint(run_dir)[1], num_classes, workers)
     return defect_dataset(
         paths, first, count, task=f.task, image_size=cfg.data.image_size, blend_prob=f.blend_prob,
-        saliency=f.saliency, run_seed=f.seed, data_workers=f.data_workers, data_cpus=f.data_cpus)
+        saliency=f.saliency, run_seed=f.seed, data_workers=f.data_workers, data_cpus=data_cpus)
 
 
 def _loop_settings(cfg: RunConfig, run_dir: Path, class_names: list[str]) -> TrainLoopSettings:
@@ -171,12 +208,14 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 if f.use_gpu == "auto" else f.use_gpu.lower() == "true"
         workers = min(f.num_workers, int(gpus)) if use_gpu else f.num_workers
-        stream = partial(_resumed_stream, cfg, run_dir, paths, len(class_names), workers)
+        worker_cpus, data_cpus = fit_cpus(ray.cluster_resources().get("CPU", 0), workers, f.cpus_per_worker,
+                                          f.data_workers, f.data_cpus)
+        stream = partial(_resumed_stream, cfg, run_dir, paths, len(class_names), workers, data_cpus)
         # Ray Train builds the stream in its controller (where defect_dataset's own setting is lost) but
         # ingests it with the driver's DataContext options: keep the row order a resumed stream needs.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         settings = _loop_settings(cfg, run_dir, class_names)
-        resources = {"CPU": f.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+        resources = {"CPU": worker_cpus} | ({"GPU": 1} if use_gpu else {})
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"settings": settings},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,

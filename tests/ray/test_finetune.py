@@ -12,7 +12,7 @@ from reb_dist.config import SAMPLE_DATA, RunConfig
 from reb_dist.distributed.defect_stream import defect_dataset
 from reb_dist.pipelines.defect_batches import DefectBatchMaker, defect_items
 from reb_dist.errors import RebError
-from reb_dist.distributed.finetune import KILL_WORKER_ENV, finetune, latest_checkpoint, read_metrics
+from reb_dist.distributed.finetune import KILL_WORKER_ENV, finetune, fit_cpus, latest_checkpoint, read_metrics
 from reb_dist.pipelines.ssl_training import KILLED_MARKER
 
 TRAIN = sorted(str(p) for p in (SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))
@@ -41,10 +41,23 @@ def test_stream_is_a_lazy_ray_dataset_of_every_class(local_ray):
     assert rows[0]["image"].dtype == np.uint8
 
 
+# the plan asks more CPUs than the session's Ray has (2 workers x 2 + 1 DefectMaker actor x 0.5 = 4.5 of
+# 4), as two workers of one CPU do on a 2-CPU cluster: unfitted, the actor never starts and training waits for ever
 FINETUNE_SETTINGS = ["data.categories=[bottle]", "data.image_size=64", "finetune.steps=4",
                      "finetune.images_per_step=28", "finetune.micro_batch=14", "finetune.freeze_steps=1",
-                     "finetune.checkpoint_every=2", "finetune.cpus_per_worker=0.5", "finetune.data_workers=1",
+                     "finetune.checkpoint_every=2", "finetune.cpus_per_worker=2", "finetune.data_workers=1",
                      "finetune.num_workers=2", "finetune.run_name=t"]
+
+
+def test_a_plan_larger_than_the_cluster_is_scaled_to_fit_it(caplog):
+    assert fit_cpus(4, 2, 1.0, 2, 0.5) == (1.0, 0.5)  # fits: unchanged
+    worker, actor = fit_cpus(2, 2, 1.0, 2, 0.5)  # 3 CPUs asked of 2
+    assert 2 * worker + 2 * actor <= 2 and worker == pytest.approx(2 / 3, abs=1e-3) and actor == pytest.approx(1 / 3, abs=1e-3)
+    assert "the Ray cluster has 2 CPUs, the fine-tuning plan asks 3" in caplog.text
+    worker, actor = fit_cpus(4, 2, 2.0, 1, 0.5)
+    assert 2 * worker + actor <= 4
+    with pytest.raises(RebError, match="no CPUs"):
+        fit_cpus(0, 2, 1.0, 2, 0.5)
 
 
 def test_two_worker_finetune_is_interrupted_resumes_survives_a_killed_worker_and_feeds_the_detector(

@@ -128,13 +128,16 @@ def test_every_readme_command_runs_on_the_sample(readme_folder, capsys):
         ran.append(command)
 
     # the Python blocks that use what the commands made: the exported file, the registered model
-    # (the "## Python API" block runs in tests/unit/test_readme_api.py)
-    for heading in ("## Export", "## MLflow models"):
-        code = readme_block(heading)
+    # and the "## Layout" one (the "## Python API" block runs in tests/unit/test_readme_api.py)
+    for heading in ("## Export", "## MLflow models", "## Layout"):
+        code = readme_block(heading).replace('"jobs/', f'"{REPO}/jobs/')
+        code = code.replace('"tracking.enabled=false"]', '"tracking.enabled=false", "data.image_size=128"]')
         namespace = {"__name__": "readme_example"}
         exec(compile(code, f"{README}:{heading}", "exec"), namespace)
         ran.append(heading)
-    assert len(namespace["out"]["score"]) == 1  # the MLflow block's pyfunc scored its one image
+        if heading == "## MLflow models":
+            assert len(namespace["out"]["score"]) == 1  # its pyfunc scored its one image
+    assert set(namespace["models"]) == {"bottle", "pill"}  # the Layout block fitted the job's classes
 
     kinds = {c.split()[1] for c in ran}
     assert {"benchmark", "fit", "evaluate", "predict", "export", "cache", "report"} <= kinds

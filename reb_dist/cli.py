@@ -16,6 +16,7 @@ from pathlib import Path
 
 from reb_dist.config import PRESET_ALIASES, PRESETS, RunConfig
 from reb_dist.errors import RebError
+from reb_dist.progress import show_progress
 
 log = logging.getLogger("reb_dist.cli")  # not __name__: run as `python -m reb_dist.cli` that is __main__
 
@@ -191,6 +192,7 @@ def configure_logging(verbosity: int = 0) -> None:
     handler.setFormatter(_Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))])
+    show_progress(verbosity >= 0)  # -q: warnings and errors only, no bars either
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +228,8 @@ def cmd_fit(args, command_line: str) -> int:
     """`reb fit`: see reb_dist.commands.fit.fit."""
     from reb_dist.commands.fit import fit
 
-    fit(load_config(args), args.output, args.selection, args.calibrate)
+    for path in fit(load_config(args), args.output, args.selection, args.calibrate).values():
+        print(path)  # where each model went: a result, so on stdout (even with -q)
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from reb_dist.progress import progress_bar
 
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone
@@ -178,7 +178,7 @@ class Detector:
         """(N, h, w, D) float32 features of batches of images (tensors or dicts with 'image')."""
         start = time.perf_counter()
         images = (b["image"] if isinstance(b, dict) else b
-                  for b in tqdm(batches, total=total, desc=desc, unit="batch", leave=False))
+                  for b in progress_bar(batches, total=total, desc=desc, unit="batch", leave=False))
         engine = self.feature_engine
         out = [engine(x) for x in images]
         self.timings.add("features", start)

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from reb_dist.progress import progress_bar
 
 from reb_dist.config import BankConfig
 from reb_dist.core.ldknn import IndexFactory
@@ -248,7 +248,7 @@ class ShardedBank:
             return [a.search.remote(q, k, approximate, exact) for a in self.actors]
 
         pending = submit(starts[0]) if starts else None
-        for j, s in enumerate(tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2,
+        for j, s in enumerate(progress_bar(starts, desc=progress, disable=progress is None or len(starts) < 2,
                                    leave=False)):
             ahead = submit(starts[j + 1]) if j + 1 < len(starts) else None
             parts = self._gather(pending, "search")
@@ -287,7 +287,7 @@ class ShardedBank:
         ids = np.empty((len(point_ids), k), np.int64)
         chunk = 4 * self.batch_size  # bounds the vectors fetched to the driver at once
         starts = range(0, len(point_ids), chunk)
-        for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
+        for s in progress_bar(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             p = point_ids[s:s + chunk]
             d, i = self.search(self.vectors(p), k + 1, approximate=True)
             dist[s:s + chunk], ids[s:s + chunk] = drop_self(d, i, p, k)

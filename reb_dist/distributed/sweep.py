@@ -113,13 +113,13 @@ def run_cells(sweep: Sweep, todo: list[Cell], out_dir: str | Path) -> Iterator[t
     """Run `todo`'s cells as Ray tasks, at most `sweep.max_concurrent` at once, on the cluster the
     driver is connected to (a local Ray when none); yields (cell, its result) as each finishes."""
     import ray
-    from tqdm.auto import tqdm
+    from reb_dist.progress import progress_bar
 
     with ray_session():
         task = ray.remote(num_cpus=sweep.cpus_per_cell, max_retries=1)(run_cell)
         pending: dict = {}
         queue = list(todo)
-        bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="cell")
+        bar = progress_bar(total=len(todo), desc=f"sweep {sweep.name}", unit="cell")
         while queue or pending:
             while queue and len(pending) < sweep.max_concurrent:
                 cell = queue.pop(0)

@@ -153,13 +153,19 @@ def test_print_config_prints_settings_that_load_back_the_same_and_runs_nothing(c
 def test_quiet_hides_progress_and_verbose_shows_debug(workdir, capsys):
     fit = ["fit", "--no-mlflow", "--categories", "bottle", "--set", "data.few_shot=2"]
     assert main(["-v", *fit, "-o", "a.safetensors"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "bottle: 2 images -> bank" in err and "debug: reb_dist.cli: settings:" in err
+    assert "bottle train features" in err  # a progress bar
+    assert out.splitlines() == ["a.safetensors"]  # where the model went, on stdout
 
     assert main([*fit, "-q", "-o", "c.safetensors"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "images -> bank" not in err and "debug:" not in err
-    assert (workdir / "c.safetensors").is_file()  # quiet, not idle
+    assert "features" not in err  # -q hides the bars too
+    assert out.splitlines() == ["c.safetensors"] and (workdir / "c.safetensors").is_file()  # quiet, not idle
+    # the next command without -q shows them again (on an image whose features are not cached yet)
+    assert main([*fit, "--set", "data.few_shot=3", "-o", "d.safetensors"]) == 0
+    assert "bottle train features" in capsys.readouterr().err
 
 
 def test_a_test_set_of_one_kind_reports_undefined_metrics_and_writes_everything_else(workdir, capsys):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from reb_dist.progress import progress_bar
 
 CORESET_METHODS = ("fast", "greedy", "random")
 _BLOCK = 16384  # bank rows per distance block (fast_greedy_coreset)
@@ -61,7 +61,7 @@ def greedy_coreset(bank: np.ndarray, ratio: float, projection_dim: int = 128, se
     x, start = _projection_and_start(bank, projection_dim, seed)
     chosen = [start]
     min_dist = torch.linalg.vector_norm(x - x[start], dim=1)
-    for _ in tqdm(range(m - 1), desc="coreset", disable=not progress, leave=False):
+    for _ in progress_bar(range(m - 1), desc="coreset", disable=not progress, leave=False):
         nxt = int(torch.argmax(min_dist))
         chosen.append(nxt)
         torch.minimum(min_dist, torch.linalg.vector_norm(x - x[nxt], dim=1), out=min_dist)
@@ -91,7 +91,7 @@ def fast_greedy_coreset(bank: np.ndarray, ratio: float, projection_dim: int = 12
     # squared distances pick the same points; -inf marks chosen points so none is picked twice
     min_d = torch.full((n,), torch.inf)
     new, chosen = torch.tensor([start]), [start]
-    with tqdm(total=m, desc="coreset", disable=not progress, leave=False) as bar:
+    with progress_bar(total=m, desc="coreset", disable=not progress, leave=False) as bar:
         while True:
             c = x[new]
             c_sq = (c * c).sum(1)

@@ -10,7 +10,7 @@ sharded result equal to a single-index one.
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
+from reb_dist.progress import progress_bar
 
 from reb_dist.core.ldknn.approx import (CALIBRATION_SAMPLE, QUERY_CALIBRATION_MIN, RECALL_TARGET, build_approximate,
                                         calibrate_nprobe, recall_at_k, resolve_neighbour_search)
@@ -216,7 +216,7 @@ class BankIndex:
         if kind == "ivf" and of_queries and not self.nprobe and len(queries) >= QUERY_CALIBRATION_MIN:
             self.calibrate_on_queries(queries, k, k_fetch)
         starts = range(0, len(queries), batch_size)
-        for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
+        for s in progress_bar(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             q = queries[s:s + batch_size]
             found = self._candidates(q, k_fetch, kind, k, of_queries)
             short = (found[:, :k] < 0).any(axis=1)

@@ -220,9 +220,9 @@ class TorchIndex:
         ids = np.empty((len(queries), k), dtype=np.int64)
         starts = range(0, len(queries), batch_size)
         if progress is not None and len(starts) > 1:
-            from tqdm.auto import tqdm  # only when a bar is asked for: the module stays torch + numpy
+            from reb_dist.progress import progress_bar  # only when a bar is asked for: the module stays torch + numpy
 
-            starts = tqdm(starts, desc=progress, leave=False)
+            starts = progress_bar(starts, desc=progress, leave=False)
         for s in starts:
             dist[s:s + batch_size], ids[s:s + batch_size] = torch_knn(
                 bank, queries[s:s + batch_size], k, query_block=self.query_block, bank_block=self.bank_block,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from reb_dist.progress import progress_bar
 
 from reb_dist.io.data.images import check_image_side, image_size, is_skipped_file, list_images, read_image, read_mask
 from reb_dist.io.data.samples import NORMAL, ClassSplit, Sample
@@ -316,7 +316,7 @@ def check_split(split: ClassSplit, deep: bool = True, workers: int = 8, resize_t
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without holding the GIL
         results = pool.map(check, samples)
         if len(samples) > 200:
-            results = tqdm(results, total=len(samples), desc=f"checking {split.name}", unit="img")
+            results = progress_bar(results, total=len(samples), desc=f"checking {split.name}", unit="img")
         errors = [e for e in results if e is not None]
     if errors:
         first, more = errors[0], len(errors) - 1

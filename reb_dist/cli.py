@@ -12,6 +12,7 @@ import argparse
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from reb_dist.config import PRESET_ALIASES, PRESETS, RunConfig
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", action="append", help="only these experiments (repeatable; default: all)")
-    p.add_argument("--output", "-o", default="outputs/report")
+    p.add_argument("--output", "-o", default="outputs/report",
+                   help="folder for report.md / .csv and the plots (default: outputs/report)")
 
     p = sub.add_parser("predict", help="score images with a saved model, write heatmap overlays")
     p.add_argument("--model", "-m", required=True,
@@ -103,20 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="flag images whose score is at least this (default: the model's saved, calibrated "
                         "threshold; no flags if it has none)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the model's device where "
+                                                   "available, else cpu)")
 
     p = sub.add_parser("export", help="write a saved model as one ONNX or TorchScript file (backbone, bank, "
                                       "search, scores, maps, threshold) that scores images without reb-dist's "
                                       "backbone weights, faiss or Ray; `reb predict -m` takes it too")
     p.add_argument("--model", "-m", required=True, help="a .safetensors model written by `reb fit`")
-    p.add_argument("--format", "-f", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--format", "-f", required=True, choices=["onnx", "torchscript"],
+                   help="onnx (scored with onnxruntime alone) or torchscript (torch alone)")
     p.add_argument("--output", "-o", help="the exported file (default: the model's path with .onnx or .pt); "
                                           "its metadata goes beside it as <file>.json")
     p.add_argument("--dynamo", action="store_true", help="onnx: torch's dynamo exporter (slower to export)")
     p.add_argument("--force", action="store_true", help="replace an existing output file (never the model itself)")
 
     p = sub.add_parser("cache", help="the patch feature cache: where it is and how big (info), or empty it (clear)")
-    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("action", choices=["info", "clear"], help="info: folder, files and size; clear: delete its files")
     _add_settings(p)  # its cache section names the folder, e.g. --set cache.dir=/scratch/features
 
     p = sub.add_parser("sweep", help="datasets x categories x backbones x methods as Ray tasks on the cluster "
@@ -127,11 +131,52 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: outputs/sweeps/<sweep name>)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///<out>/mlflow.db)")
-    p.add_argument("--experiment", default="reb-dist-sweeps")
+    p.add_argument("--experiment", default="reb-dist-sweeps",
+                   help="MLflow experiment of the sweep's runs (default: reb-dist-sweeps)")
 
-    for p in sub.choices.values():
+    for name, p in sub.choices.items():
         _add_verbosity(p)
+        p.description = DESCRIPTIONS.get(name) or subcommand_help(sub, name)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def subcommand_help(sub, name: str) -> str:
+    """The one-line help a subcommand was added with (what `reb --help` lists)."""
+    return next(a.help for a in sub._choices_actions if a.dest == name)
+
+
+# what `reb <command> --help` says beyond its one line: what it reads, writes and how to steer it
+DESCRIPTIONS = {
+    "tune": """per-class LDKNN K and alpha on a validation split (Ray Tune + Optuna), then test metrics of
+per-class vs global vs default settings.
+
+Per class: the bank and one neighbour search are computed once; tune.trials Optuna trials choose the
+image score's (K, alpha) on validation image AUROC, tune.map_trials choose the map's method apart
+(0: coupled, as the paper); tune.k_max bounds K, tune.alpha_max alpha; tune.validation is synthetic
+(held-out normal training images + DefectMaker anomalies, the default) or test (a seeded part of the
+test set, reported metrics on the rest only).
+
+Writes <output_dir>/tune/: selection.json / .csv (each class's image setting, map setting and
+threshold: `reb fit --selection` takes it), results.md / .json (default, global, per-class rows with
+image AUROC, pixel AUROC, AUPRO and F1), splits.json, config.yaml (and pareto_<class>.png with
+tune.multi_objective); logs a parent MLflow run with one child run per trial (`reb report` plots
+them). Example: reb tune --config tune/k_alpha.yaml --root /data/mvtec_ad""",
+    "sweep": """datasets x categories x backbones x methods as Ray tasks on the cluster (RAY_ADDRESS) or a
+local Ray; resumable: finished cells are skipped.
+
+Writes <out>/cells/<cell>.json, summary.md / .csv and one MLflow run per submission with a nested run
+per (cell, method). Example: reb sweep --config jobs/sample_sweep.yaml --out outputs/sweeps/sample""",
+    "benchmark": """several methods x categories in one run, printing a table.
+
+Writes <output_dir>/benchmark/: results.md / .json, ROC curves and heatmap galleries (this run's
+also under runs/<time>-<id>/), and logs a parent MLflow run with a child per (category, method).
+Example: reb benchmark --root /data/mvtec_ad --categories bottle,pill --methods ldknn,knn,nn1""",
+    "fit": """build and save a memory bank (with densities) per category.
+
+Prints each model file's path; logs it to MLflow as a pyfunc model (registered with
+tracking.register_model). Example: reb fit --root /data/mvtec_ad --categories pill -o pill.safetensors""",
+}
 
 
 def load_config(args: argparse.Namespace) -> RunConfig:
@@ -291,8 +336,19 @@ def cmd_predict(args, command_line: str) -> int:
     prints scores.csv."""
     from reb_dist.commands.predict import predict_images
 
-    predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
-    print((Path(args.output) / "scores.csv").read_text(), end="")
+    from reb_dist.errors import DatasetError
+
+    scores = Path(args.output) / "scores.csv"
+    started = time.time()
+    try:
+        predictions = predict_images(args.model, args.images, args.output, args.threshold, args.device)
+    except DatasetError:
+        # some images could not be scored: the others' scores are results all the same (this run's
+        # scores.csv names the bad ones in its error column); the error line follows on stderr, exit 2
+        if scores.is_file() and scores.stat().st_mtime >= started:
+            print(scores.read_text(), end="")
+        raise
+    print(scores.read_text(), end="")
     log.info("%d heatmap overlays written to %s", len(predictions), args.output)
     return 0
 

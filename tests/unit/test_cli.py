@@ -191,3 +191,17 @@ def test_ctrl_c_is_one_line_and_exit_130(workdir, capsys, monkeypatch):
     assert main(["fit", "--no-mlflow", "--categories", "bottle"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: reb fit" in err and "Traceback" not in err
+
+
+def test_every_subcommand_has_a_description_and_every_flag_a_help_text():
+    import argparse
+
+    from reb_dist.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description and len(parser.description) > 20, name
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"reb {name} {action.option_strings or action.dest}"
+    tune = sub.choices["tune"].format_help()
+    assert "tune.trials" in tune and "selection.json" in tune  # what it searches and what it writes

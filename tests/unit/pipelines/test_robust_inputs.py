@@ -83,10 +83,11 @@ def test_predict_scores_the_good_images_and_reports_the_bad_ones(saved, workdir,
     rc = main(["predict", "-m", str(model), str(good[0]), str(truncated), str(tiny), str(good[1]),
                "-o", "pred", "--device", "cpu"])
     assert rc == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"{truncated}: cannot be read as an image" in err and f"{tiny}: image is only 1x1 pixels" in err
     assert "2 of 4 images scored" in err
     rows = _csv(workdir / "pred" / "scores.csv")
+    assert out == (workdir / "pred" / "scores.csv").read_text()  # stdout keeps the results it has
     assert [r["image"] for r in rows] == [str(good[0]), str(truncated), str(tiny), str(good[1])]
     assert [r["score"] == "" for r in rows] == [False, True, True, False]
     assert [bool(r["error"]) for r in rows] == [False, True, True, False]

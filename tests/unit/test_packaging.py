@@ -151,3 +151,18 @@ def test_the_import_check_catches_an_undeclared_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\nimport pytest\ndef g():\n    import onnxruntime\ntry:\n    import onnx\nexcept ImportError:\n    onnx = None\n")
     assert _third_party_imports(f) == [("pytest", False), ("onnxruntime", True), ("onnx", True)]
+
+
+def test_the_sample_images_licence_is_declared_and_travels_with_them():
+    """The wheel ships MVTec's CC BY-NC-SA images: the package metadata says so (an SPDX expression
+    naming both licences) and their licence file is one of the package's licence files."""
+    p = project()
+    assert p["license"] == "Apache-2.0 AND CC-BY-NC-SA-4.0"
+    for name in p["license-files"]:
+        assert (REPO / name).is_file(), name
+    assert "Apache License" in (REPO / "LICENSE").read_text()
+    sample = PACKAGE / "sample_data" / "mvtec_ad_256"
+    assert "reb_dist/sample_data/mvtec_ad_256/license.txt" in p["license-files"]
+    assert "Attribution-NonCommercial-ShareAlike 4.0" in (sample / "license.txt").read_text()
+    for category in ("bottle", "pill"):  # and each category folder carries it as well
+        assert (sample / category / "license.txt").read_text() == (sample / "license.txt").read_text()

@@ -38,8 +38,13 @@ def save_torchscript(module: ExportedDetector, path: str | Path) -> Path:
     return write_atomic(path, lambda tmp: traced.save(tmp))
 
 
-def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, opset: int = ONNX_OPSET) -> Path:
+def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, opset: int = ONNX_OPSET,
+              metadata: dict | None = None) -> Path:
     """Export `module` to one self-contained ONNX file (weights inside) with a free batch axis.
+
+    Every output's shape is declared (the exporter's own inference named the map's rows "batch" too),
+    and `metadata` is written into the file's metadata_props (nested values as JSON), so a deployer
+    who has only the .onnx still finds its preprocessing, threshold and version.
 
     By default with torch's TorchScript-based exporter (dynamo=False), which needs only `onnx`;
     `dynamo=True` uses torch.export + onnxscript instead: the same scores (within 5e-7 relative on
@@ -61,10 +66,37 @@ def save_onnx(module: ExportedDetector, path: str | Path, dynamo: bool = False, 
             else:
                 torch.onnx.export(module, (example_images(module),), tmp, dynamo=False, opset_version=opset,
                                   dynamic_axes={n: {0: "batch"} for n in ["images", *OUTPUT_NAMES]}, **names)
+        describe_onnx(tmp, module, metadata or {})
 
     with warnings.catch_warnings():  # tracer warnings about the fixed bank loop and image size: intended
         warnings.simplefilter("ignore")
         return write_atomic(path, write)
+
+
+def describe_onnx(path: str, module: ExportedDetector, metadata: dict) -> None:
+    """Declare each output's shape as the module gives it (axis 0: "batch") and store `metadata` in
+    the file's metadata_props, rewriting the ONNX file at `path` in place."""
+    import onnx
+
+    with torch.no_grad():
+        shapes = [tuple(t.shape) for t in module(example_images(module))]
+    graph = onnx.load(path)
+    for output, shape in zip(graph.graph.output, shapes):
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for i, size in enumerate(shape):
+            dim = dims.add()
+            if i == 0:
+                dim.dim_param = "batch"
+            else:
+                dim.dim_value = size
+    del graph.metadata_props[:]
+    calibration = metadata.get("calibration") or {}
+    props = {**metadata, "threshold": calibration.get("threshold")}  # the one number a deployer looks for
+    for key, value in props.items():
+        graph.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, path)
 
 
 def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
@@ -98,11 +130,11 @@ def export_model(model: str | Path, fmt: str, output: str | Path | None = None,
     detector = load_model(model, device="cpu")
     try:
         module = build_module(detector, str(model))
+        meta = export_metadata(detector, "onnxruntime" if fmt == "onnx" else "torchscript", output.name, str(model))
         if fmt == "onnx":
-            save_onnx(module, output, dynamo)
+            save_onnx(module, output, dynamo, metadata=meta)
         else:
             save_torchscript(module, output)
-        meta = export_metadata(detector, "onnxruntime" if fmt == "onnx" else "torchscript", output.name, str(model))
     finally:
         detector.close()
     return output, write_text_atomic(metadata_path(output), json.dumps(meta, indent=2) + "\n")

@@ -5,6 +5,8 @@ module cannot compute are refused by name."""
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from reb_dist.export.build import ExportError, build_module
 from reb_dist.export.runtime import load_exported, read_rgb, resize
 from reb_dist.export.writer import save_torchscript
 from reb_dist.io.data import preprocess, read_image
+from reb_dist.io.model_file import load_model
 from tests.unit.export.conftest import scoring_as, skip_without_onnx
 
 RTOL = 1e-4  # scores; maps: 1e-4 of their largest value
@@ -195,3 +198,26 @@ def test_reb_fit_into_a_file_that_is_not_a_folder_fails_before_building_the_bank
     a_file.write_text("x")
     assert main(["fit", "--no-mlflow", "--categories", "bottle", "-o", str(a_file)]) == 2
     assert f"--output {a_file}: is a file" in capsys.readouterr().err
+
+
+def test_the_onnx_file_declares_its_output_shapes_and_carries_its_metadata(exported, model_file):
+    """A deployer with only the .onnx: every output's shape as onnxruntime returns it (the map's rows
+    were declared "batch"), and the preprocessing, threshold and version in the file's metadata."""
+    skip_without_onnx()
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(exported["onnx"])
+    size = load_model(model_file, "cpu").image_size
+    declared = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
+    assert declared == {"scores": ["batch"], "normalised_scores": ["batch"], "anomalous": ["batch"],
+                        "maps": ["batch", size, size]}
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"images": np.zeros((3, size, size, 3), np.uint8)})
+    assert [list(o.shape) for o in outputs] == [[3], [3], [3], [3, size, size]]
+
+    props = session.get_modelmeta().custom_metadata_map
+    beside = json.loads(Path(f"{exported['onnx']}.json").read_text())
+    assert props["reb_dist_version"] == beside["reb_dist_version"] and props["preprocessing"] == beside["preprocessing"]
+    assert json.loads(props["image_size"]) == size and json.loads(props["input"])["dtype"] == "uint8"
+    assert json.loads(props["threshold"]) == pytest.approx(beside["calibration"]["threshold"])

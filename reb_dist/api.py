@@ -90,7 +90,8 @@ class Model:
 
     @classmethod
     def fit(cls, root: str | Path = "sample", category: str | None = None, output: str | Path | None = None,
-            settings: RunConfig | list[str] | None = None, calibrate: bool = False) -> Model:
+            settings: RunConfig | list[str] | None = None, calibrate: bool = False,
+            images: ImageLike | Iterable[ImageLike] | None = None) -> Model:
         """Fit, save and load a model of one category, exactly as `reb fit` does (MLflow run included,
         unless the settings turn tracking off).
 
@@ -102,6 +103,8 @@ class Model:
                 (e.g. ["data.few_shot=8", "scoring.k=5"]); root and category are set on top.
             calibrate: hold out part of the training images to take an image threshold (`reb fit
                 --calibrate`), so predictions get normalised scores and flags.
+            images: instead of a dataset: the good images to fit from (files, folders, PIL images,
+                RGB arrays; `reb fit --images`); no test set is needed. `root` is then not read.
 
         Raises:
             ConfigError, DatasetError: bad settings, or files of the category that cannot be used.
@@ -110,6 +113,8 @@ class Model:
         from reb_dist.commands.fit import fit
 
         cfg = settings if isinstance(settings, RunConfig) else RunConfig.load(None, list(settings or ()))
+        if images is not None:
+            return cls._fit_images(cfg, images, category, output, calibrate)
         data = replace(cfg.data, root=str(root), categories=[category] if category else cfg.data.categories)
         cfg = replace(cfg, data=data)
         categories = categories_of(data)
@@ -117,6 +122,31 @@ class Model:
             raise ConfigError(f"{root}: holds categories {categories}; choose one with category=...")
         paths = fit(cfg, str(output) if output is not None else None, calibrate=calibrate)
         return cls.load(paths[categories[0]], cfg.backbone.device)
+
+    @classmethod
+    def _fit_images(cls, cfg: RunConfig, images, category: str | None, output, calibrate: bool) -> Model:
+        """`fit(images=...)`: in-memory images are written as PNG files to a temporary folder first
+        (the fit reads files, as `reb fit --images` does)."""
+        import tempfile
+
+        from PIL import Image
+
+        from reb_dist.commands.fit import fit
+
+        items = image_items(images)
+        if category:
+            cfg = replace(cfg, data=replace(cfg.data, categories=[category]))
+        elif any(isinstance(item, np.ndarray) for item in items) and not cfg.data.categories:
+            cfg = replace(cfg, data=replace(cfg.data, categories=["images"]))
+        with tempfile.TemporaryDirectory(prefix="reb-fit-images-") as folder:
+            paths = []
+            for i, item in enumerate(items):
+                if isinstance(item, np.ndarray):
+                    item = Path(folder) / f"{i:06d}.png"
+                    Image.fromarray(items[i]).save(item)
+                paths.append(item)
+            written = fit(cfg, str(output) if output is not None else None, calibrate=calibrate, images=paths)
+        return cls.load(next(iter(written.values())), cfg.backbone.device)
 
     @property
     def calibration(self) -> Calibration | None:

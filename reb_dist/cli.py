@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "<output_dir>/models/<category>.safetensors)")
     p.add_argument("--selection", help="a selection.json written by `reb tune`: each category's image and map "
                                        "settings and image threshold, its bank from the same images")
+    p.add_argument("--images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="fit one model from these good images (files or folders) instead of a dataset's "
+                        "categories: no test set needed; named by --categories, else the first folder")
     p.add_argument("--calibrate", action="store_true",
                    help="hold out tune.fraction of the training images (normal + DefectMaker anomaly each) and "
                         "save an image threshold (tune.threshold: f1 | quantile) taken on their scores")
@@ -273,7 +276,7 @@ def cmd_fit(args, command_line: str) -> int:
     """`reb fit`: see reb_dist.commands.fit.fit."""
     from reb_dist.commands.fit import fit
 
-    for path in fit(load_config(args), args.output, args.selection, args.calibrate).values():
+    for path in fit(load_config(args), args.output, args.selection, args.calibrate, args.images).values():
         print(path)  # where each model went: a result, so on stdout (even with -q)
     return 0
 

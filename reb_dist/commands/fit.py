@@ -17,7 +17,8 @@ from reb_dist.errors import ConfigError
 from reb_dist.io.model_file import save_model
 from reb_dist.io.tracking import Tracker
 from reb_dist.io.feature_cache import file_sha256
-from reb_dist.pipelines.evaluate import categories_of, fit_detector, load_category
+from reb_dist.pipelines.evaluate import (categories_of, fit_detector, images_category, images_split,
+                                        load_category)
 from reb_dist.pipelines.validation import ValidationSplit, synthetic_split
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def output_files(output: str | None, categories: list[str], default_dir: Path, s
 
 
 def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None = None,
-        calibrate: bool = False) -> dict[str, Path]:
+        calibrate: bool = False, images: list[str | Path] | None = None) -> dict[str, Path]:
     """Fit and save a model (bank + densities + settings) per category.
 
     Args:
@@ -49,6 +50,8 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
         calibrate: without a selection, hold out `tune.fraction` (default 0.1) of the training images,
             each giving a normal and a DefectMaker anomaly, build the bank from the rest and take the
             image threshold (`tune.threshold`) and normalisation from their scores.
+        images: good images (files, folders) to fit one model from, instead of a dataset's categories:
+            no test set is needed; named by data.categories' one name, else the first image's folder.
 
     Every model is also logged to the fit's MLflow run as a pyfunc MLflow model named after its
     category (reb_dist.io.mlflow_model), and registered under tracking.register_model when set.
@@ -56,13 +59,17 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
     Returns:
         category -> model file written.
     """
-    paths = output_files(output, categories_of(cfg.data), Path(cfg.output_dir) / "models")
+    if images and selection:
+        raise ConfigError("--images and --selection do not go together: a selection's bank is the dataset's "
+                          "training images less those tune held out")
+    categories = [images_category(images, cfg.data)] if images else categories_of(cfg.data)
+    paths = output_files(output, categories, Path(cfg.output_dir) / "models")
     chosen = read_selection(selection, list(paths)) if selection else {}
     placement = bank_placement(cfg)
     tracker = Tracker(cfg.tracking)
     with tracker.run(cfg, "fit"):
         for category, path in paths.items():
-            split = load_category(cfg.data, category)
+            split = images_split(images, category, cfg.data) if images else load_category(cfg.data, category)
             run_cfg, calibration, validation = cfg, None, None
             if category in chosen:
                 run_cfg, calibration, split = apply_selection(cfg, chosen[category], split, selection)
@@ -74,7 +81,8 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
                 if validation is not None:
                     calibration = synthetic_calibration(detector, validation, cfg)
                 detector.calibration = calibration
-                save_model(detector, path, category=category, dataset_root=cfg.data.resolved_root().absolute())
+                root = split.root if images else cfg.data.resolved_root().absolute()
+                save_model(detector, path, category=category, dataset_root=root)
                 written = file_sha256(path)  # what MLflow logs must be these bytes, whatever replaces the file
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
                     **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}

@@ -45,8 +45,17 @@ class TrackingStoreError(RebError):
 
 def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI to use, as MLflow resolves it: `uri` when set (tracking.uri, --tracking-uri),
-    else the MLFLOW_TRACKING_URI environment variable, else `DEFAULT_URI` (./mlflow.db)."""
-    return uri or os.environ.get(URI_ENV) or DEFAULT_URI
+    else the MLFLOW_TRACKING_URI environment variable, else `DEFAULT_URI` (./mlflow.db).
+
+    A sqlite file given relative to the current folder is made absolute (as MLflow does with its own
+    default): MLflow caches its stores by URI, so a relative one would keep pointing at the folder
+    where this process first opened it, whatever folder a later command runs in.
+    """
+    uri = uri or os.environ.get(URI_ENV) or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
 
 
 def use_store(uri: str, experiment_id: str) -> None:

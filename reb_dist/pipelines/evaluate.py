@@ -8,8 +8,10 @@ Ray layers distribute the same steps.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -63,6 +65,46 @@ def load_category(data: DataConfig, category: str) -> ClassSplit:
     if data.check_files:
         check_split(split, resize_to=data.image_size)
     return split
+
+
+def images_split(images: list[str | Path], name: str, data: DataConfig) -> ClassSplit:
+    """A category made of the good images a user has (files and folders of them): its training images
+    are all of them, it has no test set. Few-shot and the file checks apply as in `load_category`.
+
+    Raises:
+        DatasetError: no images found, or some cannot be used.
+    """
+    from reb_dist.pipelines.predict import find_images
+
+    paths = find_images(images)
+    root = Path(os.path.commonpath([str(p.absolute().parent) for p in paths]))
+    split = ClassSplit(name, root, [Sample(p, 0) for p in paths], [], layout="images")
+    if data.few_shot:
+        if data.few_shot > len(split.train):
+            raise ConfigError(f"data.few_shot={data.few_shot} asks for more training images than the "
+                              f"{len(split.train)} given; allowed: 1 to {len(split.train)}, or 0 for all of them")
+        split.train = few_shot(split.train, data.few_shot)
+    if data.check_files:
+        check_split(split, resize_to=data.image_size)
+    return split
+
+
+def images_category(images: list[str | Path], data: DataConfig) -> str:
+    """The category name of a model fitted from images: data.categories' one name, else the folder of
+    the first image given (a folder itself, or a file's parent), above folders named train, good, ..."""
+    if len(data.categories) > 1:
+        raise ConfigError(f"--images makes one model; data.categories names {len(data.categories)} categories")
+    if data.categories:
+        return data.categories[0]
+    first = Path(images[0]).absolute()
+    folder = first if first.is_dir() else first.parent
+    while folder.name.lower() in GENERIC_FOLDERS and folder.parent != folder:  # my_pills/train/good -> my_pills
+        folder = folder.parent
+    return folder.name or "images"
+
+
+# folder names that say what the images are for, not what they show
+GENERIC_FOLDERS = {"train", "good", "normal", "ok", "images", "img", "imgs"}
 
 
 def load_categories(data: DataConfig, categories: list[str]) -> dict[str, tuple[ClassSplit, float]]:

@@ -105,3 +105,41 @@ def test_bad_images_are_refused_by_name(model, tmp_path):
         model.predict(tmp_path)
     with pytest.raises(TypeError, match="image 0"):
         model.predict([42])
+
+
+SMALL_FIT = ["tracking.enabled=false", "backbone.device=cpu", "scoring.methods=[ldknn]", "data.image_size=128"]
+
+
+def test_fit_from_good_images_alone_folders_and_arrays(tmp_path, capsys):
+    """A user with only good images (no test set, no dataset layout): `reb fit --images` and
+    `Model.fit(images=...)` from folders, files or arrays; calibrated on held-out images + DefectMaker."""
+    from reb_dist.cli import main
+    from reb_dist.io.model_file import model_metadata
+
+    good = tmp_path / "my_bottles" / "train" / "good"
+    good.mkdir(parents=True)
+    train = sorted((SAMPLE_DATA / "bottle" / "train" / "good").glob("*.png"))[:10]
+    for path in train:
+        (good / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "m.safetensors"
+    args = ["fit", "--images", str(tmp_path / "my_bottles"), "--calibrate", "-o", str(out)]
+    assert main(args + [a for s in SMALL_FIT for a in ("--set", s)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(out)]
+    model = reb_dist.load(out)
+    assert model_metadata(out)["category"] == "my_bottles"  # named by the folder above train/good
+    assert model.threshold is not None  # calibrated without any test image
+    # it tells a broken bottle from a good one it has not seen
+    result = model.predict([TEST / "broken_large" / "000.png", TEST / "good" / "000.png"])
+    assert result.scores[0] > result.scores[1]
+
+    # the same from the API, images in memory: the same bank, so the same scores
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in train]
+    from_arrays = reb_dist.Model.fit(images=arrays, category="bottles", output=tmp_path / "a.safetensors",
+                                     settings=SMALL_FIT + ["scoring.k=9"], calibrate=True)
+    assert model_metadata(tmp_path / "a.safetensors")["category"] == "bottles"
+    again = from_arrays.predict([TEST / "broken_large" / "000.png", TEST / "good" / "000.png"])
+    np.testing.assert_allclose(again.scores, result.scores, rtol=1e-4)
+
+    capsys.readouterr()
+    assert main(["fit", "--images", str(good), "--selection", "s.json"]) == 2  # refused before any work
+    assert "--images and --selection do not go together" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert lines[4] == "(4, 256, 256)" and "'image_auroc': " in lines[5]
     assert (tmp_path / "models" / "bottle.safetensors").is_file()
     # `Model.fit` ran as `reb fit`: its MLflow run (./mlflow.db here) holds the pyfunc model
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("reb-dist").experiment_id], "tags.command = 'fit'")
     models = client.search_logged_models([run.info.experiment_id])
     assert [(m.name, m.source_run_id) for m in models] == [("bottle", run.info.run_id)]

@@ -81,7 +81,8 @@ def needs_ray(argv: list[str]) -> str | None:
 
 @pytest.fixture
 def readme_folder(tmp_path, monkeypatch):
-    """A fresh working folder with `new_images/`: a few of the sample's pill test images."""
+    """A fresh working folder with `new_images/` (a few of the sample's pill test images) and
+    `good_images/` (ten of its pill training images)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     images = tmp_path / "new_images"
@@ -89,6 +90,10 @@ def readme_folder(tmp_path, monkeypatch):
     for path in sorted((SAMPLE_DATA / "pill" / "test").rglob("*.png"))[::12]:
         (images / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
     (images / "001.png").write_bytes((SAMPLE_DATA / "bottle" / "test" / "good" / "000.png").read_bytes())
+    good = tmp_path / "good_images"  # a user's good images, no dataset layout
+    good.mkdir()
+    for path in sorted((SAMPLE_DATA / "pill" / "train" / "good").glob("*.png"))[:10]:
+        (good / path.name).write_bytes(path.read_bytes())
     return tmp_path
 
 
@@ -144,5 +149,6 @@ def test_every_readme_command_runs_on_the_sample(readme_folder, capsys):
     assert len(ran) >= 12 and len(resolved) >= 4
     # what the run ones left behind, as the README says
     assert Path("models/pill.safetensors").is_file() and Path("pill.onnx").is_file()
+    assert Path("models/mine.safetensors").is_file()
     assert Path("predictions/scores.csv").is_file()
     assert Path("outputs/report/report.md").is_file()

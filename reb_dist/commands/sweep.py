@@ -48,9 +48,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
             result = {"cell": asdict(cell), **cell_result}
             mode = cell_mode(result)
             with stop.deferred():
+                cell_cfg = sweep.cell_config(cell, out)  # every resolved setting, as benchmark children have
                 store.log_cell(cell.id, {"dataset": cell.dataset, "category": cell.category,
-                                         "backbone": cell.backbone, "mode": mode},
-                               {"backbone.name": cell.backbone, "bank_size": result["bank_size"], "mode": mode},
+                                         "backbone": cell.backbone, "preset": cell_cfg.preset, "mode": mode},
+                               {**cell_cfg.flat(), "bank_size": result["bank_size"], "mode": mode},
                                result["methods"])
                 write_text_atomic(out / "cells" / f"{cell.id}.json", json.dumps(result, indent=1, default=float))
                 with open(out / "done.log", "a") as fh:  # one line per completed cell, ever

@@ -233,6 +233,8 @@ class Tracker:
         self.enabled = cfg.enabled
         self.uri = resolve_uri(cfg.uri)
         self.run_id: str | None = None
+        self.settings: dict = {}  # the parent run's resolved settings, as params
+        self.setting_tags: dict[str, str] = {}
 
     @contextlib.contextmanager
     def run(self, config: RunConfig, command: str, run_name: str | None = None):
@@ -255,8 +257,11 @@ class Tracker:
         config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=self.uri))
         with mlflow.start_run(run_name=name, tags=process_tags()) as active:
             self.run_id = active.info.run_id
-            mlflow.set_tags({"command": command, "backbone": config.backbone.name, "preset": config.preset})
-            mlflow.log_params(config.flat())
+            # children get these too: a result run is filtered and compared by its own settings in the UI
+            self.settings = config.flat()
+            self.setting_tags = {"backbone": config.backbone.name, "preset": config.preset}
+            mlflow.set_tags({"command": command, **self.setting_tags})
+            log_params_batched(self.settings)
             mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
             yield self
 
@@ -265,17 +270,18 @@ class Tracker:
         """A nested run per (category, method): metric names stay the same across runs.
 
         `mode`, the search mode the figures were computed in (Detector.search_mode), is a tag and a
-        param, so `reb report` keeps rows of different modes apart and the UI can filter on it.
+        param, so `reb report` keeps rows of different modes apart and the UI can filter on it. The run
+        also carries every resolved setting of the command as params, and its backbone and preset as
+        tags, as sweep cells do (`SweepLog.log_cell`).
         """
         if not self.enabled:
             return
         import mlflow
 
         with mlflow.start_run(run_name=f"{category}/{method_label}", nested=True, tags=process_tags()):
-            mlflow.set_tags({"category": category, "method": method_label, **({"mode": mode} if mode else {})})
-            params = {**(extra_params or {}), **({"mode": mode} if mode else {})}
-            if params:
-                mlflow.log_params({k: str(v) for k, v in params.items()})
+            mlflow.set_tags({**self.setting_tags, "category": category, "method": method_label,
+                             **({"mode": mode} if mode else {})})
+            log_params_batched({**self.settings, **(extra_params or {}), **({"mode": mode} if mode else {})})
             mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
 
     @contextlib.contextmanager
@@ -350,6 +356,18 @@ def metric_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
+PARAMS_PER_BATCH = 100  # MLflow's limit of params in one log_batch call
+
+
+def log_params_batched(params: dict) -> None:
+    """Params of the active run, values as text, in batches MLflow accepts."""
+    import mlflow
+
+    items = [(k, str(v)) for k, v in params.items()]
+    for start in range(0, len(items), PARAMS_PER_BATCH):
+        mlflow.log_params(dict(items[start:start + PARAMS_PER_BATCH]))
+
+
 class SweepLog:
     """A sweep submission's MLflow runs, written from the driver only (parallel writers race on a
     sqlite store): one parent run, one FINISHED nested run per (cell, method), logged in one batch.
@@ -395,9 +413,12 @@ class SweepLog:
             run = self.client.create_run(self.experiment_id, run_name=f"{cell_id}/{method}", tags={
                 "mlflow.parentRunId": self.run_id, "sweep": self.sweep, "kind": "cell", **tags, "cell": cell_id,
                 "method": method})
+            items = [Param(k, str(v)) for k, v in {**params, "method": method}.items()]
             self.client.log_batch(run.info.run_id,
                                   metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()],
-                                  params=[Param(k, str(v)) for k, v in {**params, "method": method}.items()])
+                                  params=items[:PARAMS_PER_BATCH])
+            for start in range(PARAMS_PER_BATCH, len(items), PARAMS_PER_BATCH):
+                self.client.log_batch(run.info.run_id, params=items[start:start + PARAMS_PER_BATCH])
             self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def close(self, status: str) -> None:

@@ -42,7 +42,11 @@ def test_reb_sweep_runs_every_cell_writes_the_summary_and_resumes(local_ray, tmp
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("reb-dist-sweeps").experiment_id])
     assert [r.info.status for r in runs if r.data.tags.get("kind") == "sweep"] == ["FINISHED"]
-    assert len([r for r in runs if r.data.tags.get("kind") == "cell"]) == len(CELLS) * len(METHODS)
+    cells = [r for r in runs if r.data.tags.get("kind") == "cell"]
+    assert len(cells) == len(CELLS) * len(METHODS)
+    for r in cells:  # named as benchmark result runs are: filtered and compared by backbone and preset alike
+        assert r.data.params["backbone.name"] == r.data.tags["backbone"] == "efficientnet_lite0"
+        assert r.data.params["preset"] == r.data.tags["preset"] and "scoring.k" in r.data.params
 
     # again: both cells are done, nothing runs, the summary stays
     assert main(["-q", "sweep", "--sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0

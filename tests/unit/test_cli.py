@@ -41,6 +41,10 @@ def test_benchmark_prints_table_writes_results_and_logs_to_mlflow(workdir, capsy
     children = [r for r in runs if r.data.tags.get("category") == "bottle"]
     assert len(parent) == 1 and parent[0].data.params["scoring.k"] == "9"
     assert {r.data.tags["method"] for r in children} == {"ldknn(k=9,alpha=1)", "knn(k=9)"}
+    for r in children:  # each result run carries every resolved setting, so the UI filters and compares by them
+        assert r.data.tags["backbone"] == "efficientnet_lite0" and r.data.tags["preset"] == "auto"
+        assert parent[0].data.params.items() <= r.data.params.items()
+        assert r.data.params["mode"] == "exact"
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "plots")}
     assert "plots/roc_bottle.png" in artifacts and "plots/heatmaps_bottle.png" in artifacts
 

@@ -43,3 +43,17 @@ def test_a_sigterm_inside_a_cells_bookkeeping_stops_the_sweep_only_after_it():
             os.kill(os.getpid(), signal.SIGTERM)  # outside a cell's bookkeeping: at once
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_cell_run_takes_every_setting_however_many(tmp_path):
+    """A cell run carries the cell's resolved settings (about 100 params), logged in batches of at most
+    100, the most an MLflow tracking server takes in one call (a sqlite store takes more: this test
+    guards the batching's bookkeeping, it does not reproduce a server's refusal)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = {f"section.key{i}": i for i in range(150)}
+    SweepLog(uri, "sweeps", "s", {}, str(tmp_path)).log_cell("c1", {"category": "bottle"}, params,
+                                                             {"knn(k=9)": {"image_auroc": 0.9}})
+    client = mlflow.MlflowClient(uri)
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+              if r.data.tags.get("kind") == "cell"]
+    assert run.data.params == {**{k: str(v) for k, v in params.items()}, "method": "knn(k=9)"}

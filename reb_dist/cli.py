@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from reb_dist.config import PRESET_ALIASES, PRESETS, RunConfig
-from reb_dist.errors import RebError
+from reb_dist.errors import DatasetError, RebError
 from reb_dist.progress import show_progress
 
 log = logging.getLogger("reb_dist.cli")  # not __name__: run as `python -m reb_dist.cli` that is __main__
@@ -338,8 +338,6 @@ def cmd_predict(args, command_line: str) -> int:
     """`reb predict`: see reb_dist.commands.predict.predict_images (a model file or an exported one);
     prints scores.csv."""
     from reb_dist.commands.predict import predict_images
-
-    from reb_dist.errors import DatasetError
 
     scores = Path(args.output) / "scores.csv"
     started = time.time()

@@ -56,11 +56,16 @@ def load_category(data: DataConfig, category: str) -> ClassSplit:
         folders = dict(train_dir=data.train_dir, test_normal_dir=data.test_normal_dir,
                        test_anomalous_dir=data.test_anomalous_dir, mask_dir=data.mask_dir)
     split = load_split(data.layout, data.resolved_root(), category, **folders)
+    return _few_shot_and_checked(split, data, f"category '{split.name}' has ({len(split.train)} in {split.root})")
+
+
+def _few_shot_and_checked(split: ClassSplit, data: DataConfig, available: str) -> ClassSplit:
+    """`data.few_shot` applied to the split's training images (`available` says how many there are,
+    for the error), and every file opened once when `data.check_files`."""
     if data.few_shot:
         if data.few_shot > len(split.train):  # the setting is what to change, so name it
-            raise ConfigError(f"data.few_shot={data.few_shot} asks for more training images than category "
-                              f"'{split.name}' has ({len(split.train)} in {split.root}); allowed: 1 to "
-                              f"{len(split.train)}, or 0 for all of them")
+            raise ConfigError(f"data.few_shot={data.few_shot} asks for more training images than {available}; "
+                              f"allowed: 1 to {len(split.train)}, or 0 for all of them")
         split.train = few_shot(split.train, data.few_shot)
     if data.check_files:
         check_split(split, resize_to=data.image_size)
@@ -79,14 +84,7 @@ def images_split(images: list[str | Path], name: str, data: DataConfig) -> Class
     paths = find_images(images)
     root = Path(os.path.commonpath([str(p.absolute().parent) for p in paths]))
     split = ClassSplit(name, root, [Sample(p, 0) for p in paths], [], layout="images")
-    if data.few_shot:
-        if data.few_shot > len(split.train):
-            raise ConfigError(f"data.few_shot={data.few_shot} asks for more training images than the "
-                              f"{len(split.train)} given; allowed: 1 to {len(split.train)}, or 0 for all of them")
-        split.train = few_shot(split.train, data.few_shot)
-    if data.check_files:
-        check_split(split, resize_to=data.image_size)
-    return split
+    return _few_shot_and_checked(split, data, f"the {len(paths)} given")
 
 
 def images_category(images: list[str | Path], data: DataConfig) -> str:

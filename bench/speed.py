@@ -152,6 +152,8 @@ def main() -> None:
         summaries.append(summary)
         results.append(rows)
         print(f"{spec}: {summary}", flush=True)
+        for label, r in rows.items():  # now, so a run stopped in a later variant keeps this one's figures
+            print(f"{spec}: {label}: " + " / ".join(f"{r[m]:.2f}" for m in METRICS), flush=True)
     print(f"\n{args.category}: image AUROC / pixel AUROC / AUPRO (%)")
     print_table(["method"] + [s["variant"] for s in summaries],
                 [[label] + [" / ".join(f"{r[label][m]:.1f}" for m in METRICS) for r in results] for label in results[0]])

@@ -124,10 +124,22 @@ def open_store(uri: str, experiment: str | None = None):
             experiment_id = None
             if experiment:
                 exp = client.get_experiment_by_name(experiment)
-                experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+                experiment_id = exp.experiment_id if exp else client.create_experiment(
+                    experiment, artifact_location=artifact_location(db, experiment))
         except Exception as exc:
             raise _store_error(uri, db, exc) from exc
     return client, experiment_id
+
+
+def artifact_location(db: Path | None, experiment: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artefacts: `mlartifacts/<experiment>` beside
+    the database, so store and artefacts stay together. (MLflow's own default is ./mlruns of whatever
+    folder the process runs in, so a sweep submitted from elsewhere scattered its artefacts.) None for
+    other stores: a tracking server decides for itself."""
+    if db is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment).strip(".") or "experiment"
+    return (db.absolute().parent / "mlartifacts" / safe).as_uri()
 
 
 REACH_TIMEOUT = 5.0  # seconds to connect to an HTTP tracking server before saying it cannot be reached

@@ -57,3 +57,18 @@ def test_a_cell_run_takes_every_setting_however_many(tmp_path):
     (run,) = [r for r in client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
               if r.data.tags.get("kind") == "cell"]
     assert run.data.params == {**{k: str(v) for k, v in params.items()}, "method": "knn(k=9)"}
+
+
+def test_a_sweeps_artefacts_live_beside_its_store_not_in_the_current_folder(tmp_path, monkeypatch):
+    """MLflow's default artefact root is ./mlruns of the process's folder: a sweep run from one folder
+    into a store in another put sweep.yaml in the first. A sqlite store now keeps them beside it."""
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    sweep = SweepLog(uri, "my sweeps", "s", {"cells": 2}, str(tmp_path))
+    sweep.close("FINISHED")
+    artefacts = sorted(p.relative_to(store) for p in store.rglob("sweep.yaml"))
+    assert len(artefacts) == 1 and artefacts[0].parts[:2] == ("mlartifacts", "my_sweeps")
+    assert not any(elsewhere.iterdir()), sorted(elsewhere.rglob("*"))

@@ -23,6 +23,7 @@ from reb_dist.core.anomaly_map import gaussian_kernel1d
 from reb_dist.core.features import ExportableFeatures, adaptive_pool_matrix  # noqa: F401 (re-exported)
 from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, neighbour_scores
 from reb_dist.core.ldknn.scorers import ScoringMethod
+from reb_dist.export.runtime import OUTPUT_NAMES  # noqa: F401 (re-exported; defined where torch is not imported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +34,6 @@ EXPORTABLE_METHODS = NEIGHBOUR_METHODS
 EXTRA_CANDIDATES = 8
 # bank rows per distance matmul: bounds the (queries x rows) matrix (8 images: 8192 x 4096 floats)
 BANK_CHUNK = 4096
-OUTPUT_NAMES = ("scores", "normalised_scores", "anomalous", "maps")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,9 @@ def predict_exported(model: str | Path, images: list[str | Path], output: str | 
         log.info(f"threshold {threshold:.6g}: given")
     elif calibration is not None:
         threshold = calibration.threshold
-        log.info(f"threshold {threshold:.6g}: the model's calibration ({calibration.method})")
+        log.info(f"threshold: the model's calibration, {calibration.describe()}")
+        if calibration.warning():
+            log.warning(calibration.warning())
     else:
         log.info("no threshold: none given and the model has no calibration, so images are not flagged")
     predictions = predict(scorer, prediction_inputs(images, output), batch_size, threshold)

@@ -20,6 +20,9 @@ from PIL import Image
 
 from reb_dist.errors import DatasetError, ModelFileError
 
+#: What an exported model returns, in this order (by these names in ONNX and from TorchScript).
+OUTPUT_NAMES = ("scores", "normalised_scores", "anomalous", "maps")
+
 EXPORT_FORMAT = "reb-dist-export/1"  # the metadata's "format" (reb_dist.export.build writes it)
 # PIL modes holding 8-bit samples, which convert("RGB") reads as `reb_dist.io.data.read_image` does
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
@@ -123,7 +126,10 @@ class ExportedModel:
 
         def run(images: np.ndarray) -> list[np.ndarray]:
             with torch.no_grad():
-                return [t.numpy() for t in module(torch.from_numpy(images))]
+                out = module(torch.from_numpy(images))
+            if isinstance(out, dict):  # named outputs; files exported before them return a tuple
+                out = [out[name] for name in OUTPUT_NAMES]
+            return [t.numpy() for t in out]
 
         return run
 

@@ -30,11 +30,25 @@ def example_images(module: ExportedDetector, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
+class NamedOutputs(torch.nn.Module):
+    """The detector with its outputs by name (`OUTPUT_NAMES`): what a TorchScript file returns, so a
+    deployer reads ``out["scores"]``, not the third element of a tuple."""
+
+    def __init__(self, module: ExportedDetector):
+        super().__init__()
+        self.detector = module
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(OUTPUT_NAMES, self.detector(images)))
+
+
 def save_torchscript(module: ExportedDetector, path: str | Path) -> Path:
-    """Trace `module` (its branches are fixed settings, so tracing keeps them) and save it atomically."""
+    """Trace `module` with named outputs (its branches are fixed settings, so tracing keeps them) and
+    save it atomically; loaded with torch.jit.load, it returns {name: tensor}."""
     with torch.no_grad(), warnings.catch_warnings():  # tracer warnings: the fixed loops are intended
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, (example_images(module),), check_trace=False)
+        # strict=False: a dict output (of fixed keys) is what we want to record
+        traced = torch.jit.trace(NamedOutputs(module), (example_images(module),), check_trace=False, strict=False)
     return write_atomic(path, lambda tmp: traced.save(tmp))
 
 

@@ -85,33 +85,41 @@ def fit(cfg: RunConfig, output: str | None = None, selection: str | Path | None 
                 save_model(detector, path, category=category, dataset_root=root)
                 written = file_sha256(path)  # what MLflow logs must be these bytes, whatever replaces the file
             info = {"bank_size": len(detector.bank), "feature_dim": detector.bank.shape[1],
-                    **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()}}
+                    **{f"seconds/{k}": v for k, v in detector.timings.seconds.items()},
+                    **(calibration.metrics() if calibration is not None else {})}
             tracker.log_result(category, "fit", info)
             log.info(f"{category}: {len(split.train)} images -> bank {detector.bank.shape} "
                      f"(+ densities K={run_cfg.scoring.k}) saved to {path}")
             if calibration is not None:
-                log.info(f"{category}: image threshold {calibration.threshold:.6g} ({calibration.method}, "
-                         f"{calibration.source})")
+                log.info(f"{category}: image threshold {calibration.describe()}")
+                if calibration.warning():
+                    log.warning(f"{category}: {calibration.warning()}")
             model_uri = tracker.log_model(path, category, written)  # a pyfunc MLflow model (+ registry entry)
             if model_uri:
                 log.info(f"{category}: MLflow model {model_uri} (mlflow.pyfunc.load_model)")
     return paths
 
 
-def synthetic_calibration(detector, validation: ValidationSplit, cfg: RunConfig) -> Calibration:
-    """The image threshold and normalisation of a fitted detector from a synthetic validation split
-    (held-out normal images and DefectMaker anomalies made from them; none of them is in the bank)."""
+def synthetic_scores(detector, validation: ValidationSplit, batch_size: int):
+    """(labels, image scores, source) of a synthetic validation split (held-out normal images and
+    DefectMaker anomalies made from them; none of them is in the bank) under the detector's method."""
     import torch
 
     from reb_dist.io.data import preprocess
 
     v = validation.validation
     images = torch.stack([preprocess(im, detector.image_size) for im in v.images])
-    features = detector.extract(images.split(cfg.data.batch_size), desc="validation")
+    features = detector.extract(images.split(batch_size), desc="validation")
     method = detector.default_method
     scores = detector.score_features(features, [method])[method].image_scores
     source = f"synthetic validation: {int((v.labels == 0).sum())} normal, {int((v.labels == 1).sum())} anomalous"
-    return calibrate_threshold(v.labels, scores, cfg.tune.threshold, cfg.tune.quantile, source)
+    return v.labels, scores, source
+
+
+def synthetic_calibration(detector, validation: ValidationSplit, cfg: RunConfig) -> Calibration:
+    """The image threshold and normalisation of a fitted detector from a synthetic validation split."""
+    labels, scores, source = synthetic_scores(detector, validation, cfg.data.batch_size)
+    return calibrate_threshold(labels, scores, cfg.tune.threshold, cfg.tune.quantile, source)
 
 
 def read_selection(path: str | Path, categories: list[str]) -> dict[str, dict]:

@@ -46,10 +46,9 @@ def predict_images(model: str | Path, images: list[str | Path], output: str | Pa
         if threshold is not None:
             log.info(f"threshold {threshold:.6g}: given")
         elif calibration is not None:
-            quantile = f" {calibration.quantile:g}" if calibration.quantile is not None else ""
-            source = f" on {calibration.source}" if calibration.source else ""
-            log.info(f"threshold {calibration.threshold:.6g}: the model's calibration "
-                     f"({calibration.method}{quantile}{source})")
+            log.info(f"threshold: the model's calibration, {calibration.describe()}")
+            if calibration.warning():
+                log.warning(calibration.warning())
         else:
             log.info("no threshold: none given and the model has no calibration, so images are not flagged")
         predictions = predict(detector, paths, batch_size, threshold)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from reb_dist.commands.placement import bank_placement
 from reb_dist.config import RunConfig
+from reb_dist.core.thresholds import Calibration
 from reb_dist.distributed.runtime import ray_session
 from reb_dist.distributed.tuning import search_k_alpha, search_map, search_pareto
 from reb_dist.io.atomic import write_text_atomic
@@ -36,7 +37,10 @@ def search_class(c: ClassTables, cfg: RunConfig, mlflow_parent: str | None = Non
         (the class's Selection, the Pareto search's trials and reference: {} without one).
     """
     s = search_k_alpha(c, cfg.tune, cfg.scoring, cfg.tracking, cfg.backbone.name, mlflow_parent)
-    s.calibration = validation_calibration(c, s.k, s.alpha, cfg.tune, cfg.scoring).to_dict()
+    calibration = validation_calibration(c, s.k, s.alpha, cfg.tune, cfg.scoring)
+    if calibration.warning():
+        log.warning(f"{c.category}: {calibration.warning()}")
+    s.calibration = calibration.to_dict()
     if cfg.tune.map_trials and c.val_pixel_masks is not None:
         s.map, s.map_val_metrics, s.map_trials = search_map(c, cfg.tune, cfg.scoring, cfg.tracking,
                                                             cfg.backbone.name, mlflow_parent)
@@ -66,7 +70,7 @@ def record_class(tracker: Tracker, c: ClassTables, s: Selection, pareto: dict, c
         tracker.log_text(json.dumps({"trials": pareto["trials"], "front": s.pareto, "choice": s.pareto_choice,
                                      "reference": pareto["reference"]}, indent=1), f"pareto_{c.category}.json")
     tracker.log_params(params)
-    tracker.log_metrics({**s.val_metrics, **s.map_val_metrics})
+    tracker.log_metrics({**s.val_metrics, **s.map_val_metrics, **Calibration.from_dict(s.calibration).metrics()})
     tracker.log_text(json.dumps(c.split, indent=1), "split.json")
 
 

@@ -17,8 +17,12 @@ import numpy as np
 
 from reb_dist.core.metrics import ArrayLike, as_labels, reject_nan, best_f1
 
-#: How `calibrate` picks the threshold.
-METHODS = ("f1", "quantile")
+#: How `calibrate` picks the threshold ("auto": see `calibrate`).
+METHODS = ("auto", "f1", "quantile")
+#: With fewer validation normals than this, `Calibration.warning` says the false-positive rate is uncertain.
+MIN_NORMALS = 20
+#: The confidence of `Calibration.fpr_interval`.
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class Calibration:
         high: the score `normalise` maps to 1 (the highest validation score).
         source: what it was computed on, e.g. ``"synthetic validation: 21 normal, 21 anomalous"``.
         quantile: the quantile, for method ``"quantile"`` (None otherwise).
+        normals, anomalies: how many validation images of each label calibrated it (0: not recorded,
+            as in models saved before these fields).
+        normal_fpr: the share of those normal images flagged (score >= threshold): the expected
+            false-positive rate on normal images (None: not recorded).
+        fpr_interval: its exact (Clopper-Pearson) `CONFIDENCE` interval, (low, high): how far a
+            rate measured on `normals` images can be trusted.
+        reason: why method "auto" chose `method` (empty otherwise).
+        f1: the F1 of flagging the validation images at `threshold` (None: not recorded).
 
     Raises:
         ValueError: on an unknown method, a non-finite value, ``low <= threshold <= high`` not
@@ -45,6 +57,12 @@ class Calibration:
     high: float
     source: str = ""
     quantile: float | None = None
+    normals: int = 0
+    anomalies: int = 0
+    normal_fpr: float | None = None
+    fpr_interval: tuple[float, float] | None = None
+    reason: str = ""
+    f1: float | None = None
 
     def __post_init__(self) -> None:
         # Checked here so a hand-built or loaded calibration can never make normalise() ill-defined.
@@ -67,10 +85,80 @@ class Calibration:
             if isinstance(q, bool) or not isinstance(q, (int, float, np.floating, np.integer)) or not 0 <= q <= 1:
                 raise ValueError(f"calibration quantile must be a number in [0, 1], got {q!r}")
             object.__setattr__(self, "quantile", float(q))
+        for name in ("normals", "anomalies"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+                raise ValueError(f"calibration {name} must be a count (an integer >= 0), got {n!r}")
+            object.__setattr__(self, name, int(n))
+        rates = [r for r in (self.normal_fpr, self.f1) if r is not None]
+        if self.fpr_interval is not None:
+            if not isinstance(self.fpr_interval, (tuple, list)) or len(self.fpr_interval) != 2:
+                raise ValueError(f"calibration fpr_interval must be (low, high), got {self.fpr_interval!r}")
+            rates += list(self.fpr_interval)
+        for rate in rates:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) \
+                    or not 0 <= rate <= 1:
+                raise ValueError(f"calibration rates (normal_fpr, fpr_interval, f1) must be numbers in [0, 1], "
+                                 f"got {rate!r}")
+        if self.fpr_interval is not None:
+            object.__setattr__(self, "fpr_interval", tuple(float(r) for r in self.fpr_interval))
+        for name in ("normal_fpr", "f1"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        if not isinstance(self.reason, str):
+            raise ValueError(f"calibration reason must be a string, got {self.reason!r}")
+
+    def describe(self) -> str:
+        """One line for a log: the threshold, how it was taken, on how many images, and the expected
+        false-positive rate on normal images with its interval, e.g. ``1.23 (quantile 0.99 of 27
+        normal validation images; false positives on normal images 3.7%, 95% interval 0.1-19.0%)``."""
+        how = f"quantile {self.quantile:g}" if self.method == "quantile" else "best F1"
+        if self.normals:
+            how += (f" of {self.normals} normal validation images" if self.method == "quantile" else
+                    f" on {self.normals} normal and {self.anomalies} anomalous validation images")
+        elif self.source:
+            how += f" on {self.source}"
+        if self.reason:
+            how += f", {self.reason}"
+        if self.normal_fpr is not None and self.fpr_interval is not None:
+            lo, hi = self.fpr_interval
+            how += (f"; false positives on normal images {100 * self.normal_fpr:.1f}%, {CONFIDENCE:.0%} interval "
+                    f"{100 * lo:.1f}-{100 * hi:.1f}%")
+        return f"{self.threshold:.6g} ({how})"
+
+    def warning(self) -> str | None:
+        """What a user should know before trusting the threshold, or None: too few normal images
+        calibrated it (fewer than `MIN_NORMALS`), so its false-positive rate is only loosely known."""
+        if not self.normals or self.normals >= MIN_NORMALS:
+            return None
+        interval = ""
+        if self.fpr_interval is not None:
+            lo, hi = self.fpr_interval
+            interval = f" (anywhere in {100 * lo:.0f}-{100 * hi:.0f}% at {CONFIDENCE:.0%} confidence)"
+        return (f"the image threshold was calibrated on only {self.normals} normal images, so its false-positive "
+                f"rate on normal images is uncertain{interval}; hold out more (tune.fraction), calibrate on "
+                f"more images, or give --threshold")
+
+    def metrics(self) -> dict[str, float]:
+        """The calibration as metrics for a tracker: threshold, image counts, validation F1 and the
+        normal images' false-positive rate with its interval (what is recorded)."""
+        out = {"threshold": self.threshold}
+        if self.normals:
+            out.update({"threshold_normals": self.normals, "threshold_anomalies": self.anomalies})
+        if self.f1 is not None:
+            out["threshold_validation_f1"] = self.f1
+        if self.normal_fpr is not None:
+            out["threshold_normal_fpr"] = self.normal_fpr
+        if self.fpr_interval is not None:
+            out["threshold_normal_fpr_low"], out["threshold_normal_fpr_high"] = self.fpr_interval
+        return out
 
     def to_dict(self) -> dict:
         """Plain JSON-able values: every field by name (quantile None unless method "quantile")."""
-        return asdict(self)
+        values = asdict(self)
+        if self.fpr_interval is not None:
+            values["fpr_interval"] = list(self.fpr_interval)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> Calibration:
@@ -86,7 +174,8 @@ class Calibration:
         missing = [k for k in required if k not in values]
         if missing:
             raise ValueError(f"calibration lacks {', '.join(missing)} (has {sorted(values)})")
-        unknown = sorted(set(values) - set(required) - {"source", "quantile"})
+        optional = {"source", "quantile", "normals", "anomalies", "normal_fpr", "fpr_interval", "reason", "f1"}
+        unknown = sorted(set(values) - set(required) - optional)
         if unknown:
             raise ValueError(f"calibration has unknown keys {unknown}")
         return cls(**values)
@@ -108,7 +197,20 @@ def _labels_scores(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np
     return y, s
 
 
-def calibrate(labels: ArrayLike, scores: ArrayLike, method: str = "f1", quantile: float = 0.99,
+def fpr_interval(flagged: int, normals: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a false-positive rate seen as `flagged` of `normals`
+    normal images: conservative, and honest where few images make the normal approximation wrong."""
+    from scipy.stats import beta
+
+    if normals <= 0 or not 0 <= flagged <= normals:
+        raise ValueError(f"need 0 <= flagged <= normals and normals > 0, got {flagged} of {normals}")
+    tail = (1 - confidence) / 2
+    low = float(beta.ppf(tail, flagged, normals - flagged + 1)) if flagged > 0 else 0.0
+    high = float(beta.ppf(1 - tail, flagged + 1, normals - flagged)) if flagged < normals else 1.0
+    return low, high
+
+
+def calibrate(labels: ArrayLike, scores: ArrayLike, method: str = "auto", quantile: float = 0.99,
               source: str = "") -> Calibration:
     """The threshold and normalisation range of validation image scores.
 
@@ -120,12 +222,17 @@ def calibrate(labels: ArrayLike, scores: ArrayLike, method: str = "f1", quantile
             ``"quantile"``: ``np.quantile`` (linear interpolation) of the normal images' scores at
             `quantile`; anomalies are ignored for the threshold (useful when validation anomalies
             are synthetic), so a split of normals only is enough.
+            ``"auto"``: "quantile" when every anomaly scores above every normal (or there are no
+            anomalies), else "f1". Synthetic anomalies are often that easy, and then every threshold
+            in the gap has F1 1: best F1 sits at the lowest synthetic anomaly's score, above all the
+            normals, and misses real defects subtler than the synthetic ones.
         quantile: the quantile of method "quantile" (ignored by "f1").
         source: what the scores were computed on, kept in the calibration.
 
     Returns:
         The calibration; ``low`` and ``high`` are the lowest and highest of all `scores`
-        (anomalies included, whatever the method).
+        (anomalies included, whatever the method); the counts of normal and anomalous images, and the
+        share of normals flagged with its `CONFIDENCE` interval.
 
     Raises:
         ValueError: on an unknown method (naming the choices), a quantile outside [0, 1], labels
@@ -133,18 +240,32 @@ def calibrate(labels: ArrayLike, scores: ArrayLike, method: str = "f1", quantile
     """
     _check_method(method)
     y, s = _labels_scores(labels, scores)
+    normals, anomalies = s[~y], s[y]
+    reason = ""
+    if method == "auto":
+        if normals.size == 0:
+            method = "f1"  # raises below, naming the missing class
+        elif anomalies.size == 0 or anomalies.min() > normals.max():
+            method = "quantile"
+            reason = ("auto: no validation anomalies" if anomalies.size == 0 else
+                      "auto: every validation anomaly scored above every normal, so best F1 would sit at the "
+                      "easiest anomalies' edge")
+        else:
+            method, reason = "f1", "auto: validation anomalies and normals overlap"
     if method == "f1":
         _, threshold = best_f1(y, s)  # raises when a class is missing
         q = None
     else:
         if not 0 <= quantile <= 1:
             raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-        normals = s[~y]
         if normals.size == 0:
             raise ValueError('threshold method "quantile" needs validation scores of normal images (label 0)')
         threshold, q = float(np.quantile(normals, quantile)), float(quantile)
+    flagged = int(np.count_nonzero(normals >= threshold))
     return Calibration(threshold=float(threshold), method=method, low=float(s.min()), high=float(s.max()),
-                       source=source, quantile=q)
+                       source=source, quantile=q, normals=int(normals.size), anomalies=int(anomalies.size),
+                       normal_fpr=flagged / normals.size, fpr_interval=fpr_interval(flagged, normals.size),
+                       reason=reason, f1=threshold_metrics(y, s, threshold)["f1"] if anomalies.size else None)
 
 
 def normalise(scores: ArrayLike, calibration: Calibration) -> np.ndarray:
@@ -175,16 +296,18 @@ def normalise(scores: ArrayLike, calibration: Calibration) -> np.ndarray:
 
 
 def threshold_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:
-    """Precision, recall and F1 of flagging ``score >= threshold`` as anomalous (label 1).
+    """Precision, recall, F1 and false-positive rate of flagging ``score >= threshold`` as anomalous
+    (label 1).
 
-    An undefined value (nothing flagged, no anomalies, or both zero for F1) is 0.0, without a
-    warning.
+    An undefined value (nothing flagged, no anomalies, no normals for the false-positive rate, or
+    both zero for F1) is 0.0, without a warning.
 
     Raises:
         ValueError: if labels are not 0/1 or bool, lengths differ, or scores contain NaN.
 
     Returns:
-        ``{"precision": ..., "recall": ..., "f1": ...}``.
+        ``{"precision": ..., "recall": ..., "f1": ..., "fpr": ...}`` (fpr: the share of normal
+        images flagged).
     """
     y, s = as_labels(labels), np.asarray(scores, dtype=np.float64).ravel()
     if s.shape != y.shape:
@@ -197,4 +320,6 @@ def threshold_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) ->
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+    normals = int(np.count_nonzero(~y))
+    fpr = fp / normals if normals else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "fpr": float(fpr)}

@@ -84,14 +84,16 @@ def test_normalise_with_a_zero_width_side():
 
 
 def test_threshold_metrics_against_a_hand_count():
-    m = threshold_metrics(LABELS, SCORES, 0.5)  # flagged 0.5 0.6 0.7 0.8: tp 3, fp 1, fn 0
-    assert m == pytest.approx({"precision": 3 / 4, "recall": 1.0, "f1": 6 / 7})
+    m = threshold_metrics(LABELS, SCORES, 0.5)  # flagged 0.5 0.6 0.7 0.8: tp 3, fp 1 (of 5 normals), fn 0
+    assert m == pytest.approx({"precision": 3 / 4, "recall": 1.0, "f1": 6 / 7, "fpr": 1 / 5})
     m = threshold_metrics(LABELS, SCORES, 0.65)  # flagged 0.7 0.8: tp 2, fp 0, fn 1
-    assert m == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 4 / 5})
+    assert m == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 4 / 5, "fpr": 0.0})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # undefined values are 0.0, silently
-        assert threshold_metrics(LABELS, SCORES, 0.9) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-        assert threshold_metrics([0, 0], [0.1, 0.2], 0.15) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+        assert threshold_metrics(LABELS, SCORES, 0.9) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "fpr": 0.0}
+        assert threshold_metrics([0, 0], [0.1, 0.2], 0.15) == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                                                "fpr": 0.5}
+        assert threshold_metrics([1, 1], [0.1, 0.2], 0.15)["fpr"] == 0.0
 
 
 def test_to_dict_from_dict_round_trip():
@@ -99,7 +101,12 @@ def test_to_dict_from_dict_round_trip():
                 calibrate(LABELS, SCORES, "quantile", quantile=0.95, source="x")):
         values = json.loads(json.dumps(cal.to_dict()))
         assert Calibration.from_dict(values) == cal
-        assert set(values) == {"threshold", "method", "low", "high", "source", "quantile"}
+        assert set(values) == {"threshold", "method", "low", "high", "source", "quantile", "normals", "anomalies",
+                               "normal_fpr", "fpr_interval", "reason", "f1"}
+    # a model saved before the counts and rates were recorded still loads, with them unknown
+    old = Calibration.from_dict({"threshold": 0.5, "method": "f1", "low": 0.1, "high": 0.8, "source": "x",
+                                 "quantile": None})
+    assert (old.normals, old.normal_fpr, old.fpr_interval, old.warning()) == (0, None, None, None)
 
 
 @pytest.mark.parametrize("values, match", [
@@ -110,7 +117,40 @@ def test_to_dict_from_dict_round_trip():
     ({"threshold": 0.5, "method": "quantile", "low": 0.0, "high": 1.0}, "quantile"),
     ({"threshold": 0.5, "method": "bogus", "low": 0.0, "high": 1.0}, "f1, quantile"),
     ([0.5, "f1"], "dict"),
+    ({"threshold": 0.5, "method": "f1", "low": 0.0, "high": 1.0, "normals": -1}, "normals"),
+    ({"threshold": 0.5, "method": "f1", "low": 0.0, "high": 1.0, "normal_fpr": 1.5}, r"\[0, 1\]"),
+    ({"threshold": 0.5, "method": "f1", "low": 0.0, "high": 1.0, "fpr_interval": [0.1]}, "fpr_interval"),
 ])
 def test_from_dict_rejects_bad_values_clearly(values, match):
     with pytest.raises(ValueError, match=match):
         Calibration.from_dict(values)
+
+
+def test_a_calibration_says_how_many_images_set_it_and_its_false_positive_rate_with_an_interval():
+    cal = calibrate(LABELS, SCORES, "f1")  # 0.5: flags 1 (0.6) of the 5 normals
+    assert (cal.normals, cal.anomalies, cal.normal_fpr) == (5, 3, pytest.approx(1 / 5))
+    assert cal.f1 == pytest.approx(6 / 7)
+    # exact Clopper-Pearson 95% interval of 1 in 5: (0.00505, 0.71642), from the beta quantiles
+    assert cal.fpr_interval == pytest.approx((0.0050508, 0.7164179), abs=1e-6)
+    assert "5 normal and 3 anomalous" in cal.describe() and "20.0%" in cal.describe()
+    assert cal.metrics()["threshold_normal_fpr_high"] == pytest.approx(0.7164179, abs=1e-6)
+    # 5 normals are too few to trust: the warning names the count and the interval
+    assert "only 5 normal images" in cal.warning() and "1-72%" in cal.warning()
+    many = calibrate(np.r_[np.zeros(40, int), np.ones(5, int)], np.r_[np.linspace(0, 1, 40), [0.5] * 5], "f1")
+    assert many.normals == 40 and many.warning() is None
+    # none of 40 flagged is still a rate up to 8.8% at 95% (the rule of three: about 3/40)
+    none = calibrate(np.zeros(40, int), np.linspace(0, 1, 40), "quantile", quantile=1.0)
+    assert none.normal_fpr == pytest.approx(1 / 40) and none.fpr_interval[0] > 0
+
+
+def test_auto_takes_the_normals_quantile_when_every_anomaly_is_easier_than_every_normal():
+    normals = np.linspace(0.0, 1.0, 30)
+    easy = calibrate(np.r_[np.zeros(30, int), np.ones(5, int)], np.r_[normals, [5.0, 6, 7, 8, 9]], "auto")
+    # best F1 would be 5.0, the easiest anomaly's edge, far above every normal
+    assert calibrate(np.r_[np.zeros(30, int), np.ones(5, int)], np.r_[normals, [5.0, 6, 7, 8, 9]], "f1").threshold == 5.0
+    assert (easy.method, easy.quantile) == ("quantile", 0.99) and easy.threshold == pytest.approx(np.quantile(normals, 0.99))
+    assert "above every normal" in easy.reason and "auto" in easy.describe()
+    overlapping = calibrate(LABELS, SCORES, "auto")
+    assert overlapping.method == "f1" and overlapping.threshold == 0.5 and "overlap" in overlapping.reason
+    only_normals = calibrate(np.zeros(30, int), normals, "auto")
+    assert only_normals.method == "quantile" and only_normals.f1 is None

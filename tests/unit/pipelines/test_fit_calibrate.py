@@ -12,13 +12,16 @@ from reb_dist.config import SAMPLE_DATA
 from reb_dist.io.model_file import load_model
 
 
-def test_fit_calibrate_saves_a_validation_threshold_that_predict_uses(tmp_path, monkeypatch):
+def test_fit_calibrate_saves_a_validation_threshold_that_predict_uses(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     common = ["--set", "tracking.enabled=false", "--set", "backbone.device=cpu", "--categories", "bottle"]
     assert main(["fit", "--calibrate", "-o", "bottle.safetensors", *common]) == 0
     model = load_model("bottle.safetensors")
     c = model.calibration
-    assert c is not None and c.method == "f1" and "4 normal, 4 anomalous" in c.source
+    assert c is not None and c.method in ("f1", "quantile") and "4 normal, 4 anomalous" in c.source
+    # it says how few images set it, and how uncertain its false-positive rate is
+    assert (c.normals, c.anomalies) == (4, 4) and c.fpr_interval[1] - c.fpr_interval[0] > 0.5
+    assert "calibrated on only 4 normal images" in caplog.text
     # the 4 held-out images (of 16) are not in the bank: 12 images' patches
     plain = tmp_path / "plain.safetensors"
     assert main(["fit", "-o", str(plain), *common]) == 0

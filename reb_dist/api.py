@@ -9,19 +9,21 @@ A thin layer over what the commands run (`reb_dist.commands.fit` fits, `reb_dist
     model = reb_dist.load("outputs/models/pill.safetensors")                        # or from its file
     result = model.predict(["new_images/", "one.png", pil_image, rgb_array])
     result.scores, result.normalised_scores, result.flags, result.maps
+    result.input_maps[0]      # the first image's map at its own resolution
+    result.nearest[0]         # the training patch nearest to its hottest patch (file, cells, distance)
     model.evaluate("/data/mvtec_ad")                     # {"image_auroc": ..., "pixel_auroc": ..., ...}
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from reb_dist.config import DataConfig, RunConfig
-from reb_dist.core.detector import Detector
+from reb_dist.core.detector import Detector, NearestPatch
 from reb_dist.core.thresholds import Calibration
 from reb_dist.errors import ConfigError, DatasetError
 from reb_dist.io.model_file import load_model, model_metadata
@@ -40,9 +42,14 @@ class Predictions:
         normalised_scores: (N,) in [0, 1], 0.5 at the model's calibrated threshold; None when the
             model has no calibration (`reb fit` without --calibrate or a tune selection).
         flags: (N,) bool, score >= threshold; None when there is no threshold.
-        maps: (N, S, S) float32 anomaly maps at the model's image size S.
+        maps: (N, S, S) float32 anomaly maps at the model's image size S (what the model scored).
         paths: each image's file; None for an image given in memory.
         threshold: the threshold the flags used (given, else the model's), or None.
+        input_maps: each image's anomaly map at the image's own resolution (H, W), float32: `maps`
+            resized back, to lay over the image as given.
+        nearest: each image's nearest training patch to its hottest patch
+            (`reb_dist.core.detector.NearestPatch`: the training image file, both patches' grid
+            cells, the distance); None for a model saved without its bank's provenance.
     """
 
     scores: np.ndarray
@@ -51,6 +58,8 @@ class Predictions:
     maps: np.ndarray
     paths: list[Path | None]
     threshold: float | None
+    input_maps: list[np.ndarray] = field(default_factory=list)
+    nearest: list[NearestPatch | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -192,7 +201,8 @@ class Model:
                                if self.calibration is not None else None),
             flags=np.array([p.anomalous for p in predictions], dtype=bool) if used is not None else None,
             maps=np.stack([p.pixel_map for p in predictions]).astype(np.float32, copy=False),
-            paths=[p.path for p in predictions], threshold=used)
+            paths=[p.path for p in predictions], threshold=used,
+            input_maps=[p.input_map() for p in predictions], nearest=[p.nearest for p in predictions])
 
     def evaluate(self, root: str | Path = "sample", category: str | None = None, layout: str = "mvtec",
                  data: DataConfig | None = None) -> dict[str, float]:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.io.data import ClassSplit
+
+if TYPE_CHECKING:  # only for the annotation: results stays light to import
+    from reb_dist.core.detector import NearestPatch
 
 
 @dataclass
@@ -66,3 +70,19 @@ class Prediction:
     # score >= the threshold used; None when there is none (no calibration and none given)
     anomalous: bool | None = None
     error: str | None = None  # why the image could not be scored; None when it was
+    # the training patch nearest to the hottest patch (reb_dist.core.detector.NearestPatch); None when
+    # the model does not record its bank's provenance, or for an exported model
+    nearest: NearestPatch | None = None
+
+    def input_map(self) -> np.ndarray | None:
+        """The pixel map at the input image's resolution (H, W), float32: the (S, S) map resized back
+        bilinearly, as the image was resized to S x S to be scored. None when it was not scored."""
+        if self.pixel_map is None or self.image is None:
+            return None
+        from PIL import Image
+
+        h, w = self.image.shape[:2]
+        if self.pixel_map.shape == (h, w):
+            return self.pixel_map.astype(np.float32, copy=False)
+        resized = Image.fromarray(np.asarray(self.pixel_map, np.float32)).resize((w, h), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32)

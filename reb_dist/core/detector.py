@@ -53,6 +53,33 @@ class Scores:
     image_scores: np.ndarray  # (N,)
 
 
+@dataclass(frozen=True)
+class NearestPatch:
+    """The training patch nearest to an image's hottest patch: what the bank compared it with.
+
+    Attributes:
+        cell: the hottest patch's (row, column) on the image's (h, w) feature grid.
+        train_index: the training image it came from (an index into `Detector.train_images`).
+        train_cell: its (row, column) on that training image's feature grid.
+        grid: the feature grid (h, w); a cell covers 1/h of the height and 1/w of the width.
+        distance: the L2 distance between the two patch features.
+        train_image: the training image's file, where the detector knows it.
+    """
+
+    cell: tuple[int, int]
+    train_index: int
+    train_cell: tuple[int, int]
+    grid: tuple[int, int]
+    distance: float
+    train_image: str | None = None
+
+    def box(self, cell: tuple[int, int], width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) pixels of a grid cell in an image of `width` x `height`."""
+        (r, c), (h, w) = cell, self.grid
+        return (int(c * width / w), int(r * height / h), int(round((c + 1) * width / w)),
+                int(round((r + 1) * height / h)))
+
+
 @dataclass
 class Timings:
     """Seconds spent per stage (features, coreset, index, search, score:<method>, ...), summed."""
@@ -166,6 +193,11 @@ class Detector:
         self.density_recall: dict[int, float] = {}
         # image threshold + score range from a validation split; saved in the model, used by predict
         self.calibration: Calibration | None = None
+        # where each bank row came from: its index among the training patches (image-major, then the
+        # (h, w) feature grid's rows), and the training images' files in that order; None when unknown
+        self.bank_source: np.ndarray | None = None
+        self.feature_grid: tuple[int, int] | None = None
+        self.train_images: list[str] | None = None
 
     @property
     def index(self) -> Index | None:
@@ -213,18 +245,26 @@ class Detector:
         """Build the memory bank from (N, h, w, D) training features (coreset as the bank config says)."""
         b = self.plan
         bank = train_features.reshape(-1, train_features.shape[-1])
+        source = np.arange(len(bank), dtype=np.int64)
         if b.coreset_ratio < 1.0:
             start = time.perf_counter()
-            bank = bank[select_coreset(bank, b.coreset_ratio, b.coreset_method, b.coreset_projection_dim, b.seed,
-                                progress=True)]
+            source = select_coreset(bank, b.coreset_ratio, b.coreset_method, b.coreset_projection_dim, b.seed,
+                                    progress=True).astype(np.int64)
+            bank = bank[source]
             self.timings.add("coreset", start)
-        self.set_bank(bank)
+        self.set_bank(bank, source=source, grid=train_features.shape[1:3])
 
     def set_bank(self, bank: np.ndarray, density: np.ndarray | None = None,
-                 map_density: np.ndarray | None = None) -> None:
+                 map_density: np.ndarray | None = None, source: np.ndarray | None = None,
+                 grid: tuple[int, int] | None = None) -> None:
         """Index `bank` (n, D) with the index factory; `density` (n,) preloads known densities for the
-        configured K, `map_density` those for the map's K (`map_density_k`)."""
+        configured K, `map_density` those for the map's K (`map_density_k`); `source` (n,) and `grid`
+        say where each row came from (see `nearest_training_patches`; None: unknown)."""
+        if source is not None and (len(source) != len(bank) or grid is None):
+            raise ValueError(f"bank source: {len(source)} entries for {len(bank)} bank rows (and grid {grid})")
         self.close()
+        self.bank_source = None if source is None else np.asarray(source, dtype=np.int64)
+        self.feature_grid = None if source is None else (int(grid[0]), int(grid[1]))
         self.query_recall, self.density_recall = {}, {}
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         start = time.perf_counter()
@@ -338,6 +378,24 @@ class Detector:
         # the image score from the image method's maps; the map (and pixel metrics) from the map method's
         return {m: Scores(m, maps[m.map_method], image_scores(maps[m.image], self.scoring.image_score))
                 for m in methods}
+
+    def nearest_training_patches(self, features: np.ndarray, patch_maps: np.ndarray) -> list[NearestPatch | None]:
+        """For each image, the training patch nearest to its hottest patch (the argmax of its (h, w)
+        patch map): one exact 1-NN search of N queries. All None when the bank's provenance is
+        unknown (models saved before it was recorded, banks set by hand)."""
+        n, h, w, d = features.shape
+        if self.bank_source is None or self.scorer is None or self.feature_grid != (h, w):
+            return [None] * n
+        hot = patch_maps.reshape(n, -1).argmax(1)
+        dist2, ids = self.scorer.index.search(np.ascontiguousarray(features.reshape(n, h * w, d)[np.arange(n), hot]),
+                                              1, exact=True)
+        source = self.bank_source[ids[:, 0]]
+        image, cell = np.divmod(source, h * w)
+        names = self.train_images or []
+        return [NearestPatch(cell=divmod(int(q), w), train_index=int(i), train_cell=divmod(int(c), w), grid=(h, w),
+                             distance=float(np.sqrt(max(float(d2), 0.0))),
+                             train_image=names[int(i)] if int(i) < len(names) else None)
+                for q, i, c, d2 in zip(hot, image, cell, dist2[:, 0])]
 
     def pixel_maps(self, patch_maps: np.ndarray, size: int | tuple[int, int] | None = None) -> np.ndarray:
         """(N, h, w) patch maps -> (N, H, W) blurred pixel maps at `size` (default: the image size)."""

@@ -28,7 +28,8 @@ MODEL_FORMAT = "reb-dist-model/1"
 
 
 def save_model(detector: Detector, path: str | Path, density: np.ndarray | None = None,
-               category: str | None = None, dataset_root: str | Path | None = None) -> Path:
+               category: str | None = None, dataset_root: str | Path | None = None,
+               train_images: list[str | Path] | None = None) -> Path:
     """Write a fitted detector's bank, densities and settings to `path` atomically.
 
     The detector's calibration (image threshold + normalisation range), when it has one, goes in
@@ -41,6 +42,10 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
         density: every bank point's density for the detector's K; computed when not given.
         category: the category the bank was fitted on (a detector does not know it).
         dataset_root: the dataset root it came from.
+        train_images: the training images' files, in the order the bank was fitted on (default:
+            the detector's `train_images`); with the bank's provenance ("bank_source", "feature_grid")
+            they let predictions name the training patch nearest to an image's hottest one. Stored
+            relative to `dataset_root` where they lie under it.
 
     Returns:
         `path` as a Path.
@@ -69,6 +74,11 @@ def save_model(detector: Detector, path: str | Path, density: np.ndarray | None 
         metadata["calibration"] = json.dumps(detector.calibration.to_dict())
     metadata["settings_sha256"] = settings_digest(metadata)
     tensors = {"bank": detector.bank, "density": np.asarray(density, np.float32)}
+    train_images = train_images if train_images is not None else detector.train_images
+    if detector.bank_source is not None and train_images:
+        tensors["bank_source"] = detector.bank_source
+        metadata["feature_grid"] = json.dumps(list(detector.feature_grid))
+        metadata["train_images"] = json.dumps([_relative(p, dataset_root) for p in train_images])
     if detector.map_density_k is not None:  # a decoupled LDKNN map at its own K needs its own densities
         tensors["map_density"] = np.asarray(detector.compute_density(detector.map_density_k), np.float32)
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata))
@@ -98,7 +108,7 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
             calibration, or its backbone weights differ from the ones found now.
     """
     path = Path(path)
-    meta, tensors = read_tensors(path, MODEL_FORMAT, "model file", ("bank", "density", "map_density"))
+    meta, tensors = read_tensors(path, MODEL_FORMAT, "model file", ("bank", "density", "map_density", "bank_source"))
     try:
         backbone_cfg = BackboneConfig(**json.loads(meta["backbone"]))
         scoring = ScoringConfig(**json.loads(meta["scoring"]))
@@ -124,7 +134,38 @@ def load_model(path: str | Path, device: str | None = None, bank: BankConfig | N
     except ValueError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc
     detector.calibration = calibration
+    _restore_provenance(path, detector, meta, tensors["bank_source"])
     return detector
+
+
+def _relative(path: str | Path, root: str | Path | None) -> str:
+    """`path` relative to `root` where it lies under it (a model stays valid when the dataset moves)."""
+    if root is not None:
+        try:
+            return str(Path(path).absolute().relative_to(Path(root).absolute()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _restore_provenance(path: Path, detector: Detector, meta: dict[str, str], source: np.ndarray | None) -> None:
+    """The bank's provenance and training image files (absolute under the stored dataset root), when
+    the file has them; a malformed or inconsistent record is an error naming the file."""
+    if source is None:
+        return
+    try:
+        grid = tuple(int(v) for v in json.loads(meta["feature_grid"]))
+        names = json.loads(meta["train_images"])
+        if len(grid) != 2 or min(grid) < 1 or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"feature_grid {grid}, train_images of type {type(names).__name__}")
+        if source.ndim != 1 or len(source) != len(detector.bank) or source.min() < 0 \
+                or source.max() >= len(names) * grid[0] * grid[1]:
+            raise ValueError(f"bank_source does not index {len(names)} images of {grid[0]}x{grid[1]} patches")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: malformed bank provenance ({exc})") from exc
+    root = meta.get("dataset_root")
+    detector.bank_source, detector.feature_grid = source.astype(np.int64), grid
+    detector.train_images = [n if Path(n).is_absolute() or root is None else str(Path(root) / n) for n in names]
 
 
 def model_metadata(path: str | Path) -> dict[str, str]:

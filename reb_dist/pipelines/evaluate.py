@@ -254,6 +254,7 @@ def fit_detector(cfg: RunConfig, split: ClassSplit, placement: BankPlacement | N
     train, _ = extract_samples(detector, split.train, cfg.data, f"{split.name} train features",
                                FeatureCache.from_config(cfg.cache))
     detector.fit_features(train)
+    detector.train_images = [str(s.image_path) for s in split.train]  # in the bank's order: its provenance
     try:
         check_bank_size(cfg.scoring, len(detector.bank), split, cfg.bank.coreset_ratio)
     except ConfigError:

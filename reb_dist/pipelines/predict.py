@@ -73,9 +73,10 @@ class ImageScorer(Protocol):
     image_size: int
     calibration: Calibration | None
 
-    def score_images(self, images: list[np.ndarray]) -> tuple[Sequence[float], Sequence[np.ndarray]]:
+    def score_images(self, images: list[np.ndarray]) -> tuple:
         """(B,) image scores and (B, S, S) pixel maps (S = `image_size`) of B uint8 (H, W, 3) RGB
-        images, each at least `image_size` on its shorter side."""
+        images, each at least `image_size` on its shorter side; optionally a third item, each image's
+        nearest training patch (`reb_dist.core.detector.NearestPatch` or None)."""
         ...
 
 
@@ -95,11 +96,14 @@ class DetectorScorer:
     def calibration(self) -> Calibration | None:
         return self.detector.calibration
 
-    def score_images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def score_images(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
         detector, method = self.detector, self.method
         batch = torch.stack([preprocess(im, detector.image_size) for im in images])
-        scores = detector.score_features(detector.extract([batch], desc="predict"), [method])[method]
-        return scores.image_scores, detector.pixel_maps(scores.patch_maps)
+        features = detector.extract([batch], desc="predict")
+        scores = detector.score_features(features, [method])[method]
+        # the image method's patch map: its hottest patch is what set the image score
+        nearest = detector.nearest_training_patches(features, scores.patch_maps)
+        return scores.image_scores, detector.pixel_maps(scores.patch_maps), nearest
 
 
 def predict(detector: Detector | ImageScorer, paths: list[Path | np.ndarray], batch_size: int = 16,
@@ -139,12 +143,13 @@ def predict(detector: Detector | ImageScorer, paths: list[Path | np.ndarray], ba
                 images.pop(i, None)
                 done[i] = Prediction(None if in_memory else p, None, float("nan"), None, error=exc.problem)
         if images:
-            scores, maps = scorer.score_images(list(images.values()))
-            for (i, image), score, pixel_map in zip(images.items(), scores, maps):
+            scores, maps, *more = scorer.score_images(list(images.values()))
+            nearest = more[0] if more else [None] * len(scores)
+            for (i, image), score, pixel_map, near in zip(images.items(), scores, maps, nearest):
                 score = float(score)  # compare in float64, as the threshold was computed (not float32)
                 normalised = None if calibration is None else float(normalise(score, calibration))
                 flagged = None if threshold is None else score >= threshold
                 path = None if isinstance(chunk[i], np.ndarray) else chunk[i]
-                done[i] = Prediction(path, image, score, pixel_map, normalised, flagged)
+                done[i] = Prediction(path, image, score, pixel_map, normalised, flagged, nearest=near)
         out += [done[i] for i in range(len(chunk))]
     return out

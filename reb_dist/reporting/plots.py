@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,94 @@ def heatmap_overlay(
         edge = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3), bool), border_value=0)
         out[edge] = (0, 255, 0)
     return out
+
+
+@dataclass(frozen=True)
+class OverlayCaption:
+    """What `annotated_overlay` writes beside and under an overlay.
+
+    Attributes:
+        score: the image score.
+        threshold: the image threshold used (None: none, nothing flagged).
+        flagged: whether the image was flagged (None without a threshold).
+        scale: what the colours mean, e.g. "pixel scores normalised by the calibration".
+        bar_threshold: where the threshold sits on the colour scale (None: not shown).
+        hot_box: (left, top, right, bottom) of the hottest patch in the overlay's pixels, or None.
+        nearest: e.g. "train/good/012.png, row 3 col 5, distance 1.2" (None: unknown).
+        nearest_image: that training image, uint8 (H, W, 3), or None when it cannot be read.
+        nearest_box: the matched patch's box in `nearest_image`'s pixels.
+    """
+
+    score: float
+    threshold: float | None = None
+    flagged: bool | None = None
+    scale: str = ""
+    bar_threshold: float | None = None
+    hot_box: tuple[int, int, int, int] | None = None
+    nearest: str | None = None
+    nearest_image: np.ndarray | None = None
+    nearest_box: tuple[int, int, int, int] | None = None
+
+
+def annotated_overlay(overlay: np.ndarray, vmin: float, vmax: float, caption: OverlayCaption) -> np.ndarray:
+    """An overlay (from `heatmap_overlay`, at the input image's size) made readable on its own: a
+    colour bar with its range and the threshold marked, the hottest patch boxed, the nearest
+    training image with its matched patch boxed (when known), and a caption with the score, the
+    threshold and the verdict. Drawn with PIL (no figure per image: predict stays fast).
+    Returns H'×W'×3 uint8."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    rgb = _as_rgb(overlay)
+    h, w = rgb.shape[:2]
+    size = max(11, min(24, h // 28))
+    font = ImageFont.load_default(size=size)
+    bar_w, label_w, gap = max(12, w // 40), 7 * size, max(4, size // 2)
+    panels = [Image.fromarray(rgb)]
+    if caption.hot_box is not None:
+        ImageDraw.Draw(panels[0]).rectangle(caption.hot_box, outline=(255, 255, 255), width=max(2, size // 6))
+    ramp = np.linspace(1.0, 0.0, h)[:, None].repeat(bar_w, 1)
+    bar = Image.fromarray(colormaps["jet"](ramp, bytes=True)[..., :3])
+    scale = Image.new("RGB", (bar_w + label_w, h), "white")
+    scale.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(scale)
+    draw.text((bar_w + 3, 0), f"{vmax:.3g}", fill="black", font=font)
+    draw.text((bar_w + 3, h - size - 2), f"{vmin:.3g}", fill="black", font=font)
+    if caption.bar_threshold is not None and vmax > vmin and vmin <= caption.bar_threshold <= vmax:
+        y = int(round((vmax - caption.bar_threshold) / (vmax - vmin) * (h - 1)))
+        draw.line([(0, y), (bar_w + 2, y)], fill="black", width=2)
+        draw.text((bar_w + 3, min(max(y - size // 2, size + 2), h - 2 * size - 4)), "threshold", fill="black",
+                  font=font)
+    panels.append(scale)
+    if caption.nearest_image is not None:
+        near = Image.fromarray(_as_rgb(caption.nearest_image))
+        factor = h / near.height
+        near = near.resize((max(1, int(round(near.width * factor))), h), Image.Resampling.BILINEAR)
+        if caption.nearest_box is not None:
+            box = tuple(int(round(v * factor)) for v in caption.nearest_box)
+            ImageDraw.Draw(near).rectangle(box, outline=(255, 255, 255), width=max(2, size // 6))
+        panels.append(near)
+    if caption.threshold is None:
+        verdict = f"score {caption.score:.4g} (no threshold: not flagged)"
+    else:
+        sign, word = (">=", "ANOMALOUS") if caption.flagged else ("<", "normal")
+        verdict = f"score {caption.score:.4g} {sign} threshold {caption.threshold:.4g}: {word}"
+    lines = [verdict, f"colours: {caption.scale}" if caption.scale else ""]
+    if caption.nearest:
+        lines.append(f"nearest normal patch (right, boxed): {caption.nearest}" if caption.nearest_image is not None
+                     else f"nearest normal patch: {caption.nearest}")
+    lines = [line for line in lines if line]
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    out = Image.new("RGB", (width, h + (size + 4) * len(lines) + 6), "white")
+    x = 0
+    for panel in panels:
+        out.paste(panel, (x, 0))
+        x += panel.width + gap
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        colour = (200, 0, 0) if i == 0 and caption.flagged else (0, 0, 0)
+        draw.text((4, h + 4 + i * (size + 4)), line, fill=colour, font=font)
+    return np.asarray(out)
 
 
 def heatmap_grid(

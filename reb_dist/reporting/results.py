@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,9 +16,11 @@ from PIL import Image
 
 from reb_dist.config import RunConfig
 from reb_dist.core.thresholds import Calibration, normalise
+from reb_dist.errors import DatasetError
 from reb_dist.io.atomic import copy_atomic, file_lock, write_text_atomic
 from reb_dist.io.data import read_image, sample_mask
-from reb_dist.reporting.plots import heatmap_grid, heatmap_overlay, plot_roc_curves, save_png
+from reb_dist.reporting.plots import (OverlayCaption, annotated_overlay, heatmap_grid, heatmap_overlay,
+                                      plot_roc_curves, save_png)
 from reb_dist.reporting.tables import mode_footnote, results_table_markdown, results_table_text, to_csv
 
 from reb_dist.results import CategoryResult, Prediction
@@ -173,6 +176,33 @@ def class_gallery(results: list[CategoryResult], path: Path, per_class: int = 2)
     return heatmap_grid(items, path, vmin=0.0, vmax=1.0, ncols=min(len(items), 4))
 
 
+def overlay_caption(p: Prediction, flagged: bool | None, threshold: float | None,
+                    calibration: Calibration | None) -> OverlayCaption:
+    """The caption of one prediction's overlay: score, threshold and verdict, what the colours mean,
+    where the threshold sits on them, and the nearest training patch (its image read if it can be)."""
+    if calibration is not None:
+        scale = "pixel scores normalised by the model's calibration (0.5 = threshold), the same in every run"
+        bar = None if threshold is None else float(normalise(threshold, calibration))
+    else:
+        scale, bar = "raw pixel scores, one scale for every image of this run", threshold
+    h, w = p.image.shape[:2]
+    caption = OverlayCaption(score=p.score, threshold=threshold, flagged=flagged, scale=scale, bar_threshold=bar)
+    n = p.nearest
+    if n is None:
+        return caption
+    # the file's last folders name it well enough under the image; scores.csv has the full path
+    name = str(Path(*Path(n.train_image).parts[-4:])) if n.train_image else f"training image {n.train_index}"
+    try:
+        train = read_image(n.train_image) if n.train_image else None
+    except (DatasetError, OSError):  # moved or deleted since the fit: named, not shown
+        train = None
+    return replace(caption, hot_box=n.box(n.cell, w, h),
+                   nearest=f"{name}, row {n.train_cell[0]} col {n.train_cell[1]} of {n.grid[0]}x{n.grid[1]}, "
+                           f"distance {n.distance:.4g}",
+                   nearest_image=train,
+                   nearest_box=None if train is None else n.box(n.train_cell, train.shape[1], train.shape[0]))
+
+
 def write_predictions(predictions: list[Prediction], out: Path, threshold: float | None = None,
                       calibration: Calibration | None = None) -> list[dict]:
     """A heatmap overlay per scored image (one colour scale for all) and scores.csv; returns the CSV
@@ -190,8 +220,13 @@ def write_predictions(predictions: list[Prediction], out: Path, threshold: float
     b/x.png) gets `<stem>-2_heatmap.png` (-3, ...), so no overlay overwrites another.
 
     scores.csv has columns image (the path as given), score, then normalised_score and anomalous
-    when every scored prediction has them, overlay when a name had to be made unique, and error
-    when an image could not be scored (its row has an empty score and the problem).
+    when every scored prediction has them; hot_patch (row col of the hottest patch on the feature
+    grid), nearest_train_image, nearest_train_patch and nearest_distance when the model knows its
+    bank's provenance; overlay when a name had to be made unique, and error when an image could
+    not be scored (its row has an empty score and the problem).
+
+    Each overlay is annotated (`annotated_overlay`): colour bar with the threshold, score and verdict,
+    the hottest patch boxed and, beside it, the nearest training image with the matched patch boxed.
     """
     out.mkdir(parents=True, exist_ok=True)
     scored = [p for p in predictions if p.error is None]
@@ -201,6 +236,8 @@ def write_predictions(predictions: list[Prediction], out: Path, threshold: float
         # One colour scale for every overlay of the run, so heatmaps compare across images.
         vmin = min(float(p.pixel_map.min()) for p in scored)
         vmax = max(float(p.pixel_map.max()) for p in scored)
+    # the threshold flags were taken with: the one given, else the calibration's (as predict does)
+    used = threshold if threshold is not None else calibration.threshold if calibration is not None else None
     flags = [p.anomalous if p.anomalous is not None else (None if threshold is None else p.score >= threshold)
              for p in predictions]
     has_flags = bool(scored) and all(f is not None for p, f in zip(predictions, flags) if p.error is None)
@@ -218,17 +255,25 @@ def write_predictions(predictions: list[Prediction], out: Path, threshold: float
             n += 1
         taken.add(name.lower())
         renamed |= n > 1
-        pixel_map = p.pixel_map if calibration is None else normalise(p.pixel_map, calibration).astype(np.float32)
-        full = np.asarray(Image.fromarray(pixel_map).resize(p.image.shape[1::-1], Image.BILINEAR))
-        save_png(heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax), out / name)
+        full = p.input_map()
+        if calibration is not None:
+            full = normalise(full, calibration).astype(np.float32)
+        overlay = heatmap_overlay(p.image, full, vmin=vmin, vmax=vmax)
+        save_png(annotated_overlay(overlay, vmin, vmax, overlay_caption(p, flag, used, calibration)), out / name)
         row.update(score=f"{p.score:.6g}", overlay=name)
         if has_normalised:
             row["normalised_score"] = f"{p.normalised_score:.6g}"
         if has_flags:
             row["anomalous"] = int(flag)
+        if p.nearest is not None:
+            n = p.nearest
+            row.update(hot_patch=f"{n.cell[0]} {n.cell[1]}", nearest_train_image=n.train_image or n.train_index,
+                       nearest_train_patch=f"{n.train_cell[0]} {n.train_cell[1]}", nearest_distance=f"{n.distance:.6g}")
         rows.append(row)
+    nearest = ["hot_patch", "nearest_train_image", "nearest_train_patch", "nearest_distance"] \
+        if any(p.nearest is not None for p in scored) else []
     columns = (["image", "score"] + (["normalised_score"] if has_normalised else [])
-               + (["anomalous"] if has_flags else []) + (["overlay"] if renamed else [])
+               + (["anomalous"] if has_flags else []) + nearest + (["overlay"] if renamed else [])
                + (["error"] if len(scored) < len(predictions) else []))
     write_text_atomic(out / "scores.csv", to_csv(rows, columns))
     return rows

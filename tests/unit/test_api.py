@@ -143,3 +143,23 @@ def test_fit_from_good_images_alone_folders_and_arrays(tmp_path, capsys):
     capsys.readouterr()
     assert main(["fit", "--images", str(good), "--selection", "s.json"]) == 2  # refused before any work
     assert "--images and --selection do not go together" in capsys.readouterr().err
+
+
+def test_maps_at_the_input_resolution_and_the_nearest_training_patch(model, tmp_path):
+    """A 640 x 480 image gets a 480 x 640 map beside the model's 256 x 256 one; a training image's
+    hottest patch finds itself in the bank: the same file, the same cell, distance 0."""
+    train = sorted((SAMPLE_DATA / "bottle" / "train" / "good").iterdir())
+    in_bank = [p for p in train if str(p) in set(model.detector.train_images)][0]
+    wide = np.asarray(Image.open(in_bank).convert("RGB").resize((640, 480)))
+    result = model.predict([in_bank, wide])
+    assert result.maps.shape[1:] == (256, 256)
+    assert result.input_maps[0].shape == (256, 256) and result.input_maps[1].shape == (480, 640)
+    back = np.asarray(Image.fromarray(result.input_maps[1]).resize((256, 256), Image.Resampling.BILINEAR))
+    assert np.corrcoef(back.ravel(), result.maps[1].ravel())[0, 1] > 0.99  # the same map, resized
+    own = result.nearest[0]
+    assert own.train_image == str(in_bank) and own.train_cell == own.cell and own.distance < 1e-2
+    assert own.grid == (32, 32) and 0 <= own.train_index < len(model.detector.train_images)
+    # the provenance is in the file: a loaded model names the same patch
+    with reb_dist.load(model.path) as loaded:
+        again = loaded.predict(in_bank).nearest[0]
+    assert (again.train_image, again.train_cell, again.cell) == (own.train_image, own.train_cell, own.cell)

@@ -80,8 +80,14 @@ def test_fit_evaluate_predict_round_trip(workdir, capsys):
     lines = (workdir / "pred" / "scores.csv").read_text().splitlines()
     scores = {Path(line.split(",")[0]).parent.name: float(line.split(",")[1]) for line in lines[1:]}
     assert scores["broken_large"] > scores["good"]
-    overlay = Image.open(workdir / "pred" / "000_heatmap.png")
-    assert overlay.size == Image.open(bad).size
+    overlay = np.asarray(Image.open(workdir / "pred" / "000_heatmap.png"))
+    w, h = Image.open(bad).size
+    # annotated: the overlay at the image's size, a colour bar right of it (jet: 1 on top, 0 at the
+    # bottom), the nearest training image beside, and a caption under it all
+    assert overlay.shape[0] > h and overlay.shape[1] > 2 * w
+    from matplotlib import colormaps
+    top, bottom = (colormaps["jet"](v, bytes=True)[:3] for v in (1.0, 0.0))
+    assert any((overlay[0, x] == top).all() and (overlay[h - 1, x] == bottom).all() for x in range(w, w + 40))
 
 
 def test_bad_image_fails_clearly_and_leaves_no_model(workdir, capsys):

@@ -26,7 +26,7 @@ def test_save_load_round_trip(cfg, detector, test_features, saved):
 
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
-        assert set(f.keys()) == {"bank", "density"}
+        assert set(f.keys()) == {"bank", "density", "bank_source"}  # where each bank row came from
     assert meta["format"] == MODEL_FORMAT == "reb-dist-model/1"
     assert meta["backbone_fingerprint"] == detector.backbone.fingerprint
     assert json.loads(meta["backbone"])["name"] == "efficientnet_lite0"
@@ -36,6 +36,8 @@ def test_save_load_round_trip(cfg, detector, test_features, saved):
     loaded = load_model(path, device="cpu")
     assert loaded.backbone.fingerprint == detector.backbone.fingerprint
     np.testing.assert_array_equal(loaded.bank, detector.bank)
+    np.testing.assert_array_equal(loaded.bank_source, detector.bank_source)
+    assert loaded.train_images == detector.train_images and loaded.feature_grid == detector.feature_grid == (32, 32)
 
     # The stored densities are used as they are: no neighbour search may run to recompute them.
     def no_search(*args, **kwargs):
@@ -160,3 +162,14 @@ def test_a_model_whose_settings_were_edited_after_saving_is_refused(saved, tmp_p
 def load_file_meta(path):
     with safe_open(str(path), framework="numpy") as f:
         return dict(f.metadata())
+
+
+@pytest.mark.parametrize("change", [{"feature_grid": "[32]"}, {"train_images": "{}"}, {"train_images": "[]"}])
+def test_a_malformed_bank_provenance_names_the_file(saved, tmp_path, change):
+    _, path = saved
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    broken = tmp_path / "broken.safetensors"
+    save_file(load_file(str(path)), str(broken), {**meta, **change})
+    with pytest.raises(ModelFileError, match=r"broken\.safetensors: malformed bank provenance"):
+        load_model(broken, device="cpu")

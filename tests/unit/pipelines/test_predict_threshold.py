@@ -96,7 +96,8 @@ def test_predict_flags_the_images_at_or_above_the_saved_threshold(calibrated, ca
     assert all(0.0 <= p.normalised_score <= 1.0 for p in predictions)
 
     rows = _csv(tmp_path)
-    assert list(rows[0]) == ["image", "score", "normalised_score", "anomalous"]
+    assert list(rows[0]) == ["image", "score", "normalised_score", "anomalous", "hot_patch", "nearest_train_image",
+                             "nearest_train_patch", "nearest_distance"]
     assert [r["image"] for r in rows] == [str(p) for p in paths]
     assert [r["anomalous"] for r in rows] == [str(int(e)) for e in expected]
     assert [float(r["normalised_score"]) >= 0.5 for r in rows] == expected
@@ -129,7 +130,8 @@ def test_without_calibration_nothing_is_flagged(plain, paths, tmp_path, caplog):
     predictions = predict_images(plain, paths, tmp_path, device="cpu")
     assert "no threshold" in caplog.text
     assert all(p.anomalous is None and p.normalised_score is None for p in predictions)
-    assert list(_csv(tmp_path)[0]) == ["image", "score"]
+    assert list(_csv(tmp_path)[0]) == ["image", "score", "hot_patch", "nearest_train_image", "nearest_train_patch",
+                                       "nearest_distance"]
 
 
 def test_predict_uses_the_detector_calibration(detector, calibration, paths, scores):

@@ -25,7 +25,7 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from reb_dist.version import __version__
 from reb_dist.errors import ModelFileError
 from reb_dist.io.feature_cache import file_sha256
-from reb_dist.io.model_file import model_metadata
+from reb_dist.io.model_file import model_metadata, training_images
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "model"  # the artefact key of the .safetensors file
@@ -73,10 +73,22 @@ def log_model(model_file: str | Path, name: str, registered_name: str | None = N
     meta = model_metadata(model_file)
     metadata = {k: meta[k] for k in ("category", "backbone_weights", "backbone_fingerprint", "image_size",
                                      "reb_dist_version", "calibration") if k in meta}
+    example = input_example(meta)
     with warnings.catch_warnings():
-        # no input example on purpose: MLflow would load the model and score it while logging
+        # a model file without recorded training images logs no example (MLflow warns of that)
         warnings.filterwarnings("ignore", message=".*An input example was not provided")  # colour code first
         return mlflow.pyfunc.log_model(
             name=name, python_model=WRAPPER, artifacts={MODEL_ARTIFACT: str(model_file)},
             signature=signature("calibration" in meta), pip_requirements=pip_requirements(),
-            registered_model_name=registered_name or None, metadata=metadata)
+            registered_model_name=registered_name or None, metadata=metadata, input_example=example)
+
+
+def input_example(meta: dict[str, str]):
+    """The pyfunc model's input example: a one-row "image" column naming one of the model's own
+    training images (None when the file records none). MLflow stores it beside the model (what the
+    UI and `mlflow models predict` show) and scores it once while logging, a check that the logged
+    model loads and runs."""
+    import pandas as pd
+
+    images = [p for p in training_images(meta) if Path(p).is_file()]
+    return pd.DataFrame({IMAGE_COLUMN: images[:1]}) if images else None

@@ -163,9 +163,19 @@ def _restore_provenance(path: Path, detector: Detector, meta: dict[str, str], so
             raise ValueError(f"bank_source does not index {len(names)} images of {grid[0]}x{grid[1]} patches")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: malformed bank provenance ({exc})") from exc
-    root = meta.get("dataset_root")
     detector.bank_source, detector.feature_grid = source.astype(np.int64), grid
-    detector.train_images = [n if Path(n).is_absolute() or root is None else str(Path(root) / n) for n in names]
+    detector.train_images = training_images(meta)
+
+
+def training_images(meta: dict[str, str]) -> list[str]:
+    """The training images a model file records (absolute under its dataset root); [] when it records
+    none (files saved before provenance, or fitted from a bank set by hand)."""
+    try:
+        names = json.loads(meta.get("train_images") or "[]")
+    except ValueError:
+        return []
+    root = meta.get("dataset_root")
+    return [n if Path(n).is_absolute() or root is None else str(Path(root) / n) for n in names if isinstance(n, str)]
 
 
 def model_metadata(path: str | Path) -> dict[str, str]:

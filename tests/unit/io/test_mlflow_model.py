@@ -45,6 +45,17 @@ def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypat
     assert list(out["anomalous"]) == [False, True, True]  # a good bottle and two defects, at the calibrated threshold
     np.testing.assert_allclose(out["normalised_score"], [p.normalised_score for p in expected])
 
+    # an input example a user can copy: one of the model's own training images, in the input's format
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/bottle")
+    example = mlflow.models.Model.load(folder).load_input_example(folder)
+    assert list(example.columns) == ["image"] and example["image"][0] in detector.train_images
+
+    # the fit's metrics: bank size, timings and the threshold with how far it can be trusted
+    child = [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("mlflow.parentRunId")
+             == run.info.run_id][0].data.metrics
+    assert child["bank_size"] == len(detector.bank) and child["threshold"] == detector.calibration.threshold
+    assert {"threshold_normals", "threshold_normal_fpr", "threshold_normal_fpr_high", "seconds/features"} <= set(child)
+
     (version,) = client.search_model_versions("name = 'reb-bottle'")  # registered, as the settings ask
     assert version.run_id == run.info.run_id
     assert mlflow.models.get_model_info("models:/reb-bottle/1").signature == schema

@@ -28,7 +28,10 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch, capsys):
     # four images, the three broken ones flagged and the good one not, at the calibrated threshold
     assert [line.split(":")[0] for line in lines[:4]] == ["000.png", "010.png", "019.png", "000.png"]
     assert [line.endswith("anomalous True") for line in lines[:4]] == [True, True, True, False]
-    assert lines[4] == "(4, 256, 256)" and "'image_auroc': " in lines[5]
+    assert lines[4] == "(4, 256, 256)" and lines[5] == "(256, 256)"  # the sample's images are 256 px
+    assert re.fullmatch(r"hottest patch \(\d+, \d+\) is nearest to .*/bottle/train/good/\d+\.png patch \(\d+, \d+\)",
+                        lines[6]), lines[6]
+    assert "'image_auroc': " in lines[7]
     assert (tmp_path / "models" / "bottle.safetensors").is_file()
     # `Model.fit` ran as `reb fit`: its MLflow run (./mlflow.db here) holds the pyfunc model
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

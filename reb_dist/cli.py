@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["info", "clear"], help="info: folder, files and size; clear: delete its files")
     _add_settings(p)  # its cache section names the folder, e.g. --set cache.dir=/scratch/features
 
+    p = sub.add_parser("configs", help="the example settings and sweep files shipped in the package: list them, "
+                                       "or print one to copy and edit")
+    p.add_argument("name", nargs="?", help="print this one (e.g. sample_sweep); without it: list them all")
+
     p = sub.add_parser("sweep", help="datasets x categories x backbones x methods as Ray tasks on the cluster "
                                      "(RAY_ADDRESS) or a local Ray; resumable: finished cells are skipped")
     p.add_argument("--config", "-c", "--sweep", dest="sweep", required=True,
@@ -175,6 +179,10 @@ per (cell, method). Example: reb sweep --config jobs/sample_sweep.yaml --out out
 Writes <output_dir>/benchmark/: results.md / .json, ROC curves and heatmap galleries (this run's
 also under runs/<time>-<id>/), and logs a parent MLflow run with a child per (category, method).
 Example: reb benchmark --root /data/mvtec_ad --categories bottle,pill --methods ldknn,knn,nn1""",
+    "configs": """the example settings and sweep files shipped in the package, so an installed reb-dist
+needs no repository checkout: sample_benchmark (the README's main job), sample_sweep (a two-cell
+sweep of the sample) and k_alpha (the tune search space). Any --config takes them by name; print one
+to start your own. Example: reb configs sample_sweep > my_sweep.yaml""",
     "fit": """build and save a memory bank (with densities) per category.
 
 Prints each model file's path; logs it to MLflow as a pyfunc model (registered with
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"fit": cmd_fit, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
                 "finetune": cmd_finetune, "tune": cmd_tune, "report": cmd_report,
                 "predict": cmd_predict, "cache": cmd_cache, "export": cmd_export,
-                "sweep": cmd_sweep}[args.command](args, command_line)
+                "sweep": cmd_sweep, "configs": cmd_configs}[args.command](args, command_line)
     except RebError as exc:
         log.error("%s", exc)
         return 2
@@ -375,6 +383,20 @@ def cmd_cache(args, command_line: str) -> int:
     state = "" if settings.enabled else " (disabled: cache.enabled=false)"
     print(f"folder: {cache.folder}{state}\nfiles: {len(cache.files())}\n"
           f"size: {cache.size() / 1024**3:.2f} GB of {settings.max_gb:g} GB")
+    return 0
+
+
+def cmd_configs(args, command_line: str) -> int:
+    """`reb configs [NAME]`: list the packaged config files (name and first comment line), or print one."""
+    from reb_dist.config import config_file, packaged_configs
+
+    if args.name:
+        sys.stdout.write(config_file(args.name).read_text())
+        return 0
+    for name, path in packaged_configs().items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:18s} {first}")
+    print("use one by name (reb sweep --config sample_sweep), or copy it: reb configs sample_sweep > my_sweep.yaml")
     return 0
 
 

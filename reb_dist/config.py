@@ -19,6 +19,30 @@ from reb_dist.errors import ConfigError
 from reb_dist.names import LAYOUTS, VALIDATION_KINDS
 
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "mvtec_ad_256"
+#: Example settings and sweep files shipped in the package (the repository's jobs/ and tune/ link to
+#: them), usable by name wherever a config file is asked for: `reb tune --config k_alpha`.
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The packaged config files by name (file name without .yaml)."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def config_file(path: str | Path, what: str = "config file") -> Path:
+    """`path` when it is a file, else the packaged config of that name (a bare name, with or without
+    .yaml), so an installed package's examples need no repository checkout.
+
+    Raises:
+        ConfigError: neither exists; the message lists the packaged names.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    if path.parent == Path(".") and path.stem in packaged and path.suffix in ("", ".yaml"):
+        return packaged[path.stem]
+    raise ConfigError(f"{path}: {what} not found (packaged ones, usable by name: {', '.join(packaged)})")
 
 
 @dataclass
@@ -237,9 +261,7 @@ class RunConfig:
         """Defaults <- the YAML/JSON file at `path` (if any) <- `section.key=value` overrides."""
         values: dict = {}
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"{path}: config file not found")
+            path = config_file(path)
             try:
                 values = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
             except yaml.YAMLError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from reb_dist.config import RunConfig, apply_override
+from reb_dist.config import RunConfig, apply_override, config_file
 from reb_dist.errors import ConfigError
 from reb_dist.distributed.runtime import ray_session
 
@@ -56,9 +56,7 @@ class Sweep:
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
         """Read and check a sweep YAML (every cell's settings are built once, so a bad one fails here)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: sweep file not found")
+        path = config_file(path, "sweep file")
         spec = yaml.safe_load(path.read_text()) or {}
         unknown = set(spec) - {"name", "base", "grid", "max_concurrent", "cpus_per_cell"}
         if unknown:

@@ -216,3 +216,20 @@ def test_every_subcommand_has_a_description_and_every_flag_a_help_text():
             assert action.help and action.help != argparse.SUPPRESS, f"reb {name} {action.option_strings or action.dest}"
     tune = sub.choices["tune"].format_help()
     assert "tune.trials" in tune and "selection.json" in tune  # what it searches and what it writes
+
+
+def test_packaged_configs_are_listed_printed_and_taken_by_name_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    from reb_dist.config import PACKAGED_CONFIGS
+    from reb_dist.distributed.sweep import Sweep
+
+    monkeypatch.chdir(tmp_path)  # no jobs/ or tune/ here: only the installed package's files
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("sample_benchmark", "sample_sweep", "k_alpha"))
+    assert main(["configs", "sample_sweep"]) == 0
+    assert capsys.readouterr().out == (PACKAGED_CONFIGS / "sample_sweep.yaml").read_text()
+    assert main(["benchmark", "--config", "sample_benchmark", "--print-config"]) == 0
+    assert "root: sample" in capsys.readouterr().out
+    assert len(Sweep.load("sample_sweep.yaml").cells) == 2
+    assert main(["tune", "--config", "k_alpa", "--print-config"]) == 2
+    assert "k_alpa: config file not found (packaged ones, usable by name: k_alpha" in capsys.readouterr().err

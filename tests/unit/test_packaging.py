@@ -166,3 +166,30 @@ def test_the_sample_images_licence_is_declared_and_travels_with_them():
     assert "Attribution-NonCommercial-ShareAlike 4.0" in (sample / "license.txt").read_text()
     for category in ("bottle", "pill"):  # and each category folder carries it as well
         assert (sample / category / "license.txt").read_text() == (sample / "license.txt").read_text()
+
+
+def test_the_wheel_ships_the_example_configs_and_the_sample_with_its_licence(tmp_path):
+    """What an installed package needs without a checkout: the example settings and sweep files
+    (jobs/ and tune/ link to them), the sample images and both licences. Built with this
+    environment's setuptools, offline."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(PACKAGE, source / "reb_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("reb_dist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for config in ("sample_benchmark", "sample_sweep", "k_alpha"):
+        assert f"reb_dist/configs/{config}.yaml" in names
+        assert (REPO / ("tune" if config == "k_alpha" else "jobs") / f"{config}.yaml").resolve() == \
+            PACKAGE / "configs" / f"{config}.yaml"  # the repository's paths are the same files
+    assert "reb_dist/sample_data/mvtec_ad_256/bottle/train/good/000.png" in names
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+    assert any(n.endswith("licenses/reb_dist/sample_data/mvtec_ad_256/license.txt") for n in names)

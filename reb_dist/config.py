@@ -214,7 +214,8 @@ class TuneConfig:
     map_alpha_max: float = 1.0
     multi_objective: bool = False  # also a coupled (K, alpha) from the Pareto front of image AUROC and map objective
     # auto | f1 | quantile: how the image threshold is taken from validation scores (auto: the normals'
-    # quantile when the validation anomalies are all easier than every normal, else best F1)
+    # quantile when the validation anomalies are all easier than every normal and there are at least
+    # 1 / (1 - quantile) normals, else best F1)
     threshold: str = "auto"
     quantile: float = 0.99  # of the validation normals' scores, for threshold "quantile"
     concurrency: int = 0  # trials at once; 0: as many as the cluster has CPUs

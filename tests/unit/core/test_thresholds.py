@@ -144,13 +144,18 @@ def test_a_calibration_says_how_many_images_set_it_and_its_false_positive_rate_w
 
 
 def test_auto_takes_the_normals_quantile_when_every_anomaly_is_easier_than_every_normal():
-    normals = np.linspace(0.0, 1.0, 30)
-    easy = calibrate(np.r_[np.zeros(30, int), np.ones(5, int)], np.r_[normals, [5.0, 6, 7, 8, 9]], "auto")
+    normals = np.linspace(0.0, 1.0, 100)
+    labels, scores = np.r_[np.zeros(100, int), np.ones(5, int)], np.r_[normals, [5.0, 6, 7, 8, 9]]
+    easy = calibrate(labels, scores, "auto")
     # best F1 would be 5.0, the easiest anomaly's edge, far above every normal
-    assert calibrate(np.r_[np.zeros(30, int), np.ones(5, int)], np.r_[normals, [5.0, 6, 7, 8, 9]], "f1").threshold == 5.0
+    assert calibrate(labels, scores, "f1").threshold == 5.0
     assert (easy.method, easy.quantile) == ("quantile", 0.99) and easy.threshold == pytest.approx(np.quantile(normals, 0.99))
     assert "above every normal" in easy.reason and "auto" in easy.describe()
+    # 99 normals cannot estimate a 0.99 quantile (it would be their maximum): best F1 then
+    few = calibrate(labels[1:], scores[1:], "auto")
+    assert few.method == "f1" and few.threshold == 5.0 and "99 normals are too few" in few.reason
+    assert calibrate(labels[50:], scores[50:], "auto", quantile=0.98).method == "quantile"  # 50 >= 1 / 0.02
     overlapping = calibrate(LABELS, SCORES, "auto")
     assert overlapping.method == "f1" and overlapping.threshold == 0.5 and "overlap" in overlapping.reason
-    only_normals = calibrate(np.zeros(30, int), normals, "auto")
+    only_normals = calibrate(np.zeros(30, int), normals[:30], "auto")
     assert only_normals.method == "quantile" and only_normals.f1 is None

@@ -88,7 +88,5 @@ def input_example(meta: dict[str, str]):
     training images (None when the file records none). MLflow stores it beside the model (what the
     UI and `mlflow models predict` show) and scores it once while logging, a check that the logged
     model loads and runs."""
-    import pandas as pd
-
     images = [p for p in training_images(meta) if Path(p).is_file()]
-    return pd.DataFrame({IMAGE_COLUMN: images[:1]}) if images else None
+    return {IMAGE_COLUMN: images[:1]} if images else None  # MLflow makes it the signature's DataFrame

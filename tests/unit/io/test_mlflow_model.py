@@ -48,7 +48,7 @@ def test_fit_logs_a_pyfunc_model_that_scores_as_the_detector(tmp_path, monkeypat
     # an input example a user can copy: one of the model's own training images, in the input's format
     folder = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/bottle")
     example = mlflow.models.Model.load(folder).load_input_example(folder)
-    assert list(example.columns) == ["image"] and example["image"][0] in detector.train_images
+    assert list(example) == ["image"] and example["image"][0] in detector.train_images
 
     # the fit's metrics: bank size, timings and the threshold with how far it can be trusted
     child = [r for r in client.search_runs([run.info.experiment_id]) if r.data.tags.get("mlflow.parentRunId")

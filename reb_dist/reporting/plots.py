@@ -172,7 +172,10 @@ def annotated_overlay(overlay: np.ndarray, vmin: float, vmax: float, caption: Ov
     rgb = _as_rgb(overlay)
     h, w = rgb.shape[:2]
     size = max(11, min(24, h // 28))
-    font = ImageFont.load_default(size=size)
+    try:
+        font = ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):  # a Pillow without FreeType: its fixed bitmap font
+        font = ImageFont.load_default()
     bar_w, label_w, gap = max(12, w // 40), 7 * size, max(4, size // 2)
     panels = [Image.fromarray(rgb)]
     if caption.hot_box is not None:

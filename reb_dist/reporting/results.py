@@ -266,9 +266,11 @@ def write_predictions(predictions: list[Prediction], out: Path, threshold: float
         if has_flags:
             row["anomalous"] = int(flag)
         if p.nearest is not None:
-            n = p.nearest
-            row.update(hot_patch=f"{n.cell[0]} {n.cell[1]}", nearest_train_image=n.train_image or n.train_index,
-                       nearest_train_patch=f"{n.train_cell[0]} {n.train_cell[1]}", nearest_distance=f"{n.distance:.6g}")
+            near = p.nearest
+            row.update(hot_patch=f"{near.cell[0]} {near.cell[1]}",
+                       nearest_train_image=near.train_image or near.train_index,
+                       nearest_train_patch=f"{near.train_cell[0]} {near.train_cell[1]}",
+                       nearest_distance=f"{near.distance:.6g}")
         rows.append(row)
     nearest = ["hot_patch", "nearest_train_image", "nearest_train_patch", "nearest_distance"] \
         if any(p.nearest is not None for p in scored) else []

@@ -22,7 +22,7 @@ from common import bench_parser, print_command
 
 from reb_dist.commands.fit import synthetic_scores
 from reb_dist.config import RunConfig
-from reb_dist.core.thresholds import calibrate, fpr_interval, threshold_metrics
+from reb_dist.core.thresholds import calibrate, fpr_interval, threshold_counts, threshold_metrics
 from reb_dist.pipelines.evaluate import extract_with_masks, fit_detector, load_category
 from reb_dist.pipelines.validation import synthetic_split
 
@@ -49,15 +49,14 @@ def main() -> None:
         for name in args.methods.split(","):
             c = calibrate(labels, scores, name, cfg.tune.quantile, source)
             m = threshold_metrics(test_labels, test_scores, c.threshold)
-            normals = int((test_labels == 0).sum())
-            flagged = int(round(m["fpr"] * normals))
+            counts = threshold_counts(test_labels, test_scores, c.threshold)
+            flagged, normals, anomalies = counts["fp"], counts["fp"] + counts["tn"], counts["tp"] + counts["fn"]
             lo, hi = fpr_interval(flagged, normals)
             rows.append([args.category, f"{fraction:g}", f"{c.normals} + {c.anomalies}", "yes" if separable else "no",
                          name if name == c.method else f"{name} ({c.method})",
                          f"{100 * c.normal_fpr:.1f} [{100 * c.fpr_interval[0]:.1f}, {100 * c.fpr_interval[1]:.1f}]",
                          f"{100 * m['fpr']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({flagged}/{normals})",
-                         f"{100 * m['recall']:.1f} ({int(round(m['recall'] * (len(test_labels) - normals)))}/"
-                         f"{len(test_labels) - normals})",
+                         f"{100 * m['recall']:.1f} ({counts['tp']}/{anomalies})",
                          f"{m['f1']:.3f}", "yes" if c.warning() else "no"])
             print(f"{rows[-1]}", flush=True)
     header = ["category", "held out", "validation normal + anomalous", "anomalies all above normals", "method",

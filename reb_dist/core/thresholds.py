@@ -25,6 +25,17 @@ MIN_NORMALS = 20
 CONFIDENCE = 0.95
 
 
+def _number(value, what: str, low: float = -math.inf, high: float = math.inf, integer: bool = False) -> float | int:
+    """`value` as a float (an int with `integer`) in [low, high], or a ValueError naming `what`."""
+    kinds = (int, np.integer) if integer else (int, float, np.floating, np.integer)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not low <= value <= high:
+        kind = "an integer" if integer else "a finite number"
+        bounds = "" if (low, high) == (-math.inf, math.inf) else \
+            f" >= {low:g}" if high == math.inf else f" in [{low:g}, {high:g}]"
+        raise ValueError(f"{what} must be {kind}{bounds}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """An image threshold and the score range `normalise` stretches, from a validation split.
@@ -68,11 +79,7 @@ class Calibration:
         # Checked here so a hand-built or loaded calibration can never make normalise() ill-defined.
         _check_method(self.method)
         for name in ("threshold", "low", "high"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                    or not math.isfinite(value):
-                raise ValueError(f"calibration {name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            self._set(name, _number(getattr(self, name), f"calibration {name}"))
         if not self.low <= self.threshold <= self.high:
             raise ValueError(f"calibration needs low <= threshold <= high, got "
                              f"{self.low} <= {self.threshold} <= {self.high}")
@@ -81,32 +88,21 @@ class Calibration:
         if self.method == "quantile" and self.quantile is None:
             raise ValueError('calibration method "quantile" needs its quantile')
         if self.quantile is not None:
-            q = self.quantile
-            if isinstance(q, bool) or not isinstance(q, (int, float, np.floating, np.integer)) or not 0 <= q <= 1:
-                raise ValueError(f"calibration quantile must be a number in [0, 1], got {q!r}")
-            object.__setattr__(self, "quantile", float(q))
+            self._set("quantile", _number(self.quantile, "calibration quantile", 0, 1))
         for name in ("normals", "anomalies"):
-            n = getattr(self, name)
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-                raise ValueError(f"calibration {name} must be a count (an integer >= 0), got {n!r}")
-            object.__setattr__(self, name, int(n))
-        rates = [r for r in (self.normal_fpr, self.f1) if r is not None]
+            self._set(name, _number(getattr(self, name), f"calibration {name}", 0, integer=True))
+        for name in ("normal_fpr", "f1"):
+            if getattr(self, name) is not None:
+                self._set(name, _number(getattr(self, name), f"calibration {name}", 0, 1))
         if self.fpr_interval is not None:
             if not isinstance(self.fpr_interval, (tuple, list)) or len(self.fpr_interval) != 2:
                 raise ValueError(f"calibration fpr_interval must be (low, high), got {self.fpr_interval!r}")
-            rates += list(self.fpr_interval)
-        for rate in rates:
-            if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)) \
-                    or not 0 <= rate <= 1:
-                raise ValueError(f"calibration rates (normal_fpr, fpr_interval, f1) must be numbers in [0, 1], "
-                                 f"got {rate!r}")
-        if self.fpr_interval is not None:
-            object.__setattr__(self, "fpr_interval", tuple(float(r) for r in self.fpr_interval))
-        for name in ("normal_fpr", "f1"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, float(getattr(self, name)))
+            self._set("fpr_interval", tuple(_number(r, "calibration fpr_interval", 0, 1) for r in self.fpr_interval))
         if not isinstance(self.reason, str):
             raise ValueError(f"calibration reason must be a string, got {self.reason!r}")
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # a frozen dataclass normalising its own fields
 
     def describe(self) -> str:
         """One line for a log: the threshold, how it was taken, on how many images, and the expected
@@ -305,9 +301,28 @@ def normalise(scores: ArrayLike, calibration: Calibration) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def threshold_counts(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, int]:
+    """The confusion counts of flagging ``score >= threshold`` as anomalous (label 1).
+
+    Raises:
+        ValueError: if labels are not 0/1 or bool, lengths differ, or scores contain NaN.
+
+    Returns:
+        ``{"tp": ..., "fp": ..., "fn": ..., "tn": ...}``: anomalies flagged, normals flagged,
+        anomalies missed, normals passed.
+    """
+    y, s = as_labels(labels), np.asarray(scores, dtype=np.float64).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+    reject_nan(s, "scores")
+    flagged = s >= threshold
+    return {"tp": int(np.count_nonzero(flagged & y)), "fp": int(np.count_nonzero(flagged & ~y)),
+            "fn": int(np.count_nonzero(~flagged & y)), "tn": int(np.count_nonzero(~flagged & ~y))}
+
+
 def threshold_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:
     """Precision, recall, F1 and false-positive rate of flagging ``score >= threshold`` as anomalous
-    (label 1).
+    (label 1); `threshold_counts` gives the counts behind them.
 
     An undefined value (nothing flagged, no anomalies, no normals for the false-positive rate, or
     both zero for F1) is 0.0, without a warning.
@@ -319,17 +334,10 @@ def threshold_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) ->
         ``{"precision": ..., "recall": ..., "f1": ..., "fpr": ...}`` (fpr: the share of normal
         images flagged).
     """
-    y, s = as_labels(labels), np.asarray(scores, dtype=np.float64).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
-    reject_nan(s, "scores")
-    flagged = s >= threshold
-    tp = int(np.count_nonzero(flagged & y))
-    fp = int(np.count_nonzero(flagged & ~y))
-    fn = int(np.count_nonzero(~flagged & y))
+    c = threshold_counts(labels, scores, threshold)
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    normals = int(np.count_nonzero(~y))
-    fpr = fp / normals if normals else 0.0
+    fpr = fp / (fp + c["tn"]) if fp + c["tn"] else 0.0
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "fpr": float(fpr)}

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from reb_dist.core.thresholds import Calibration, calibrate, normalise, threshold_metrics
+from reb_dist.core.thresholds import Calibration, calibrate, normalise, threshold_counts, threshold_metrics
 
 # Hand-made: 5 normals, 3 anomalies, one normal (0.6) scoring above an anomaly (0.5).
 LABELS = np.array([0, 0, 0, 0, 1, 0, 1, 1])
@@ -88,6 +88,8 @@ def test_threshold_metrics_against_a_hand_count():
     assert m == pytest.approx({"precision": 3 / 4, "recall": 1.0, "f1": 6 / 7, "fpr": 1 / 5})
     m = threshold_metrics(LABELS, SCORES, 0.65)  # flagged 0.7 0.8: tp 2, fp 0, fn 1
     assert m == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 4 / 5, "fpr": 0.0})
+    assert threshold_counts(LABELS, SCORES, 0.5) == {"tp": 3, "fp": 1, "fn": 0, "tn": 4}
+    assert threshold_counts(LABELS, SCORES, 0.65) == {"tp": 2, "fp": 0, "fn": 1, "tn": 5}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # undefined values are 0.0, silently
         assert threshold_metrics(LABELS, SCORES, 0.9) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "fpr": 0.0}

@@ -16,7 +16,10 @@ A thin layer over what the commands run (`reb_dist.commands.fit` fits, `reb_dist
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -134,27 +137,25 @@ class Model:
 
     @classmethod
     def _fit_images(cls, cfg: RunConfig, images, category: str | None, output, calibrate: bool) -> Model:
-        """`fit(images=...)`: in-memory images are written as PNG files to a temporary folder first
-        (the fit reads files, as `reb fit --images` does)."""
-        import tempfile
-
-        from PIL import Image
-
-        from reb_dist.commands.fit import fit
+        """`fit(images=...)`: in-memory images are written as PNG files beside the model file first, in
+        `<model>.images/` (the fit reads files, as `reb fit --images` does, and the model's provenance
+        and MLflow input example name them, so they must outlive the fit)."""
+        from reb_dist.commands.fit import fit, output_files
+        from reb_dist.pipelines.evaluate import images_category
 
         items = image_items(images)
         if category:
             cfg = replace(cfg, data=replace(cfg.data, categories=[category]))
         elif any(isinstance(item, np.ndarray) for item in items) and not cfg.data.categories:
             cfg = replace(cfg, data=replace(cfg.data, categories=["images"]))
-        with tempfile.TemporaryDirectory(prefix="reb-fit-images-") as folder:
-            paths = []
-            for i, item in enumerate(items):
-                if isinstance(item, np.ndarray):
-                    item = Path(folder) / f"{i:06d}.png"
-                    Image.fromarray(items[i]).save(item)
-                paths.append(item)
-            written = fit(cfg, str(output) if output is not None else None, calibrate=calibrate, images=paths)
+        if not any(isinstance(item, np.ndarray) for item in items):
+            written = fit(cfg, str(output) if output is not None else None, calibrate=calibrate, images=items)
+        else:
+            name = images_category(items, cfg.data)  # data.categories names it here (set above)
+            model_path = output_files(str(output) if output is not None else None, [name],
+                                      Path(cfg.output_dir) / "models")[name]
+            with written_images(model_path.with_suffix(".images"), items) as paths:
+                written = fit(cfg, str(model_path), calibrate=calibrate, images=paths)
         return cls.load(next(iter(written.values())), cfg.backbone.device)
 
     @property
@@ -268,6 +269,33 @@ def image_items(images) -> list[Path | np.ndarray]:
     if not items:
         raise DatasetError(".", "no images given")
     return items
+
+
+@contextmanager
+def written_images(folder: Path, items: list[Path | np.ndarray]) -> Iterator[list[Path]]:
+    """`items` as files: each array written as a PNG in `folder`, file items as they are. An older
+    `folder` is set aside while the body runs and dropped only when it succeeds; if it fails, the new
+    folder goes and the old one comes back, so no half-written set is left."""
+    from PIL import Image
+
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    try:
+        folder.mkdir(parents=True)
+        paths = []
+        for i, item in enumerate(items):
+            if isinstance(item, np.ndarray):
+                Image.fromarray(item).save(folder / f"{i:06d}.png")
+                item = folder / f"{i:06d}.png"
+            paths.append(item)
+        yield paths
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        if old.exists():
+            old.rename(folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_pil(item) -> bool:

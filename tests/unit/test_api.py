@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,11 @@ def test_fit_from_good_images_alone_folders_and_arrays(tmp_path, capsys):
     assert model_metadata(tmp_path / "a.safetensors")["category"] == "bottles"
     again = from_arrays.predict([TEST / "broken_large" / "000.png", TEST / "good" / "000.png"])
     np.testing.assert_allclose(again.scores, result.scores, rtol=1e-4)
+    # the arrays were kept beside the model as files, so its provenance still shows them after the fit
+    kept = sorted((tmp_path / "a.images").glob("*.png"))
+    assert len(kept) == len(train)
+    np.testing.assert_array_equal(np.asarray(Image.open(kept[3])), arrays[3])
+    assert Path(again.nearest[0].train_image).is_file()
 
     capsys.readouterr()
     assert main(["fit", "--images", str(good), "--selection", "s.json"]) == 2  # refused before any work
@@ -163,3 +169,20 @@ def test_maps_at_the_input_resolution_and_the_nearest_training_patch(model, tmp_
     with reb_dist.load(model.path) as loaded:
         again = loaded.predict(in_bank).nearest[0]
     assert (again.train_image, again.train_cell, again.cell) == (own.train_image, own.train_cell, own.cell)
+
+
+def test_written_images_leave_no_half_written_folder(tmp_path):
+    """A fit from arrays that fails keeps the images of the model fitted before it, and none of its own."""
+    from reb_dist.api import written_images
+
+    folder, image = tmp_path / "m.images", np.zeros((8, 8, 3), np.uint8)
+    with written_images(folder, [image, image]) as paths:
+        assert [p.name for p in paths] == ["000000.png", "000001.png"] and all(p.is_file() for p in paths)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        with written_images(folder, [image] * 3):
+            raise RuntimeError("fit failed")
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.images"]  # nothing set aside left behind
+    with written_images(folder, [image, tmp_path / "elsewhere.png"]) as paths:
+        assert paths[1] == tmp_path / "elsewhere.png"  # files are used where they are
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png"]

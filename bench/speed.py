@@ -16,7 +16,10 @@ Prints markdown tables and the command that made them. Example:
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +28,8 @@ from common import bench_parser, print_command
 from reb_dist.config import PRESETS, RunConfig
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import ScoringMethod, parse_method
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS
+from reb_dist.core.ldknn.refine import refine_top_patches
 from reb_dist.core.metrics import evaluate
 from reb_dist.detectors import bank_plan, build_detector, detector_scoring
 from reb_dist.pipelines.evaluate import extract_with_masks, load_category, loader
@@ -69,9 +74,27 @@ def parse_methods(text: str, cfg: RunConfig) -> list[ScoringMethod]:
     return out
 
 
+def refine_sweep(detector: Detector, methods: list[ScoringMethod], scores: dict, test: np.ndarray,
+                 labels: np.ndarray, types: list[str], tops: list[int], spec: str) -> None:
+    """Image AUROC of each neighbour method with each image's `top` hottest patches scored again
+    exactly (`refine_top_patches`), from the unrefined maps: how many patches the refinement needs."""
+    n, h, w, d = test.shape
+    for m in methods:
+        if m.map is not None or m.name not in NEIGHBOUR_METHODS:  # coupled: its patch maps are its image maps
+            continue
+        approx = scores[m].patch_maps.reshape(n, h * w)
+        for top in tops:
+            refined, changed = (approx, 0) if top == 0 else refine_top_patches(
+                detector.index, m.image, test.reshape(n, h * w, d), approx, top)
+            auroc = 100 * evaluate(labels, refined.max(axis=1), types)["image_auroc"]
+            print(f"{spec}: {m.label}: refine_top={top}: image AUROC {auroc:.2f} ({changed} patch scores changed)",
+                  flush=True)
+
+
 def run_variant(spec: str, base: list[str], methods_text: str, backbone, train: np.ndarray, test: np.ndarray,
-                masks: np.ndarray, split, feature_s_per_image: float) -> tuple[dict, dict]:
-    cfg = RunConfig.load(None, base + variant_settings(spec))
+                masks: np.ndarray, split, feature_s_per_image: float,
+                refine_tops: list[int] | None = None) -> tuple[dict, dict]:
+    cfg = RunConfig.load(None, base + variant_settings(spec) + (["bank.refine_top=0"] if refine_tops else []))
     b = cfg.backbone
     detector = Detector(backbone, detector_scoring(cfg.scoring), cfg.data.image_size, aggregation=b.aggregation,
                         layer_dim=b.layer_dim, target_dim=b.target_dim, device=b.device, bank=bank_plan(cfg.bank))
@@ -92,6 +115,8 @@ def run_variant(spec: str, base: list[str], methods_text: str, backbone, train: 
     labels = np.array([s.label for s in split.test])
     types = [s.defect_type for s in split.test]
     keep = np.array([s.label == 0 or s.mask_path is not None for s in split.test])
+    if refine_tops and detector.search_mode == "faithful":
+        refine_sweep(detector, methods, scores, test, labels, types, refine_tops, spec)
     summary = {"variant": spec, "mode": detector.search_mode, "bank": len(detector.bank), "fit_s": fit_s,
                "images_per_s": len(labels) / (feature_s_per_image * len(labels) + infer_s),
                "bank_mb": detector.bank.nbytes / 2 ** 20,
@@ -131,6 +156,10 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 def main() -> None:
     p = bench_parser(__doc__.split("\n")[0])
     p.add_argument("--variants", default="exact,faithful,coreset-densities")
+    p.add_argument("--selection", help="a reb tune selection.json: the bank leaves out the training images that tune "
+                   "held out for validation, as `reb fit --selection` does (the tune's own bank)")
+    p.add_argument("--refine-tops", help="e.g. 0,1,8,32: the table's rows unrefined (bank.refine_top=0), and each "
+                   "faithful variant's image AUROC with each number of hottest patches per image scored again exactly")
     p.add_argument("--methods", default="nn1,knn,ldknn,ldknn:k=25,ldknn+map:knn",
                    help="comma-separated; 'A+map:B' = image score A, anomaly map B; ';' for a comma inside a method (ldknn:k=61;alpha=1.75)")
     args = p.parse_args()
@@ -139,6 +168,10 @@ def main() -> None:
     cfg = RunConfig.load(None, base)
     print(f"torch float32 GEMM: {gemm_gflops():.1f} GFLOP/s on {torch.get_num_threads()} threads")
     split = load_category(cfg.data, args.category)
+    if args.selection:
+        held_out = set(json.loads(Path(args.selection).read_text())["per_class"][args.category]["held_out_train"])
+        split = replace(split, train=[s for s in split.train if str(s.image_path) not in held_out])
+        print(f"{args.selection}: {len(held_out)} training images held out of the bank, as tune did")
     detector = build_detector(cfg.backbone, cfg.scoring, cfg.data.image_size, cfg.bank)
     batches = loader(split.train, cfg.data)
     train, train_s = _timed(lambda: detector.extract(batches, total=len(batches), desc="train features"))
@@ -148,7 +181,8 @@ def main() -> None:
           f"({test_s:.0f} s, {1 / per_image:.1f} images/s of features alone); bank {train.shape}")
     summaries, results = [], []
     for spec in filter(None, args.variants.split(",")):
-        summary, rows = run_variant(spec, base, args.methods, detector.backbone, train, test, masks, split, per_image)
+        summary, rows = run_variant(spec, base, args.methods, detector.backbone, train, test, masks, split, per_image,
+                                    [int(t) for t in args.refine_tops.split(",")] if args.refine_tops else None)
         summaries.append(summary)
         results.append(rows)
         print(f"{spec}: {summary}", flush=True)

@@ -105,6 +105,9 @@ class BankConfig:
     # approximate candidates are re-ranked exactly, and every run reports its recall against exact
     query_search: str = "auto"
     recall_sample: int = 2000  # queries (seeded) whose approximate neighbours are checked against exact
+    # where a search is approximate: each image's N hottest patches are scored again with exact
+    # searches, so image scores (a max) are the exact path's wherever the true max is among them; 0: off
+    refine_top: int = 8
     shards: int = 0  # 0: one in-process faiss index; N >= 1: N Ray actors, one shard each
     shard_cpus: float = 1.0
     shard_gpus: float = 0.0
@@ -365,6 +368,7 @@ RANGES: dict[str, str] = {
     "bank.nprobe": "[0, inf)",  # 0: calibrated to bank.recall_target
     "bank.recall_target": "(0, 1]",
     "bank.recall_sample": "[1, inf)",  # recall on no query would be NaN
+    "bank.refine_top": "[0, inf)",
     "bank.shards": "[0, inf)",
     "bank.shard_cpus": "[0, inf)",
     "bank.shard_gpus": "[0, inf)",

@@ -28,6 +28,8 @@ from reb_dist.core.feature_engines import (OnnxRuntimeEngine, TorchEngine, apply
                                            graph_key, onnxruntime_engine, resolve_engine)
 from reb_dist.core.features import PatchFeatures
 from reb_dist.core.ldknn.approx import RECALL_TARGET
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS
+from reb_dist.core.ldknn.refine import REFINE_TOP, refine_top_patches
 from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
@@ -118,6 +120,7 @@ class BankPlan:
     query_search: str = "auto"
     recall_sample: int = 2000
     recall_target: float = RECALL_TARGET
+    refine_top: int = REFINE_TOP  # hottest patches per image scored again exactly (approximate searches)
 
 
 def in_process_index(plan: BankPlan, use_gpu: bool = False) -> IndexFactory:
@@ -189,6 +192,7 @@ class Detector:
         self.timings = Timings()
         # recall@K of the (approximate) test-patch search against exact, by K; empty when exact
         self.query_recall: dict[int, float] = {}
+        self.refined_changed: dict[str, int] = {}  # method label -> refined patches whose score changed
         # recall@K of the (approximate) density search against exact, by K; empty when exact
         self.density_recall: dict[int, float] = {}
         # image threshold + score range from a validation split; saved in the model, used by predict
@@ -265,7 +269,7 @@ class Detector:
         self.close()
         self.bank_source = None if source is None else np.asarray(source, dtype=np.int64)
         self.feature_grid = None if source is None else (int(grid[0]), int(grid[1]))
-        self.query_recall, self.density_recall = {}, {}
+        self.query_recall, self.density_recall, self.refined_changed = {}, {}, {}
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         start = time.perf_counter()
         self.scorer = BankScorer(self.index_factory(self.bank))
@@ -375,9 +379,32 @@ class Detector:
             self.timings.add(f"score:{part.label}", start)
         if density_ks:
             self.measure_density_recall(density_ks[-1])
+        for part in {m.image for m in methods} & set(self._refined_parts(parts)):
+            start = time.perf_counter()
+            refined, self.refined_changed[part.label] = refine_top_patches(
+                self.scorer.index, part, features.reshape(n, h * w, d), maps[part].reshape(n, h * w),
+                self.plan.refine_top)
+            maps[part] = refined.reshape(n, h, w)
+            self.timings.add("refine", start)
         # the image score from the image method's maps; the map (and pixel metrics) from the map method's
         return {m: Scores(m, maps[m.map_method], image_scores(maps[m.image], self.scoring.image_score))
                 for m in methods}
+
+    @property
+    def refines_image_scores(self) -> bool:
+        """Whether LDKNN image scores are refined (`reb_dist.core.ldknn.refine`): a fitted bank with an
+        approximate search, bank.refine_top > 0 and image scores reduced by "max"."""
+        return bool(self._refined_parts([ScoringMethod("ldknn")]))
+
+    def _refined_parts(self, parts) -> list[ScoringMethod]:
+        """The parts whose image scores are refined: neighbour methods whose search or (LDKNN) density
+        search is approximate, when bank.refine_top > 0 and image scores are reduced by "max"."""
+        index = self.index
+        if index is None or self.plan.refine_top <= 0 or self.scoring.image_score != "max":
+            return []
+        queries = getattr(index, "query_search", "exact") != "exact"
+        densities = getattr(index, "neighbour_search", "exact") != "exact"
+        return [p for p in parts if p.name in NEIGHBOUR_METHODS and (queries or densities and p.name == "ldknn")]
 
     def nearest_training_patches(self, features: np.ndarray, patch_maps: np.ndarray) -> list[NearestPatch | None]:
         """For each image, the training patch nearest to its hottest patch (the argmax of its (h, w)

@@ -30,6 +30,7 @@ from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn.selection import (NeighbourTable, ldknn_maps, map_objective, method_maps, neighbour_table,
                                            patch_masks, validation_objective)
 from reb_dist.core.ldknn import ScoringMethod
+from reb_dist.core.ldknn.refine import corner_settings, refine_table, refine_top_patches
 from reb_dist.core.metrics import evaluate
 from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
@@ -66,6 +67,11 @@ class ClassTables:
     # KNN maps' search, run only for the K a reported KNN map asks for (`test_table`); None when
     # the test table was searched at tune.k_max up front (a bank on Ray actors, which stop after the tables)
     test_search: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
+    # (method, (n, h, w) test maps) -> the maps with each image's hottest patches scored exactly
+    # (`reb_dist.core.ldknn.refine`), as evaluate's faithful mode scores them; None: exact searches,
+    # bank.refine_top=0, or a bank on Ray actors (stopped after the tables: the test table was
+    # refined at the search box's corners instead, `refine_table`)
+    test_refine: Callable[[ScoringMethod, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
     def test_table(self, k: int = 1) -> NeighbourTable:
         """The test table, with each patch's `k` nearest bank points kept (searched now when deferred)."""
@@ -140,6 +146,12 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         stats = detector.scorer.stats  # one cache of bank points' neighbours for both tables
         val_table = neighbour_table(detector.index, val_feats, tune.k_max, f"{category} validation search", query_k,
                                     stats)
+        refine = detector.refines_image_scores  # approximate searches: the hottest patches exactly
+        corners = corner_settings(tune.k_min, tune.k_max, tune.alpha_min, tune.alpha_max)
+        if refine:  # for every trial at once: the hottest patches of the search box's corners
+            start = time.perf_counter()
+            val_table, _ = refine_table(detector.index, val_feats, val_table, corners, bank.refine_top, scoring.squared)
+            detector.timings.add("refine", start)
         test_feats, test_masks = extract_with_masks(detector, v.test, data, "test", features_cache)
         # An in-process index outlives the tables: the test patches' K nearest (for KNN maps) are
         # searched later, only for the K a chosen map asks for, not at tune.k_max for every patch
@@ -148,6 +160,13 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         test_k = 1 if deferred else query_k
         test_table = neighbour_table(detector.index, test_feats, tune.k_max, f"{category} test search", test_k, stats)
         test_search = deferred_search(detector.index, test_feats, f"{category} test search") if deferred else None
+        # the reported rows: each setting's own hottest patches, exactly (as evaluate scores them) while
+        # the in-process index lives; a sharded bank's actors stop with the tables: the corners' now
+        in_process = placement is None
+        test_refine = deferred_refine(detector.index, test_feats, bank.refine_top) if refine and in_process else None
+        if refine and not in_process:
+            test_table, _ = refine_table(detector.index, test_feats, test_table, corners, bank.refine_top,
+                                         scoring.squared)
         recall = None
         if detector.index.query_search != "exact":
             recall = measure_query_recall(detector.index, test_feats.reshape(-1, test_feats.shape[-1]), 1,
@@ -163,7 +182,7 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
                        [s.defect_type for s in v.test], v.record(),
                        {"tables": time.perf_counter() - t0, **detector.timings.seconds}, recall,
                        val_pixel if val_pixel.any() else None, val_has_mask, test_has_mask, scoring.sigma,
-                       mode, density_recall, test_search)
+                       mode, density_recall, test_search, test_refine)
 
 
 def deferred_search(index, features: np.ndarray, progress: str) -> Callable[[int], np.ndarray]:
@@ -175,6 +194,17 @@ def deferred_search(index, features: np.ndarray, progress: str) -> Callable[[int
         return dist2.reshape(n, h, w, k).astype(np.float32)
 
     return search
+
+
+def deferred_refine(index, features: np.ndarray, top: int) -> Callable[[ScoringMethod, np.ndarray], np.ndarray]:
+    """(method, (n, h, w) maps of `features`) -> the maps with each image's `top` hottest patches scored exactly."""
+    n, h, w, d = features.shape
+
+    def refine(method: ScoringMethod, maps: np.ndarray) -> np.ndarray:
+        return refine_top_patches(index, method, features.reshape(n, h * w, d), maps.reshape(n, h * w),
+                                  top)[0].reshape(n, h, w)
+
+    return refine
 
 
 def global_choice(all_tables: list[ClassTables], tune: TuneConfig, scoring: ScoringConfig) -> tuple[int, float, float]:
@@ -304,6 +334,8 @@ def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfi
     metrics of `map_setting`'s maps (default: the same LDKNN maps), and precision, recall and F1 at
     `calibration`'s threshold when given (next to `image_f1`, the best F1 any threshold reaches)."""
     maps = ldknn_maps(c.test_table(), k, alpha, scoring.squared)
+    if c.test_refine is not None:
+        maps = c.test_refine(ScoringMethod("ldknn", k, alpha, scoring.squared), maps)
     scores = image_scores(maps, scoring.image_score)
     metrics = evaluate(c.test_labels, scores, c.test_types)
     if calibration is not None:

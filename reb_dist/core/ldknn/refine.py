@@ -1,0 +1,125 @@
+"""Exact scores for the patches an image score reads: the faithful mode's last step.
+
+An image score is the max of its patch map, so of an image's h*w patches only the hottest one
+counts. A faithful (approximate) search finds most patches' nearest bank point and that point's
+density exactly, but a missed neighbour shifts a patch's score; when that patch is the image's max,
+the image score moves. Scoring each image's `top` hottest patches again with exact searches (their
+nearest bank points over the whole bank, and those points' K nearest others for the density)
+makes the image score the exact path's whenever its true argmax patch is among them, for
+`2 * top` exact searches per image instead of h*w. `refine_table` does the same for a tune's
+neighbour table, once for every (K, alpha) it will try.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, local_density, neighbour_scores, to_distance
+from reb_dist.core.ldknn.index import Index
+from reb_dist.core.ldknn.methods import ScoringMethod
+from reb_dist.core.ldknn.search import drop_self
+from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps
+
+REFINE_TOP = 8  # patches per image scored again exactly (bank.refine_top)
+
+
+def hottest_patches(patch_scores: np.ndarray, top: int) -> np.ndarray:
+    """(n, top) column indices of each row's `top` highest scores of (n, p) `patch_scores`, any order."""
+    top = min(top, patch_scores.shape[1])
+    return np.argpartition(-patch_scores, top - 1, axis=1)[:, :top]
+
+
+def exact_densities(index: Index, point_ids: np.ndarray, k: int, squared: bool) -> np.ndarray:
+    """REB's density of the given bank points (mean distance to their K nearest OTHER points), with
+    exact candidates whatever the index's settings; one entry per id of `point_ids`."""
+    unique, where = np.unique(np.asarray(point_ids, np.int64), return_inverse=True)
+    dist2, ids = index.search(index.vectors(unique), k + 1, exact=True)
+    dist2 = drop_self(dist2, ids, unique, k)[0]
+    return to_distance(dist2, squared).mean(axis=1, dtype=np.float64).astype(np.float32)[where]
+
+
+def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray, patch_scores: np.ndarray,
+                       top: int = REFINE_TOP) -> tuple[np.ndarray, np.ndarray]:
+    """Score each image's `top` hottest patches again with exact searches.
+
+    Args:
+        index: The bank's index (any `Index`: in process or sharded).
+        method: A method of `NEIGHBOUR_METHODS` (its own part; `method.map` is not read).
+        queries: (n, p, d) patch features of n images.
+        patch_scores: (n, p) the patches' scores from the approximate search.
+        top: Patches per image to score again.
+
+    Returns:
+        ``(scores, changed)``: a copy of `patch_scores` with the hottest patches' exact scores, and
+        the number of those patches whose score changed (what the approximation had moved).
+
+    Raises:
+        ValueError: If `method` is not scored from neighbour distances alone.
+    """
+    if method.name not in NEIGHBOUR_METHODS:
+        raise ValueError(f"{method.name}: only {', '.join(NEIGHBOUR_METHODS)} are refined")
+    n, p, d = queries.shape
+    cols = hottest_patches(patch_scores, top)
+    rows = np.repeat(np.arange(n), cols.shape[1])
+    q = np.ascontiguousarray(queries[rows, cols.ravel()], dtype=np.float32)
+    dist2, ids = index.search(q, method.query_neighbours, exact=True)
+    density = exact_densities(index, ids[:, 0], method.k, method.squared) if method.name == "ldknn" else None
+    exact = neighbour_scores(method, dist2, density).astype(patch_scores.dtype, copy=False)
+    out = patch_scores.copy()
+    before = out[rows, cols.ravel()]
+    out[rows, cols.ravel()] = exact
+    return out, int(np.count_nonzero(~np.isclose(before, exact, rtol=1e-5, atol=1e-6)))
+
+
+def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, settings: list[tuple[int, float]],
+                 top: int = REFINE_TOP, squared: bool = True) -> tuple[NeighbourTable, int]:
+    """A neighbour table whose hottest patches hold exact searches, for every (K, alpha) a tune tries.
+
+    A tune reads one table for many (K, alpha), so the patches refined are the union, per image, of
+    the `top` hottest under each of `settings` (corners of the search space: the hottest patches in
+    between are nearly always among them). Each refined patch gets its exact nearest bank point(s)
+    and that point's exact `k_max` nearest others, appended as new rows of `bank_dist2`.
+
+    Args:
+        index: The bank's index (in process or sharded: the table must be refined before it closes).
+        features: (n, h, w, d) the table's patch features.
+        table: Built by `neighbour_table` from `features` on `index`.
+        settings: LDKNN (K, alpha) pairs whose hottest patches are refined.
+        top: Hottest patches per image and setting.
+        squared: Squared distances (as the tune scores them).
+
+    Returns:
+        ``(table, changed)``: the refined table (the input is left as it was), and how many refined
+        patches had another nearest distance or nearest-point density at `k_max` than before.
+    """
+    n, h, w, d = features.shape
+    picked = [np.arange(n)[:, None] * (h * w) + hottest_patches(ldknn_maps(table, k, a, squared).reshape(n, -1), top)
+              for k, a in settings]
+    flat = np.unique(np.concatenate([p.ravel() for p in picked]))
+    query_k = 1 if table.query_dist2 is None else table.query_dist2.shape[-1]
+    dist2, ids = index.search(np.ascontiguousarray(features.reshape(-1, d)[flat], dtype=np.float32), query_k,
+                              exact=True)
+    points, where = np.unique(ids[:, 0], return_inverse=True)
+    k_max = table.k_max
+    bank_dist2, bank_ids = index.search(index.vectors(points), k_max + 1, exact=True)
+    bank_dist2 = drop_self(bank_dist2, bank_ids, points, k_max)[0].astype(table.bank_dist2.dtype)
+    before = (table.nn_dist2.reshape(-1)[flat],
+              local_density(table.bank_dist2, k_max, squared)[table.nn_row.reshape(-1)[flat]])
+    nn_dist2, nn_row = table.nn_dist2.copy(), table.nn_row.copy()
+    nn_dist2.reshape(-1)[flat] = dist2[:, 0]
+    nn_row.reshape(-1)[flat] = len(table.bank_dist2) + where
+    query_dist2 = None
+    if table.query_dist2 is not None:
+        query_dist2 = table.query_dist2.copy()
+        query_dist2.reshape(-1, query_k)[flat] = dist2
+    after = (dist2[:, 0], local_density(bank_dist2, k_max, squared)[where])
+    changed = ~(np.isclose(before[0], after[0], rtol=1e-5, atol=1e-6) & np.isclose(before[1], after[1], rtol=1e-5,
+                                                                                     atol=1e-6))
+    return (NeighbourTable(nn_dist2, nn_row, np.concatenate([table.bank_dist2, bank_dist2]), query_dist2),
+            int(changed.sum()))
+
+
+def corner_settings(k_min: int, k_max: int, alpha_min: float, alpha_max: float) -> list[tuple[int, float]]:
+    """(K, alpha) at the corners and middles of a tune's search box (K geometric): 9 settings."""
+    ks = sorted({int(round(x)) for x in np.geomspace(max(k_min, 1), k_max, 3)})
+    return [(k, float(a)) for k in ks for a in np.linspace(alpha_min, alpha_max, 3)]

@@ -30,7 +30,7 @@ from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn.selection import (NeighbourTable, ldknn_maps, map_objective, method_maps, neighbour_table,
                                            patch_masks, validation_objective)
 from reb_dist.core.ldknn import ScoringMethod
-from reb_dist.core.ldknn.refine import corner_settings, refine_table, refine_top_patches
+from reb_dist.core.ldknn.refine import corner_settings, refine_table
 from reb_dist.core.metrics import evaluate
 from reb_dist.core.thresholds import Calibration, calibrate, threshold_metrics
 from reb_dist.io.atomic import write_text_atomic
@@ -67,11 +67,11 @@ class ClassTables:
     # KNN maps' search, run only for the K a reported KNN map asks for (`test_table`); None when
     # the test table was searched at tune.k_max up front (a bank on Ray actors, which stop after the tables)
     test_search: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
-    # (method, (n, h, w) test maps) -> the maps with each image's hottest patches scored exactly
+    # (test table, K, alpha) -> the table with the hottest patches of LDKNN (K, alpha) searched exactly
     # (`reb_dist.core.ldknn.refine`), as evaluate's faithful mode scores them; None: exact searches,
     # bank.refine_top=0, or a bank on Ray actors (stopped after the tables: the test table was
-    # refined at the search box's corners instead, `refine_table`)
-    test_refine: Callable[[ScoringMethod, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    # refined at the search box's corners instead)
+    test_refine: Callable[[NeighbourTable, int, float], NeighbourTable] | None = field(default=None, repr=False)
 
     def test_table(self, k: int = 1) -> NeighbourTable:
         """The test table, with each patch's `k` nearest bank points kept (searched now when deferred)."""
@@ -79,6 +79,12 @@ class ClassTables:
         if k > kept and self.test_search is not None:
             self.test = replace(self.test, query_dist2=self.test_search(k))
         return self.test
+
+    def test_ldknn_maps(self, k: int, alpha: float, squared: bool = True) -> np.ndarray:
+        """(n, h, w) LDKNN maps of the test images, their hottest patches exact where a search was approximate."""
+        if self.test_refine is not None:
+            self.test = self.test_refine(self.test, k, alpha)
+        return ldknn_maps(self.test, k, alpha, squared)
 
 
 @dataclass
@@ -163,7 +169,8 @@ def class_tables(category: str, data: DataConfig, backbone: BackboneConfig, scor
         # the reported rows: each setting's own hottest patches, exactly (as evaluate scores them) while
         # the in-process index lives; a sharded bank's actors stop with the tables: the corners' now
         in_process = placement is None
-        test_refine = deferred_refine(detector.index, test_feats, bank.refine_top) if refine and in_process else None
+        test_refine = (deferred_refine(detector.index, test_feats, bank.refine_top, scoring.squared)
+                       if refine and in_process else None)
         if refine and not in_process:
             test_table, _ = refine_table(detector.index, test_feats, test_table, corners, bank.refine_top,
                                          scoring.squared)
@@ -196,13 +203,15 @@ def deferred_search(index, features: np.ndarray, progress: str) -> Callable[[int
     return search
 
 
-def deferred_refine(index, features: np.ndarray, top: int) -> Callable[[ScoringMethod, np.ndarray], np.ndarray]:
-    """(method, (n, h, w) maps of `features`) -> the maps with each image's `top` hottest patches scored exactly."""
-    n, h, w, d = features.shape
+def deferred_refine(index, features: np.ndarray, top: int,
+                    squared: bool = True) -> Callable[[NeighbourTable, int, float], NeighbourTable]:
+    """(table of `features`, K, alpha) -> the table with each image's `top` hottest patches under LDKNN
+    (K, alpha) searched exactly; patches an earlier call refined are not searched again (the
+    reported rows' settings share most of their hottest patches)."""
+    refined = np.zeros(features.shape[0] * features.shape[1] * features.shape[2], bool)
 
-    def refine(method: ScoringMethod, maps: np.ndarray) -> np.ndarray:
-        return refine_top_patches(index, method, features.reshape(n, h * w, d), maps.reshape(n, h * w),
-                                  top)[0].reshape(n, h, w)
+    def refine(table: NeighbourTable, k: int, alpha: float) -> NeighbourTable:
+        return refine_table(index, features, table, [(k, alpha)], top, squared, refined)[0]
 
     return refine
 
@@ -333,9 +342,7 @@ def reported_metrics(c: ClassTables, k: int, alpha: float, scoring: ScoringConfi
     """Metrics on the class's reported test images only: image metrics of LDKNN at (K, alpha), pixel
     metrics of `map_setting`'s maps (default: the same LDKNN maps), and precision, recall and F1 at
     `calibration`'s threshold when given (next to `image_f1`, the best F1 any threshold reaches)."""
-    maps = ldknn_maps(c.test_table(), k, alpha, scoring.squared)
-    if c.test_refine is not None:
-        maps = c.test_refine(ScoringMethod("ldknn", k, alpha, scoring.squared), maps)
+    maps = c.test_ldknn_maps(k, alpha, scoring.squared)
     scores = image_scores(maps, scoring.image_score)
     metrics = evaluate(c.test_labels, scores, c.test_types)
     if calibration is not None:

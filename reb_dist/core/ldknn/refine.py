@@ -72,7 +72,8 @@ def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray,
 
 
 def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, settings: list[tuple[int, float]],
-                 top: int = REFINE_TOP, squared: bool = True) -> tuple[NeighbourTable, int]:
+                 top: int = REFINE_TOP, squared: bool = True,
+                 refined: np.ndarray | None = None) -> tuple[NeighbourTable, int]:
     """A neighbour table whose hottest patches hold exact searches, for every (K, alpha) a tune tries.
 
     A tune reads one table for many (K, alpha), so the patches refined are the union, per image, of
@@ -87,6 +88,8 @@ def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, sett
         settings: LDKNN (K, alpha) pairs whose hottest patches are refined.
         top: Hottest patches per image and setting.
         squared: Squared distances (as the tune scores them).
+        refined: (n * h * w,) bool, the patches already exact in `table` (an earlier call's): they
+            are not searched again, and the patches this call refines are set in it.
 
     Returns:
         ``(table, changed)``: the refined table (the input is left as it was), and how many refined
@@ -96,6 +99,11 @@ def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, sett
     picked = [np.arange(n)[:, None] * (h * w) + hottest_patches(ldknn_maps(table, k, a, squared).reshape(n, -1), top)
               for k, a in settings]
     flat = np.unique(np.concatenate([p.ravel() for p in picked]))
+    if refined is not None:
+        flat = flat[~refined[flat]]
+        refined[flat] = True
+    if not len(flat):
+        return table, 0
     query_k = 1 if table.query_dist2 is None else table.query_dist2.shape[-1]
     dist2, ids = index.search(np.ascontiguousarray(features.reshape(-1, d)[flat], dtype=np.float32), query_k,
                               exact=True)

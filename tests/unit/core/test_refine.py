@@ -89,3 +89,9 @@ def test_a_refined_tables_image_scores_are_the_exact_tables_at_every_setting(ban
         np.testing.assert_allclose(ldknn_maps(refined, k, alpha).reshape(7, -1).max(1), want, rtol=1e-6)
     assert moved > 0  # the unrefined table's image scores were not the exact ones
     np.testing.assert_array_equal(ldknn_maps(table, 9, 1.0), ldknn_maps(neighbour_table(rough, features, 16), 9, 1.0))
+    # patches an earlier call refined are not searched again
+    done = np.zeros(700, bool)
+    once, changed = refine_table(rough, features, table, [(16, 2.0)], refined=done)
+    assert changed > 0 and 0 < done.sum() <= 7 * 8
+    again, changed = refine_table(rough, features, once, [(16, 2.0)], refined=done)
+    assert again is once and changed == 0

@@ -42,13 +42,10 @@ def test_a_faithful_tunes_test_rows_score_images_as_the_exact_path_does():
     base = [*BOTTLE, "data.image_size=128", "tune.validation=test", "tune.k_max=8", "cache.enabled=false"]
     rough = ["bank.neighbour_search=ivf", "bank.query_search=ivf", "bank.nprobe=2"]
 
-    def scores(*settings: str, refine: bool = True) -> np.ndarray:
+    def scores(*settings: str) -> np.ndarray:
         cfg = RunConfig.load(None, base + list(settings))
         c = class_tables("bottle", cfg.data, cfg.backbone, cfg.scoring, cfg.bank, cfg.tune)
-        maps = ldknn_maps(c.test_table(), 8, 2.0)
-        if refine and c.test_refine is not None:
-            maps = c.test_refine(ScoringMethod("ldknn", 8, 2.0), maps)
-        return image_scores(maps), c
+        return image_scores(c.test_ldknn_maps(8, 2.0)), c
 
     exact, c_exact = scores("preset=exact")
     faithful, c = scores(*rough)

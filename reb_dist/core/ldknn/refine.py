@@ -39,7 +39,7 @@ def exact_densities(index: Index, point_ids: np.ndarray, k: int, squared: bool) 
 
 
 def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray, patch_scores: np.ndarray,
-                       top: int = REFINE_TOP) -> tuple[np.ndarray, np.ndarray]:
+                       top: int = REFINE_TOP) -> tuple[np.ndarray, int]:
     """Score each image's `top` hottest patches again with exact searches.
 
     Args:

@@ -17,7 +17,7 @@ import numpy as np
 from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, local_density, neighbour_scores, to_distance
 from reb_dist.core.ldknn.index import Index
 from reb_dist.core.ldknn.methods import ScoringMethod
-from reb_dist.core.ldknn.search import drop_self
+from reb_dist.core.ldknn.search import exact_bank_neighbours
 from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps
 
 REFINE_TOP = 8  # patches per image scored again exactly (bank.refine_top)
@@ -33,9 +33,13 @@ def exact_densities(index: Index, point_ids: np.ndarray, k: int, squared: bool) 
     """REB's density of the given bank points (mean distance to their K nearest OTHER points), with
     exact candidates whatever the index's settings; one entry per id of `point_ids`."""
     unique, where = np.unique(np.asarray(point_ids, np.int64), return_inverse=True)
-    dist2, ids = index.search(index.vectors(unique), k + 1, exact=True)
-    dist2 = drop_self(dist2, ids, unique, k)[0]
+    dist2 = exact_bank_neighbours(index, unique, k)[0]
     return to_distance(dist2, squared).mean(axis=1, dtype=np.float64).astype(np.float32)[where]
+
+
+def _moved(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Where an exact search changed a value beyond float32 rounding."""
+    return ~np.isclose(before, after, rtol=1e-5, atol=1e-6)
 
 
 def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray, patch_scores: np.ndarray,
@@ -68,7 +72,7 @@ def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray,
     out = patch_scores.copy()
     before = out[rows, cols.ravel()]
     out[rows, cols.ravel()] = exact
-    return out, int(np.count_nonzero(~np.isclose(before, exact, rtol=1e-5, atol=1e-6)))
+    return out, int(np.count_nonzero(_moved(before, exact)))
 
 
 def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, settings: list[tuple[int, float]],
@@ -109,8 +113,7 @@ def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, sett
                               exact=True)
     points, where = np.unique(ids[:, 0], return_inverse=True)
     k_max = table.k_max
-    bank_dist2, bank_ids = index.search(index.vectors(points), k_max + 1, exact=True)
-    bank_dist2 = drop_self(bank_dist2, bank_ids, points, k_max)[0].astype(table.bank_dist2.dtype)
+    bank_dist2 = exact_bank_neighbours(index, points, k_max)[0].astype(table.bank_dist2.dtype)
     before = (table.nn_dist2.reshape(-1)[flat],
               local_density(table.bank_dist2, k_max, squared)[table.nn_row.reshape(-1)[flat]])
     nn_dist2, nn_row = table.nn_dist2.copy(), table.nn_row.copy()
@@ -121,8 +124,7 @@ def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, sett
         query_dist2 = table.query_dist2.copy()
         query_dist2.reshape(-1, query_k)[flat] = dist2
     after = (dist2[:, 0], local_density(bank_dist2, k_max, squared)[where])
-    changed = ~(np.isclose(before[0], after[0], rtol=1e-5, atol=1e-6) & np.isclose(before[1], after[1], rtol=1e-5,
-                                                                                     atol=1e-6))
+    changed = _moved(before[0], after[0]) | _moved(before[1], after[1])
     return (NeighbourTable(nn_dist2, nn_row, np.concatenate([table.bank_dist2, bank_dist2]), query_dist2),
             int(changed.sum()))
 

@@ -111,6 +111,13 @@ def check_bank(bank: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(bank, dtype=np.dtype(dtype))
 
 
+def exact_bank_neighbours(index, point_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(dist2, ids)``, each (len(point_ids), k): the exact K nearest OTHER bank points of the given
+    bank points, whatever the index's search settings (any `Index`: in process or sharded)."""
+    dist, ids = index.search(index.vectors(point_ids), k + 1, exact=True)
+    return drop_self(dist, ids, point_ids, k)
+
+
 def self_search_recall(index, k: int, sample: int = CALIBRATION_SAMPLE, seed: int = 0) -> float:
     """recall@K of an index's bank self-search (the density build's) against exact, on seeded bank points.
 
@@ -119,9 +126,7 @@ def self_search_recall(index, k: int, sample: int = CALIBRATION_SAMPLE, seed: in
     """
     n = len(index)
     rows = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False)).astype(np.int64)
-    dist, ids = index.search(index.vectors(rows), k + 1, exact=True)
-    exact_ids = drop_self(dist, ids, rows, k)[1]
-    return recall_at_k(exact_ids, index.search_bank_points(rows, k)[1])
+    return recall_at_k(exact_bank_neighbours(index, rows, k)[1], index.search_bank_points(rows, k)[1])
 
 
 class BankIndex:

@@ -98,7 +98,7 @@ class BankConfig:
     # how bank densities find each bank point's K neighbours over the WHOLE bank: exact | ivf | hnsw |
     # auto (exact up to 100k points, IVF above; see reb_dist/core/ldknn/approx.py)
     neighbour_search: str = "auto"
-    # IVF lists visited per query; 0: the fewest (a power of two) that reach recall_target, per K
+    # IVF lists visited per query; 0: the fewest that reach recall_target on a seeded sample, per K
     nprobe: int = 0
     recall_target: float = 0.99  # recall@K against exact a calibrated nprobe must reach (seeded bank points)
     # how test patches find their nearest bank points: exact | ivf | hnsw | auto (as neighbour_search);

@@ -29,7 +29,7 @@ from reb_dist.core.feature_engines import (OnnxRuntimeEngine, TorchEngine, apply
 from reb_dist.core.features import PatchFeatures
 from reb_dist.core.ldknn.approx import RECALL_TARGET
 from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS
-from reb_dist.core.ldknn.refine import REFINE_TOP, refine_top_patches
+from reb_dist.core.ldknn.refine import REFINE_TOP, refine_methods
 from reb_dist.core.ldknn.search import self_search_recall
 from reb_dist.core.ldknn.approx import query_recall as measure_query_recall
 from reb_dist.core.ldknn import BankIndex, BankScorer, Index, IndexFactory, ScoringMethod, select_coreset
@@ -379,12 +379,13 @@ class Detector:
             self.timings.add(f"score:{part.label}", start)
         if density_ks:
             self.measure_density_recall(density_ks[-1])
-        for part in {m.image for m in methods} & set(self._refined_parts(parts)):
+        refine = sorted({m.image for m in methods} & set(self._refined_parts(parts)), key=lambda m: m.label)
+        if refine:  # one set of exact searches for every method's hottest patches
             start = time.perf_counter()
-            refined, self.refined_changed[part.label] = refine_top_patches(
-                self.scorer.index, part, features.reshape(n, h * w, d), maps[part].reshape(n, h * w),
-                self.plan.refine_top)
-            maps[part] = refined.reshape(n, h, w)
+            refined = refine_methods(self.scorer.index, refine, features.reshape(n, h * w, d),
+                                     [maps[part].reshape(n, h * w) for part in refine], self.plan.refine_top)
+            for part, (scores, self.refined_changed[part.label]) in zip(refine, refined):
+                maps[part] = scores.reshape(n, h, w)
             self.timings.add("refine", start)
         # the image score from the image method's maps; the map (and pixel metrics) from the map method's
         return {m: Scores(m, maps[m.map_method], image_scores(maps[m.image], self.scoring.image_score))

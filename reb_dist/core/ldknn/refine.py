@@ -29,14 +29,6 @@ def hottest_patches(patch_scores: np.ndarray, top: int) -> np.ndarray:
     return np.argpartition(-patch_scores, top - 1, axis=1)[:, :top]
 
 
-def exact_densities(index: Index, point_ids: np.ndarray, k: int, squared: bool) -> np.ndarray:
-    """REB's density of the given bank points (mean distance to their K nearest OTHER points), with
-    exact candidates whatever the index's settings; one entry per id of `point_ids`."""
-    unique, where = np.unique(np.asarray(point_ids, np.int64), return_inverse=True)
-    dist2 = exact_bank_neighbours(index, unique, k)[0]
-    return to_distance(dist2, squared).mean(axis=1, dtype=np.float64).astype(np.float32)[where]
-
-
 def _moved(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Where an exact search changed a value beyond float32 rounding."""
     return ~np.isclose(before, after, rtol=1e-5, atol=1e-6)
@@ -44,35 +36,63 @@ def _moved(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 def refine_top_patches(index: Index, method: ScoringMethod, queries: np.ndarray, patch_scores: np.ndarray,
                        top: int = REFINE_TOP) -> tuple[np.ndarray, int]:
-    """Score each image's `top` hottest patches again with exact searches.
-
-    Args:
-        index: The bank's index (any `Index`: in process or sharded).
-        method: A method of `NEIGHBOUR_METHODS` (its own part; `method.map` is not read).
-        queries: (n, p, d) patch features of n images.
-        patch_scores: (n, p) the patches' scores from the approximate search.
-        top: Patches per image to score again.
+    """Score each image's `top` hottest patches again with exact searches (one method: see
+    `refine_methods`).
 
     Returns:
         ``(scores, changed)``: a copy of `patch_scores` with the hottest patches' exact scores, and
         the number of those patches whose score changed (what the approximation had moved).
+    """
+    return refine_methods(index, [method], queries, [patch_scores], top)[0]
+
+
+def refine_methods(index: Index, methods: list[ScoringMethod], queries: np.ndarray,
+                   patch_scores: list[np.ndarray], top: int = REFINE_TOP) -> list[tuple[np.ndarray, int]]:
+    """Score each image's `top` hottest patches of every method again, with one set of exact searches.
+
+    The methods' hottest patches mostly coincide (an anomaly is hot under all of them), so the
+    union is searched once: each patch's exact nearest bank points (as many as the widest method
+    reads), and their nearest points' exact K nearest others for the largest LDKNN K, whose first K
+    columns give every smaller K's density (prefix means, as `BankStats` takes them).
+
+    Args:
+        index: The bank's index (any `Index`: in process or sharded).
+        methods: Methods of `NEIGHBOUR_METHODS` (their own parts: `method.map` is not read).
+        queries: (n, p, d) patch features of n images.
+        patch_scores: One (n, p) array per method: the patches' scores from the approximate search.
+        top: Patches per image and method to score again.
+
+    Returns:
+        One ``(scores, changed)`` per method: a copy of its `patch_scores` with its hottest patches'
+        exact scores, and how many of those patches' scores changed.
 
     Raises:
-        ValueError: If `method` is not scored from neighbour distances alone.
+        ValueError: If a method is not scored from neighbour distances alone.
     """
-    if method.name not in NEIGHBOUR_METHODS:
-        raise ValueError(f"{method.name}: only {', '.join(NEIGHBOUR_METHODS)} are refined")
+    for method in methods:
+        if method.name not in NEIGHBOUR_METHODS:
+            raise ValueError(f"{method.name}: only {', '.join(NEIGHBOUR_METHODS)} are refined")
     n, p, d = queries.shape
-    cols = hottest_patches(patch_scores, top)
-    rows = np.repeat(np.arange(n), cols.shape[1])
-    q = np.ascontiguousarray(queries[rows, cols.ravel()], dtype=np.float32)
-    dist2, ids = index.search(q, method.query_neighbours, exact=True)
-    density = exact_densities(index, ids[:, 0], method.k, method.squared) if method.name == "ldknn" else None
-    exact = neighbour_scores(method, dist2, density).astype(patch_scores.dtype, copy=False)
-    out = patch_scores.copy()
-    before = out[rows, cols.ravel()]
-    out[rows, cols.ravel()] = exact
-    return out, int(np.count_nonzero(_moved(before, exact)))
+    picked = [(np.arange(n)[:, None] * p + hottest_patches(s, top)).ravel() for s in patch_scores]
+    union = np.unique(np.concatenate(picked))
+    q = np.ascontiguousarray(queries.reshape(-1, d)[union], dtype=np.float32)
+    dist2, ids = index.search(q, max(m.query_neighbours for m in methods), exact=True)
+    density_ks = [m.k for m in methods if m.name == "ldknn"]
+    if density_ks:
+        points, where = np.unique(ids[:, 0], return_inverse=True)
+        bank_dist2 = exact_bank_neighbours(index, points, max(density_ks))[0]
+    out = []
+    for method, flat, scores in zip(methods, picked, patch_scores):
+        rows = np.searchsorted(union, flat)
+        density = None
+        if method.name == "ldknn":  # as BankStats.local_density: a float64 mean, stored as float32
+            density = local_density(bank_dist2, method.k, method.squared, dtype=np.float64).astype(np.float32)[where[rows]]
+        exact = neighbour_scores(method, dist2[rows], density).astype(scores.dtype, copy=False)
+        refined = scores.copy()
+        before = refined.reshape(-1)[flat]
+        refined.reshape(-1)[flat] = exact
+        out.append((refined, int(np.count_nonzero(_moved(before, exact)))))
+    return out
 
 
 def refine_table(index: Index, features: np.ndarray, table: NeighbourTable, settings: list[tuple[int, float]],

@@ -253,7 +253,7 @@ class BankIndex:
 
     def calibrated_nprobe(self, k: int, k_fetch: int, of_queries: bool = False) -> int:
         """IVF lists to probe for a K-nearest search fetching `k_fetch` candidates: `nprobe` when set,
-        else the smallest power of two that finds `recall_target` of the sample's K nearest other
+        else the smallest nprobe that finds `recall_target` of the sample's K nearest other
         bank points (calibrated once per K; the result is kept in `calibration`). For test patches
         (`of_queries`), the last calibration on test patches of this K (`calibrate_on_queries`) wins."""
         if self.nprobe:

@@ -9,7 +9,7 @@ import pytest
 from reb_dist.config import RunConfig
 from reb_dist.core.detector import Detector
 from reb_dist.core.ldknn import BankIndex, BankScorer, parse_method
-from reb_dist.core.ldknn.refine import hottest_patches, refine_top_patches
+from reb_dist.core.ldknn.refine import hottest_patches, refine_methods, refine_top_patches
 from reb_dist.detectors import bank_plan
 
 from tests.conftest import BOTTLE
@@ -42,6 +42,26 @@ def test_refining_every_patch_gives_the_exact_paths_scores(bank_and_queries, spe
     refined, changed = refine_top_patches(rough, method, queries.reshape(7, 100, -1), approx, 100)
     np.testing.assert_array_equal(refined, exact)
     assert changed == int((~np.isclose(approx, exact, rtol=1e-5, atol=1e-6)).sum())
+
+
+def test_methods_share_one_exact_search_and_one_density_search(bank_and_queries):
+    """A benchmark's methods are refined together: one exact search of the union of their hottest
+    patches and one of those patches' nearest points' neighbours (the largest K), not two per method."""
+    bank, queries = bank_and_queries
+    methods = [parse_method(s) for s in ("ldknn", "ldknn:k=5,alpha=0.5", "ldknn:k=20,alpha=2", "knn:k=4", "nn1")]
+    rough = BankIndex(bank, neighbour_search="ivf", query_search="ivf", nprobe=1)
+    approx = BankScorer(rough).score(methods, queries)
+    maps = [approx[m].reshape(7, 100) for m in methods]
+    alone = [refine_top_patches(rough, m, queries.reshape(7, 100, -1), s, 8) for m, s in zip(methods, maps)]
+    exact_searches = []
+    search = rough.search
+    rough.search = lambda q, k, **kw: exact_searches.append((len(q), k)) or search(q, k, **kw)
+    together = refine_methods(rough, methods, queries.reshape(7, 100, -1), maps, 8)
+    assert [k for _, k in exact_searches] == [4, 21]  # knn's 4 nearest; K 20's neighbours plus self
+    assert exact_searches[0][0] < sum(min(8, 100) * 7 for _ in methods)  # hottest patches shared, searched once
+    for m, (scores, changed), (want, want_changed) in zip(methods, together, alone):
+        np.testing.assert_array_equal(scores, want, err_msg=m.label)
+        assert changed == want_changed, m.label
 
 
 def test_gde_is_not_refined(bank_and_queries):

@@ -65,18 +65,18 @@ def test_auto_neighbour_search_depends_on_bank_size():
 
 def test_ivf_nprobe_is_calibrated_per_k_to_the_recall_target(bank_and_queries):
     bank, _ = bank_and_queries
-    index = BankIndex(bank, neighbour_search="ivf", query_search="ivf", recall_target=0.9)
+    index = BankIndex(bank, neighbour_search="ivf", query_search="ivf", recall_target=0.95)
     index.search_bank_points(np.arange(0, len(bank), 7), 9)
     nprobe, recall = index.calibration[10]  # the self-search asks for K + 1 (the point itself first)
-    assert recall >= 0.9
-    # the smallest power of two that reaches it: half as many lists falls short
+    assert recall >= 0.95
+    # the smallest nprobe that reaches it (not the next power of two): one list fewer falls short
     ivf = index.approximate_index("ivf")
-    if nprobe > 1:
-        ivf.nprobe = nprobe // 2
-        rows = np.sort(np.random.default_rng(0).choice(len(bank), 1000, replace=False))
-        d, i = index.search(bank[rows], 11, exact=True)
-        exact_ids = np.array([r[r != p][:10] for r, p in zip(i, rows)])
-        assert recall_at_k(exact_ids, ivf.search(bank[rows], 19)[1]) < 0.9
+    assert nprobe > 1, "the fixture should need more than one list at this target"
+    rows = np.sort(np.random.default_rng(0).choice(len(bank), 1000, replace=False))
+    d, i = index.search(bank[rows], 11, exact=True)
+    exact_ids = np.array([r[r != p][:10] for r, p in zip(i, rows)])
+    ivf.nprobe = nprobe - 1
+    assert recall_at_k(exact_ids, ivf.search(bank[rows], 19)[1]) < 0.95
     # what the run reports is measured on the real search, against exact, and it meets the target
     assert self_search_recall(index, 9) >= 0.85
     # a target of 1 visits lists until the sample's neighbours are all found

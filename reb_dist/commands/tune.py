@@ -87,12 +87,15 @@ def describe(s: Selection) -> str:
 def reported_rows(tables: list[ClassTables], selections: list[Selection], cfg: RunConfig,
                   tracker: Tracker) -> tuple[list[dict], dict]:
     """The global choice, and every variant's metrics on each class's reported test images (logged)."""
+    start = time.perf_counter()
     gk, ga, gobj = global_choice(tables, cfg.tune, cfg.scoring)
     glob = {"k": gk, "alpha": ga, "mean_val_objective": gobj}
     gmap = None
     if any(s.map is not None for s in selections):
         gmap, gmap_obj = global_map_choice(tables, cfg.tune, cfg.scoring)
         glob.update(map_method=gmap.spec, mean_val_map_objective=gmap_obj)
+    log.info(f"global choices: {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
     rows = []
     for c, s in zip(tables, selections):
         variants = {"default": (cfg.scoring.k, cfg.scoring.alpha, None), "global": (gk, ga, None),
@@ -110,6 +113,7 @@ def reported_rows(tables: list[ClassTables], selections: list[Selection], cfg: R
             label = f"ldknn[{variant}](k={k},alpha={a:.3g})" + (f"+map:{map_spec}" if map_setting else "")
             tracker.log_result(c.category, label, metrics, {"k": k, "alpha": a, "variant": variant,
                                                             "map_method": map_spec}, mode=c.search_mode)
+    log.info(f"reported rows ({len(rows)}, on the test images): {time.perf_counter() - start:.0f} s")
     return rows, glob
 
 

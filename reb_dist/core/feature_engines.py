@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from reb_dist.core.features import ExportableFeatures, PatchFeatures
+from reb_dist.core.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ def cache_home() -> Path:
 def default_graph_folder() -> Path:
     """Where ONNX feature graphs are cached when no cache folder is configured: beside the features'."""
     return cache_home() / "features" / "onnx"
-
-
-def resolve_threads(threads: int = 0) -> int:
-    """`threads`, or for 0 the CPUs this process may use (OMP_NUM_THREADS when set, as Ray sets it to
-    a task's or actor's CPU share; else the process's CPU affinity)."""
-    if threads > 0:
-        return threads
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def apply_threads(threads: int = 0) -> int:

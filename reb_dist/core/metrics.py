@@ -12,9 +12,12 @@ sample is predicted anomalous when ``score >= threshold``. Tied scores form a si
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
+
+from reb_dist.core.threads import resolve_threads
 
 ArrayLike = np.ndarray | Sequence
 #: Maps or masks: an N×H×W array or a sequence of H×W arrays (sizes may differ between images).
@@ -362,6 +365,7 @@ def evaluate(
     masks: MapStack | None = None,
     maps: MapStack | None = None,
     groups: Sequence[str] | None = None,
+    threads: int = 0,
 ) -> dict[str, float]:
     """Flat results dict for one category, ready for logging (MLflow) or tables.
 
@@ -378,6 +382,8 @@ def evaluate(
         masks: Ground-truth masks (None entries for normal images), or None for image metrics only.
         maps: Anomaly maps matching `masks`, or None.
         groups: Group of each image ("" or None for none), or None.
+        threads: Subsets computed at once (0: the CPUs this process may use, `resolve_threads`);
+            the results do not depend on it.
 
     Returns:
         Metric name -> value.
@@ -405,6 +411,13 @@ def evaluate(
             raise ValueError(f"{y.size} images but {g.size} groups")
         named = {k for k in g[y] if k not in (None, "")}  # "" = dataset without groups
         subsets += [(f"/group={k}", y & (g == k)) for k in sorted(named, key=str)]
-    for suffix, anomalous in subsets:
-        results.update(_metrics_on(anomalous | ~y, y, s, masks, maps, suffix))
+    if not subsets:
+        return results
+    # Each subset sorts its own pixels (numpy releases the GIL there): with pixel metrics, subsets
+    # run side by side on the CPUs this process may use (magnetic_tile: 6 passes over 38M pixels)
+    workers = min(len(subsets), resolve_threads(threads)) if maps is not None else 1
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(lambda sub: _metrics_on(sub[1] | ~y, y, s, masks, maps, sub[0]), subsets)
+        for part in parts:  # in the subsets' order, whichever finished first
+            results.update(part)
     return results

@@ -264,6 +264,15 @@ def test_evaluate_keys_and_subset_values() -> None:
     assert r["image_auroc"] == pytest.approx(skm.roc_auc_score(y, scores))
 
 
+def test_evaluate_gives_the_same_figures_on_any_number_of_threads() -> None:
+    """Per-type and per-group subsets run side by side; the figures and their order do not depend on it."""
+    y, scores, types, groups, masks, maps = _dataset(_rng(7))
+    one = M.evaluate(y, scores, types, masks, maps, groups=groups, threads=1)
+    for threads in (2, 3, 16):
+        many = M.evaluate(y, scores, types, masks, maps, groups=groups, threads=threads)
+        assert list(many.items()) == list(one.items())
+
+
 def test_evaluate_skips_undefined_metrics() -> None:
     y, scores, types, _, masks, maps = _dataset(_rng(8))
     anomalous = y == 1

@@ -72,3 +72,27 @@ def test_the_map_choice_takes_the_validation_optimum_not_the_test_one():
     chosen, objective = global_map_choice([c, c], tune, scoring)
     assert objective == 1.0 and (chosen.name == "ldknn" or chosen.k == 1)
     assert reported_metrics(c, 1, 0.0, scoring, chosen)["pixel_auroc"] == 0.0  # honest: worse on the test images
+
+
+def test_grid_map_objectives_equal_each_settings_own_pixel_maps():
+    """The global map search blurs the distances once and each K's densities once, and combines them
+    per alpha (blurring is linear): each setting's objective is what blurring its own map gives."""
+    from reb_dist.pipelines.selection import grid_map_objectives, map_grid, validation_map_objective
+
+    rng = np.random.default_rng(3)
+    n, h, k_max, bank = 6, 8, 16, 40
+    query = np.sort(rng.gamma(2.0, 1.0, (n, h, h, k_max)).astype(np.float32), axis=-1)
+    val = NeighbourTable(query[..., 0], rng.integers(0, bank, (n, h, h)),
+                         np.sort(rng.gamma(2.0, 0.5, (bank, k_max)).astype(np.float32), axis=1), query)
+    masks = np.zeros((n, 32, 32), np.uint8)
+    masks[3:, 8:20, 10:24] = 1
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    c = ClassTables("c", val, labels, None, val, labels, None, ["good"] * 3 + ["x"] * 3, {},
+                    val_pixel_masks=masks, val_has_mask=np.ones(n, bool), sigma=2.0)
+    grid = map_grid(TuneConfig(k_min=1, k_max=k_max))
+    for squared in (True, False):
+        scoring = ScoringConfig(squared=squared)
+        together = grid_map_objectives(c, grid, scoring)
+        alone = [validation_map_objective(c, s, scoring)["map_objective"] for s in grid]
+        np.testing.assert_allclose(together, alone, rtol=1e-5)  # float32 rounding can reorder a near-tie
+        assert len(set(np.round(alone, 6))) > 5  # the settings really differ

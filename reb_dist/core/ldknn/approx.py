@@ -133,9 +133,9 @@ def calibrate_nprobe(ivf, sample_queries: np.ndarray, exact_ids: np.ndarray, k_f
 
     nprobe doubles until the target is reached, then a bisection between the last two finds the
     smallest that reaches it: a power of two overshoots by up to 2x, and a search's cost grows with
-    nprobe (magnetic_tile's test patches: 128 lists gave recall 0.998 where 72 gave the 0.99 asked
-    for, at 60% of the time; docs/RESULTS.md section 11). Recall only grows with nprobe: the lists
-    visited are a superset, and a true neighbour among the candidates stays among the nearest.
+    nprobe (magnetic_tile's test patches at K 9: 128 lists gave recall 0.998 where 70 gave the 0.99
+    asked for, in about half the time; docs/RESULTS.md section 11). Recall only grows with nprobe:
+    the lists visited are a superset, and a true neighbour among the candidates stays among the nearest.
 
     Args:
         ivf: a faiss IVF index; its nprobe is left as found.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, local_density, neighbour_scores, to_distance
+from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS, local_density, neighbour_scores
 from reb_dist.core.ldknn.index import Index
 from reb_dist.core.ldknn.methods import ScoringMethod
 from reb_dist.core.ldknn.search import exact_bank_neighbours
@@ -86,7 +86,8 @@ def refine_methods(index: Index, methods: list[ScoringMethod], queries: np.ndarr
         rows = np.searchsorted(union, flat)
         density = None
         if method.name == "ldknn":  # as BankStats.local_density: a float64 mean, stored as float32
-            density = local_density(bank_dist2, method.k, method.squared, dtype=np.float64).astype(np.float32)[where[rows]]
+            density = local_density(bank_dist2, method.k, method.squared, dtype=np.float64).astype(np.float32)
+            density = density[where[rows]]
         exact = neighbour_scores(method, dist2[rows], density).astype(scores.dtype, copy=False)
         refined = scores.copy()
         before = refined.reshape(-1)[flat]

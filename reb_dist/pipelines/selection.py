@@ -76,6 +76,13 @@ class ClassTables:
     # refined at the search box's corners instead)
     test_refine: Callable[[NeighbourTable, int, float], NeighbourTable] | None = field(default=None, repr=False)
 
+    def validation_masks(self) -> np.ndarray:
+        """(n, S, S) 0/1 masks of the validation images, what a map setting is chosen on; ValueError
+        when the validation images have none."""
+        if self.val_pixel_masks is None:
+            raise ValueError(f"{self.category}: the validation images have no masks to choose a map setting on")
+        return self.val_pixel_masks
+
     def test_table(self, k: int = 1) -> NeighbourTable:
         """The test table, with each patch's `k` nearest bank points kept (searched now when deferred)."""
         kept = 1 if self.test.query_dist2 is None else self.test.query_dist2.shape[-1]
@@ -249,11 +256,9 @@ def map_grid(tune: TuneConfig) -> list[ScoringMethod]:
 
 def validation_map_objective(c: ClassTables, setting: ScoringMethod, scoring: ScoringConfig) -> dict[str, float]:
     """The map objective (mean of pixel AUROC and AUPRO) of a setting on the class's VALIDATION images."""
-    if c.val_pixel_masks is None:
-        raise ValueError(f"{c.category}: the validation images have no masks to choose a map setting on")
+    masks = c.validation_masks()
     patch = method_maps(c.val, setting.name, setting.k, setting.alpha, scoring.squared)
-    pixel = pixel_maps(patch, c.val_pixel_masks.shape[-1], c.sigma)
-    return map_objective(pixel, c.val_pixel_masks, c.val_has_mask)
+    return map_objective(pixel_maps(patch, masks.shape[-1], c.sigma), masks, c.val_has_mask)
 
 
 def grid_map_objectives(c: ClassTables, settings: list[ScoringMethod], scoring: ScoringConfig) -> list[float]:
@@ -265,9 +270,8 @@ def grid_map_objectives(c: ClassTables, settings: list[ScoringMethod], scoring: 
     `map_grid`; values equal to blurring each map within float32 rounding). The settings' metrics
     run side by side on the CPUs this process may use.
     """
-    if c.val_pixel_masks is None:
-        raise ValueError(f"{c.category}: the validation images have no masks to choose a map setting on")
-    size = c.val_pixel_masks.shape[-1]
+    masks = c.validation_masks()
+    size = masks.shape[-1]
     pixel = lambda patch: pixel_maps(patch, size, c.sigma)
     distance = pixel(to_distance(c.val.nn_dist2, scoring.squared))
     density = {k: pixel(local_density(c.val.bank_dist2, k, scoring.squared)[c.val.nn_row])
@@ -278,7 +282,7 @@ def grid_map_objectives(c: ClassTables, settings: list[ScoringMethod], scoring: 
             maps = distance - np.float32(setting.alpha) * density[setting.k]
         else:
             maps = pixel(method_maps(c.val, setting.name, setting.k, setting.alpha, scoring.squared))
-        return map_objective(maps, c.val_pixel_masks, c.val_has_mask)["map_objective"]
+        return map_objective(maps, masks, c.val_has_mask)["map_objective"]
 
     with ThreadPoolExecutor(resolve_threads()) as pool:
         return list(pool.map(objective, settings))

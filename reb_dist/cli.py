@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except RebError as exc:
         log.error("%s", exc)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line (the MLflow run is already ended FAILED), the shell's 130
-        log.error("interrupted: %s stopped (its MLflow run is marked FAILED; files are written whole or not "
-                  "at all)", command_line)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (the MLflow run is already ended FAILED), the shell's 130
+        log.error("interrupted: %s stopped%s (its MLflow run is marked FAILED; files are written whole or not "
+                  "at all)", command_line, f" ({exc})" if str(exc) else "")
         return 130
 
 

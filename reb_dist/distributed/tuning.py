@@ -12,7 +12,9 @@ MLflow runs under the class's run by Ray Tune's MLflow callback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -83,11 +85,35 @@ def _search(trainable, param_space: dict, metric: str | list[str], trials: int, 
             trial_name_creator=lambda trial: f"{category}-{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(t.storage_path).absolute()), callbacks=callbacks, verbose=0))
-    results = tuner.fit()
+    with ctrl_c_interrupts():
+        results = tuner.fit()
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{category}: {len(errors)} tuning trial(s) failed, first: {errors[0]!r}")
+    finished = sum(all(m in (r.metrics or {}) for m in ([metric] if isinstance(metric, str) else metric))
+                   for r in results)
+    if finished < trials:  # Tune stops early only when told to (SIGUSR1): choose nothing from a partial search
+        raise KeyboardInterrupt(f"{category}: Ray Tune stopped the search {name!r} after {finished} of {trials} "
+                                f"trials; nothing was chosen from it")
     return results
+
+
+@contextlib.contextmanager
+def ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt inside the block, as everywhere else in reb.
+
+    Ray Tune catches SIGINT to end its run gracefully and returns the trials that finished, so a
+    Ctrl-C'd `reb tune` went on to choose from a partial search and wrote it as the result.
+    """
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run when it sets its handlers
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
 
 
 def search_k_alpha(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, tracking: TrackingConfig,

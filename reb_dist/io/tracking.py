@@ -232,6 +232,20 @@ def fail_dead_runs(client, experiment_ids: list[str] | None = None) -> list[str]
     return [r.info.run_id for r in dead]
 
 
+def fail_running_children(client, parent) -> list[str]:
+    """Mark FAILED the RUNNING runs nested under `parent` (a RunInfo): runs that others opened under
+    it, such as Ray Tune's trial runs, stay RUNNING when the block that owns them is cut off.
+
+    Returns:
+        The ids of the runs marked.
+    """
+    running = client.search_runs([parent.experiment_id], f"attributes.status = 'RUNNING' and "
+                                 f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=50000)
+    for run in running:
+        client.set_terminated(run.info.run_id, "FAILED")
+    return [r.info.run_id for r in running]
+
+
 class Tracker:
     """A command's MLflow runs; every method is a no-op when tracking is disabled, so callers never
     branch on it.
@@ -306,7 +320,11 @@ class Tracker:
 
         with mlflow.start_run(run_name=name, nested=True, tags=process_tags()) as active:
             mlflow.set_tags(tags)
-            yield active.info.run_id
+            try:
+                yield active.info.run_id
+            except BaseException:
+                fail_running_children(mlflow.MlflowClient(), active.info)
+                raise
 
     def log_model(self, model_file, category: str, sha256: str | None = None) -> str | None:
         """A model file as a pyfunc MLflow model in the active run, named after its category, and

@@ -1,8 +1,11 @@
 """A tiny per-class K/alpha search with real Ray Tune + Optuna, real features and a real MLflow store."""
 
 import json
+import os
+import signal
 
 import mlflow
+import pytest
 
 from reb_dist.cli import main
 from reb_dist.config import SAMPLE_DATA
@@ -101,3 +104,36 @@ def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(lo
     selection = search_k_alpha(disagreeing_tables(), tune, ScoringConfig(), TrackingConfig(enabled=False), "t")
     assert selection.alpha < CROSSOVER and selection.val_metrics["objective"] == 1.0
     assert selection.trials == 16
+
+
+def _signal_the_driver_once(config: dict, driver: int, signum: int, marker: str):
+    """A trial that signals the driver (as Ctrl-C, or Tune's SIGUSR1 stop, would), only the first time."""
+    import os
+
+    from ray import tune
+
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        os.kill(driver, signum)
+    except FileExistsError:
+        pass
+    tune.report({"objective": float(config["x"])})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "sigusr1"])
+def test_a_search_stopped_by_a_signal_raises_instead_of_choosing_from_its_partial_trials(local_ray, tmp_path, signum):
+    # Ray Tune catches SIGINT (and SIGUSR1), ends its run and returns the trials that finished: `reb tune`
+    # went on to choose from those (exit 0), or failed with a "No best trial" traceback
+    from ray import tune
+
+    from reb_dist.config import TrackingConfig, TuneConfig
+    from reb_dist.distributed.tuning import _search
+
+    trainable = tune.with_parameters(_signal_the_driver_once, driver=os.getpid(), signum=int(signum),
+                                     marker=str(tmp_path / "signalled"))
+    t = TuneConfig(trials=40, concurrency=1, storage_path=str(tmp_path / "ray"))
+    with pytest.raises(KeyboardInterrupt):
+        _search(trainable, {"x": tune.uniform(0, 1)}, "objective", t.trials, t, "interrupted", "bottle",
+                TrackingConfig(enabled=False), None)
+    assert (tmp_path / "signalled").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again

@@ -185,6 +185,29 @@ def test_a_live_runs_process_is_left_running(tmp_path: Path) -> None:
         assert _statuses(uri, "outer") == {"outer": "RUNNING"}
 
 
+
+def test_runs_opened_under_a_child_run_that_is_cut_off_are_marked_failed(tmp_path: Path) -> None:
+    # Ray Tune's MLflow callback opens a run per trial under the class's run; Ctrl-C in the search left
+    # the trial that was running RUNNING for ever
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = RunConfig.load(None, [f"tracking.uri={uri}"])
+    client = mlflow.MlflowClient(uri)
+    with pytest.raises(KeyboardInterrupt):
+        with Tracker(cfg.tracking).run(cfg, "tune", run_name="outer") as tracker:
+            with tracker.child("bottle/tune", {"kind": "class"}) as class_run:
+                experiment = client.get_run(class_run).info.experiment_id
+                done = client.create_run(experiment, tags={"mlflow.parentRunId": class_run}, run_name="trial-done")
+                client.set_terminated(done.info.run_id, "FINISHED")
+                client.create_run(experiment, tags={"mlflow.parentRunId": class_run}, run_name="trial-cut")
+                elsewhere = client.create_run(experiment, run_name="another-run")  # not under it: left alone
+                raise KeyboardInterrupt
+    assert _statuses(uri, "outer") == {"outer": "FAILED", "bottle/tune": "FAILED"}
+    trials = {r.info.run_name: r.info.status for r in client.search_runs([experiment])
+              if r.data.tags.get("mlflow.parentRunId") == class_run}
+    assert trials == {"trial-done": "FINISHED", "trial-cut": "FAILED"}
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+
 # 3. two runs writing results into one folder
 
 WRITE_RESULTS = """

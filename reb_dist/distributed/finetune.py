@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -227,12 +229,55 @@ def _train(cfg: RunConfig, name: str, storage: Path, run_dir: Path, paths: list[
                 failure_config=ray.train.FailureConfig(
                     max_failures=0 if f.fail_at_step is not None else f.max_failures)),
             datasets={"train": stream})
-        return trainer.fit().metrics or {}
+        return fit_trainer(trainer).metrics or {}
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def fit_trainer(trainer):
+    """`trainer.fit()`, where Ctrl-C is what it is everywhere in reb: a KeyboardInterrupt, here once Ray
+    Train has aborted the run (its checkpoints are kept: the same command resumes it).
+
+    Ray Train v2 sets its own SIGINT handler for a fit and leaves it set: it aborts the run, then calls
+    sys.exit(0), which came out of `ray.get` as SystemExit(1). So a Ctrl-C'd `reb finetune` exited
+    with status 1 and not a word, and a Ctrl-C after the fit went to the handler of an ended run.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    aborted = []
+    if hasattr(trainer, "_register_sigint_handler"):  # Ray Train v2 calls it, in the main thread only
+        trainer._register_sigint_handler = partial(_abort_on_ctrl_c, aborted=aborted)
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        if not aborted:
+            raise
+        raise KeyboardInterrupt("Ray Train aborted the run; the same command resumes it from its newest "
+                                "checkpoint") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _abort_on_ctrl_c(controller, aborted: list) -> None:
+    """Set a SIGINT handler that aborts the Ray Train run of `controller` (its TrainController actor),
+    appends to `aborted`, then interrupts; a second Ctrl-C interrupts at once."""
+    import ray
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("Ctrl-C: aborting the Ray Train run (a second Ctrl-C stops without waiting)")
+        try:
+            ray.get(controller.abort.remote(), timeout=120)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # abort ends the controller's process, so its call never returns
+        aborted.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -182,3 +182,48 @@ def test_one_process_loop_and_ray_train_give_the_same_weights(local_ray, tmp_pat
     differ = {k: float((weights["local"][k].double() - v.double()).abs().max()) for k, v in weights["ray"].items()
               if not torch.allclose(weights["local"][k].double(), v.double(), rtol=1e-5, atol=1e-6)}
     assert not differ, f"{len(differ)} of {len(weights['ray'])} tensors differ; largest: {sorted(differ.items(), key=lambda kv: -kv[1])[:3]}"
+
+
+def _loop_until_aborted(config):
+    """A training loop that says it has started, then reports until Ray Train aborts it."""
+    import time
+    from pathlib import Path
+
+    import ray.train
+
+    Path(config["started"]).touch()
+    for step in range(600):
+        ray.train.report({"step": step})
+        time.sleep(0.1)
+
+
+def test_ctrl_c_aborts_the_ray_train_run_then_is_a_keyboard_interrupt(local_ray, tmp_path):
+    # Ray Train v2's SIGINT handler aborts the run, then raises SystemExit(0): `reb finetune` exited
+    # with status 1 and no word, and the handler stayed set after the fit
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from reb_dist.distributed.finetune import fit_trainer
+
+    started = tmp_path / "started"
+
+    def ctrl_c_once_started():
+        deadline = time.monotonic() + 300
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    trainer = TorchTrainer(_loop_until_aborted, train_loop_config={"started": str(started)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                           run_config=ray.train.RunConfig(name="aborted", storage_path=str(tmp_path / "ray")))
+    before = signal.getsignal(signal.SIGINT)
+    threading.Thread(target=ctrl_c_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt, match="aborted the run"):
+        fit_trainer(trainer)
+    assert started.exists()
+    assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is not sent to the ended run

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from reb_dist.config import PRESET_ALIASES, PRESETS, RunConfig
-from reb_dist.errors import DatasetError, RebError
+from reb_dist.errors import DatasetError, RebError, Terminated
 from reb_dist.progress import show_progress
 
 log = logging.getLogger("reb_dist.cli")  # not __name__: run as `python -m reb_dist.cli` that is __main__
@@ -253,7 +253,7 @@ def configure_logging(verbosity: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (logged), 130
-    when interrupted (Ctrl-C: one line, no traceback)."""
+    when interrupted (Ctrl-C: one line, no traceback), 143 when stopped by SIGTERM while Ray is up."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbosity)
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -269,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (the MLflow run is already ended FAILED), the shell's 130
+        from reb_dist.distributed.runtime import sigterm_received
+
+        terminated = isinstance(exc, Terminated) or sigterm_received()
+        why = "SIGTERM" if terminated else str(exc)
         log.error("interrupted: %s stopped%s (its MLflow run is marked FAILED; files are written whole or not "
-                  "at all)", command_line, f" ({exc})" if str(exc) else "")
-        return 130
+                  "at all)", command_line, f" ({why})" if why else "")
+        return 143 if terminated else 130
 
 
 def print_config(args: argparse.Namespace) -> int:

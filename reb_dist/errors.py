@@ -28,3 +28,7 @@ class ConfigError(RebError, ValueError):
 
 class ModelFileError(RebError, ValueError):
     """A saved model file is missing, corrupt or incompatible."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, `kill`) while Ray is up: the command stops as on Ctrl-C; exit 143."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,13 +35,40 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    main_thread = threading.current_thread() is threading.main_thread()
+    own_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     if address:
         ray.init(address=address, log_to_driver=True)
-        return False
-    with _loopback_only():
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
-    return True
+    else:
+        with _loopback_only():
+            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
+    if main_thread:
+        # ray.init replaced the SIGTERM handler: the program's own one (the sweep's stop between cells,
+        # or SIG_IGN) is put back, else SIGTERM interrupts the command
+        kept = callable(own_handler) or own_handler == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, own_handler if kept else _interrupt_on_sigterm)
+    return not address
+
+
+_sigterms: list[int] = []  # SIGTERMs received since Ray started (see sigterm_received)
+
+
+def sigterm_received() -> bool:
+    """Whether a KeyboardInterrupt came from SIGTERM (`_interrupt_on_sigterm`): inside `ray.get` Ray raises a
+    bare KeyboardInterrupt in place of the handler's `Terminated`."""
+    return bool(_sigterms)
+
+
+def _interrupt_on_sigterm(signum, frame):
+    """SIGTERM (`ray job stop`, `kill`) while Ray is up stops the command as Ctrl-C does: one line,
+    MLflow runs FAILED, nothing half-written. Ray's core worker had set a native handler that printed a
+    stack dump and aborted the process (exit 134). A second SIGTERM ends the process at once."""
+    from reb_dist.errors import Terminated
+
+    _sigterms.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated("SIGTERM")
 
 
 @contextmanager

@@ -1,6 +1,10 @@
-"""The local Ray that reb starts is reachable from this machine only."""
+"""The local Ray that reb starts: reachable from this machine only; stopped by SIGTERM as by Ctrl-C."""
 
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import ray
@@ -36,3 +40,49 @@ def test_a_local_ray_listens_on_the_loopback_interface_only(local_ray):
         assert accepts("127.0.0.1", port), port
         # by default Ray listens on every interface: anyone who can reach this machine could talk to it
         assert not accepts(external, port), f"port {port} answers on {external}"
+
+
+WAIT_IN_RAY = """
+import signal, sys, time
+import ray
+from reb_dist.distributed.runtime import ray_session, sigterm_received
+
+def own_handler(signum, frame):
+    raise SystemExit(7)
+
+@ray.remote
+def wait():
+    time.sleep(300)
+
+if sys.argv[1] == "own":
+    signal.signal(signal.SIGTERM, own_handler)
+with ray_session(num_cpus=1):
+    task = wait.remote()
+    print("ready", flush=True)
+    try:
+        ray.get(task)
+    except KeyboardInterrupt:  # inside ray.get, Ray raises a bare one in place of the handler's Terminated
+        print("terminated" if sigterm_received() else "interrupted", flush=True)
+        sys.exit(143)
+    except SystemExit:  # Ray turns the own handler's SystemExit(7) into SystemExit(1) inside ray.get
+        print("own handler", flush=True)
+        sys.exit(7)
+"""
+
+
+@pytest.mark.parametrize("handler, expected", [("ray's", (143, "terminated")), ("own", (7, "own handler"))])
+def test_sigterm_to_a_process_waiting_on_ray_interrupts_it_instead_of_a_native_abort(tmp_path, handler, expected):
+    # `ray job stop` sends SIGTERM: Ray's core worker handler printed a native stack dump and aborted
+    # (exit 134), where reb's commands stop as on Ctrl-C (one line, exit 143, MLflow runs FAILED); a
+    # handler the program set before Ray started (the sweep's stop between cells) is kept, not Ray's
+    proc = subprocess.Popen([sys.executable, "-c", WAIT_IN_RAY, handler], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "SIGTERM received" not in err, err[-2000:]
+    assert (proc.returncode, out.strip()) == expected, err[-2000:]

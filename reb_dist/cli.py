@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbosity)
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log.debug("reb-dist %s: %s", package_version(), command_line)
+    from reb_dist.distributed.runtime import sigterm_count
+
+    sigterms = sigterm_count()
     try:
         if getattr(args, "print_config", False):
             return print_config(args)
@@ -269,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (the MLflow run is already ended FAILED), the shell's 130
-        from reb_dist.distributed.runtime import sigterm_received
-
-        terminated = isinstance(exc, Terminated) or sigterm_received()
+        terminated = isinstance(exc, Terminated) or sigterm_count() > sigterms
         why = "SIGTERM" if terminated else str(exc)
         log.error("interrupted: %s stopped%s (its MLflow run is marked FAILED; files are written whole or not "
                   "at all)", command_line, f" ({why})" if why else "")

@@ -18,6 +18,7 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
+from reb_dist.distributed.runtime import terminated
 from reb_dist.distributed.sweep import Sweep, run_cells
 from reb_dist.io.atomic import write_text_atomic
 from reb_dist.io.tracking import SweepLog, legacy_mode
@@ -89,7 +90,7 @@ def sweep_file(path: str | Path, out_dir: str | Path | None = None, tracking_uri
 
 
 class _DeferredStop:
-    """A SIGTERM handler that raises SystemExit at once, or, inside `deferred()`, when it ends."""
+    """A SIGTERM handler that raises `Terminated` at once, or, inside `deferred()`, when it ends."""
 
     def __init__(self):
         self.holding = False
@@ -99,7 +100,7 @@ class _DeferredStop:
         if self.holding:
             self.received = signum
         else:
-            raise SystemExit(f"stopped by signal {signum}")
+            raise terminated(signum)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -109,7 +110,7 @@ class _DeferredStop:
         finally:
             self.holding = False
         if self.received is not None:
-            raise SystemExit(f"stopped by signal {self.received}")
+            raise terminated(self.received)
 
 
 def cell_mode(result: dict) -> str:

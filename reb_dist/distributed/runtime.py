@@ -51,24 +51,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return not address
 
 
-_sigterms: list[int] = []  # SIGTERMs received since Ray started (see sigterm_received)
+_sigterms: list[int] = []  # every SIGTERM that stopped something in this process (see sigterm_count)
 
 
-def sigterm_received() -> bool:
-    """Whether a KeyboardInterrupt came from SIGTERM (`_interrupt_on_sigterm`): inside `ray.get` Ray raises a
-    bare KeyboardInterrupt in place of the handler's `Terminated`."""
-    return bool(_sigterms)
+def sigterm_count() -> int:
+    """How many SIGTERMs have stopped something in this process: what tells a KeyboardInterrupt that
+    came from SIGTERM, since inside `ray.get` Ray raises a bare KeyboardInterrupt in place of the
+    handler's `Terminated`."""
+    return len(_sigterms)
+
+
+def terminated(signum: int):
+    """The `Terminated` to raise for signal `signum`, counted (`sigterm_count`)."""
+    from reb_dist.errors import Terminated
+
+    _sigterms.append(signum)
+    return Terminated(signal.Signals(signum).name)
 
 
 def _interrupt_on_sigterm(signum, frame):
     """SIGTERM (`ray job stop`, `kill`) while Ray is up stops the command as Ctrl-C does: one line,
     MLflow runs FAILED, nothing half-written. Ray's core worker had set a native handler that printed a
     stack dump and aborted the process (exit 134). A second SIGTERM ends the process at once."""
-    from reb_dist.errors import Terminated
-
-    _sigterms.append(signum)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated("SIGTERM")
+    raise terminated(signum)
 
 
 @contextmanager

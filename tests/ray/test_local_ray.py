@@ -45,7 +45,7 @@ def test_a_local_ray_listens_on_the_loopback_interface_only(local_ray):
 WAIT_IN_RAY = """
 import signal, sys, time
 import ray
-from reb_dist.distributed.runtime import ray_session, sigterm_received
+from reb_dist.distributed.runtime import ray_session, sigterm_count
 
 def own_handler(signum, frame):
     raise SystemExit(7)
@@ -62,7 +62,7 @@ with ray_session(num_cpus=1):
     try:
         ray.get(task)
     except KeyboardInterrupt:  # inside ray.get, Ray raises a bare one in place of the handler's Terminated
-        print("terminated" if sigterm_received() else "interrupted", flush=True)
+        print("terminated" if sigterm_count() else "interrupted", flush=True)
         sys.exit(143)
     except SystemExit:  # Ray turns the own handler's SystemExit(7) into SystemExit(1) inside ray.get
         print("own handler", flush=True)

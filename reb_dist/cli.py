@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -253,14 +255,17 @@ def configure_logging(verbosity: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `reb` with `argv` (default: sys.argv); 0 on success, 2 on a reb-dist error (logged), 130
-    when interrupted (Ctrl-C: one line, no traceback), 143 when stopped by SIGTERM while Ray is up."""
+    when interrupted (Ctrl-C: one line, no traceback), 143 when stopped by SIGTERM (`ray job stop`, `kill`)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbosity)
     command_line = "reb " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     log.debug("reb-dist %s: %s", package_version(), command_line)
-    from reb_dist.distributed.runtime import sigterm_count
+    from reb_dist.distributed.runtime import interrupt_on_sigterm, sigterm_count
 
     sigterms = sigterm_count()
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # `ray job stop`, `kill`: as Ctrl-C, exit 143
     try:
         if getattr(args, "print_config", False):
             return print_config(args)
@@ -277,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted: %s stopped%s (its MLflow run is marked FAILED; files are written whole or not "
                   "at all)", command_line, f" ({why})" if why else "")
         return 143 if terminated else 130
+    finally:
+        if previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def print_config(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         # ray.init replaced the SIGTERM handler: the program's own one (the sweep's stop between cells,
         # or SIG_IGN) is put back, else SIGTERM interrupts the command
         kept = callable(own_handler) or own_handler == signal.SIG_IGN
-        signal.signal(signal.SIGTERM, own_handler if kept else _interrupt_on_sigterm)
+        signal.signal(signal.SIGTERM, own_handler if kept else interrupt_on_sigterm)
     return not address
 
 
@@ -69,10 +69,10 @@ def terminated(signum: int):
     return Terminated(signal.Signals(signum).name)
 
 
-def _interrupt_on_sigterm(signum, frame):
-    """SIGTERM (`ray job stop`, `kill`) while Ray is up stops the command as Ctrl-C does: one line,
-    MLflow runs FAILED, nothing half-written. Ray's core worker had set a native handler that printed a
-    stack dump and aborted the process (exit 134). A second SIGTERM ends the process at once."""
+def interrupt_on_sigterm(signum, frame):
+    """A SIGTERM handler (`ray job stop`, `kill`): the command stops as on Ctrl-C (one line, MLflow runs
+    FAILED, nothing half-written); a second SIGTERM ends the process at once. Where Ray is up, Ray's core
+    worker had set a native handler that printed a stack dump and aborted the process (exit 134)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise terminated(signum)
 

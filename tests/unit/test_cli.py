@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -202,6 +203,30 @@ def test_ctrl_c_is_one_line_and_exit_130(workdir, capsys, monkeypatch):
     assert main(["fit", "--no-mlflow", "--categories", "bottle"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: reb fit" in err and "Traceback" not in err
+
+
+SIGTERM_DURING_FIT = """
+import os, signal, sys, time
+from reb_dist import cli
+
+def fit(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+cli.cmd_fit = fit
+sys.exit(cli.main(["fit", "--no-mlflow", "--categories", "bottle"]))
+"""
+
+
+def test_sigterm_is_one_line_and_exit_143_in_any_command(tmp_path):
+    # `ray job stop` and `kill` send SIGTERM: Python's default ended the process at once (exit -15, no
+    # word, its MLflow run left RUNNING until the next run found its process gone)
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", SIGTERM_DURING_FIT], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "interrupted: reb fit" in done.stderr and "(SIGTERM)" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_every_subcommand_has_a_description_and_every_flag_a_help_text():

@@ -31,4 +31,4 @@ class ModelFileError(RebError, ValueError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`ray job stop`, `kill`) while Ray is up: the command stops as on Ctrl-C; exit 143."""
+    """SIGTERM (`ray job stop`, `kill`): the command stops as on Ctrl-C (its MLflow runs FAILED); exit 143."""

@@ -323,7 +323,10 @@ class Tracker:
             try:
                 yield active.info.run_id
             except BaseException:
-                fail_running_children(mlflow.MlflowClient(), active.info)
+                try:
+                    fail_running_children(mlflow.MlflowClient(), active.info)
+                except Exception as exc:  # the store may be what failed: the first error is the one to see
+                    log.warning(f"mlflow: could not close the runs under {name}: {exc!r}")
                 raise
 
     def log_model(self, model_file, category: str, sha256: str | None = None) -> str | None:

@@ -221,9 +221,14 @@ def test_ctrl_c_aborts_the_ray_train_run_then_is_a_keyboard_interrupt(local_ray,
     trainer = TorchTrainer(_loop_until_aborted, train_loop_config={"started": str(started)},
                            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                            run_config=ray.train.RunConfig(name="aborted", storage_path=str(tmp_path / "ray")))
-    before = signal.getsignal(signal.SIGINT)
-    threading.Thread(target=ctrl_c_once_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt, match="aborted the run"):
-        fit_trainer(trainer)
-    assert started.exists()
-    assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is not sent to the ended run
+    # Ctrl-C as in a terminal, however pytest was started (a shell's background job ignores SIGINT)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c_once_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt, match="aborted the run"):
+            fit_trainer(trainer)
+        assert started.exists()
+        # a later Ctrl-C is not sent to the ended run
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)

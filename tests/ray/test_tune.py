@@ -131,9 +131,14 @@ def test_a_search_stopped_by_a_signal_raises_instead_of_choosing_from_its_partia
 
     trainable = tune.with_parameters(_signal_the_driver_once, driver=os.getpid(), signum=int(signum),
                                      marker=str(tmp_path / "signalled"))
-    t = TuneConfig(trials=40, concurrency=1, storage_path=str(tmp_path / "ray"))
-    with pytest.raises(KeyboardInterrupt):
-        _search(trainable, {"x": tune.uniform(0, 1)}, "objective", t.trials, t, "interrupted", "bottle",
-                TrackingConfig(enabled=False), None)
-    assert (tmp_path / "signalled").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    t = TuneConfig(trials=8, concurrency=1, storage_path=str(tmp_path / "ray"))
+    # Ctrl-C as in a terminal, however pytest was started (a shell's background job ignores SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _search(trainable, {"x": tune.uniform(0, 1)}, "objective", t.trials, t, "interrupted", "bottle",
+                    TrackingConfig(enabled=False), None)
+        assert (tmp_path / "signalled").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -24,6 +24,7 @@ from reb_dist.config import ScoringConfig, TrackingConfig, TuneConfig
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, map_objective, method_maps, validation_objective
+from reb_dist.environ import environ_restored
 from reb_dist.pipelines.selection import (ClassTables, Selection, coupled_validation,
                                           pareto_choice, pareto_front)
 
@@ -105,15 +106,9 @@ def ctrl_c_interrupts():
     Ray Tune catches SIGINT to end its run gracefully and returns the trials that finished, so a
     Ctrl-C'd `reb tune` went on to choose from a partial search and wrote it as the result.
     """
-    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run when it sets its handlers
-    try:
+    with environ_restored("TUNE_DISABLE_SIGINT_HANDLER"):
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run when it sets its handlers
         yield
-    finally:
-        if before is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
 
 
 def search_k_alpha(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, tracking: TrackingConfig,

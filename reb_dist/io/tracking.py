@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from reb_dist.config import RunConfig, TrackingConfig
+from reb_dist.environ import environ_restored
 from reb_dist.errors import ConfigError, RebError
 from reb_dist.io.atomic import file_lock, host_id, pid_alive
 
@@ -66,15 +67,9 @@ def use_store(uri: str, experiment_id: str) -> None:
     back to the default."""
     import mlflow
 
-    names = (URI_ENV, "MLFLOW_EXPERIMENT_ID")
-    before = {name: os.environ.get(name) for name in names}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with environ_restored(URI_ENV, "MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment_id=experiment_id)
 
 
 def process_tags() -> dict[str, str]:

@@ -263,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     from reb_dist.distributed.runtime import interrupt_on_sigterm, sigterm_count
 
     sigterms = sigterm_count()
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # `ray job stop`, `kill`: as Ctrl-C, exit 143
+    # `ray job stop`, `kill`: as Ctrl-C, exit 143 (a handler of the caller's own is left alone)
+    own_sigterm = (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+                   and threading.current_thread() is threading.main_thread())
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         if getattr(args, "print_config", False):
             return print_config(args)
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                   "at all)", command_line, f" ({why})" if why else "")
         return 143 if terminated else 130
     finally:
-        if previous == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        if own_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -4,7 +4,8 @@ Layers, bottom to top (`LAYERS`); a module imports only from its own layer or th
 at the top of the file, inside a function or under `if TYPE_CHECKING:` alike, and no modules
 import each other in a circle:
 
-  errors, version, names, progress   what every layer may name (progress: the bars -q hides)
+  errors, version, names, progress,  what every layer may name (progress: the bars -q hides;
+  environ                            environ: environment variables set for a block)
   core/        pure: numpy, torch, faiss; no Ray, no MLflow, no settings classes (plain values in)
   config       the settings object, checked against the core's registries
   detectors    settings -> the core detector's plain values (method specs parsed once, here)
@@ -110,7 +111,7 @@ def test_every_public_name_resolves_to_what_its_module_defines():
 
 # bottom to top; a module's layer is the longest prefix listed (reb_dist itself: the top)
 LAYERS = [
-    ("reb_dist.errors", "reb_dist.version", "reb_dist.names", "reb_dist.progress"),
+    ("reb_dist.errors", "reb_dist.version", "reb_dist.names", "reb_dist.progress", "reb_dist.environ"),
     ("reb_dist.core",),
     ("reb_dist.config",),
     ("reb_dist.detectors",),

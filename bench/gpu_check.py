@@ -1,5 +1,6 @@
 """GPU check: patch features, exact torch search and KNN / LDKNN image scores on a device, against
-the same images run through the CPU path (features and search on CPU).
+the same images run through the CPU path (features and search on CPU), and the device's features
+under autocast (bf16, fp16: `backbone.precision`) against its float32 ones.
 
 Needs only torch, numpy, scikit-learn, timm with the backbone's weights package, and the project:
 it imports no faiss, Ray or MLflow (it says so at the end), so it runs on a bare GPU machine. The
@@ -7,11 +8,14 @@ bank is every training patch (no coreset); one search with K serves KNN (mean of
 distances) and LDKNN (squared distance to the nearest bank point minus alpha times that point's
 density, the mean squared distance to its K nearest other bank points); image score = max patch.
 
-Prints the command, images/s of features, of search + scoring and end to end, image AUROC of both
-methods on each path, and the largest difference of image scores between the device and CPU paths.
+Features are extracted by the detector's own torch engine (`TorchEngine`: what `reb` runs on a GPU,
+with `backbone.precision` as its autocast dtype). Prints the command, images/s of features, of
+search + scoring and end to end for each precision, image AUROC of both methods on each path, and
+the largest differences of features and image scores against the device's float32 path and the CPU's.
 Example:
     .venv/bin/python bench/gpu_check.py                      # the shipped sample bottles
     .venv/bin/python bench/gpu_check.py --root /data/mvtec_ad --category bottle --max-train 200
+    .venv/bin/python bench/gpu_check.py --device cpu --precisions fp32,bf16   # the script itself, no GPU
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from sklearn.metrics import roc_auc_score
 from reb_dist.config import SAMPLE_DATA
 from reb_dist.core.anomaly_map import image_scores
 from reb_dist.core.backbones import build_backbone
-from reb_dist.core.features import PatchFeatures, extract_features
+from reb_dist.core.feature_engines import PRECISIONS, TorchEngine
+from reb_dist.core.features import PatchFeatures
 from reb_dist.core.ldknn.torch_search import TorchIndex
 from reb_dist.io.data import load_split, preprocess, read_image
 
@@ -43,6 +48,7 @@ class PathResult:
     """What one path (device or CPU) measured and scored."""
 
     device: str
+    precision: str
     seconds: dict[str, float]
     scores: dict[str, np.ndarray]  # method -> (n_test,) image scores
     nearest: np.ndarray  # (n_test patches,) id of each test patch's nearest bank point
@@ -64,7 +70,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--no-cpu-path", action="store_true", help="skip the CPU path (no differences printed)")
     p.add_argument("--no-tf32", action="store_true", help="full float32 convolutions and matmuls on the GPU")
-    return p.parse_args()
+    p.add_argument("--precisions", default=None,
+                   help="the device's forward-pass precisions, comma-separated, fp32 first (default: "
+                        "fp32,bf16,fp16 on a GPU, fp32 on CPU)")
+    args = p.parse_args()
+    default = "fp32,bf16,fp16" if torch.device(args.device).type == "cuda" else "fp32"
+    args.precisions = (args.precisions or default).split(",")
+    if args.precisions[0] != "fp32" or not set(args.precisions) <= set(PRECISIONS):
+        p.error(f"--precisions: fp32 first, then any of {PRECISIONS}; got {','.join(args.precisions)}")
+    return args
 
 
 def load_images(root: str, category: str, size: int, max_train: int, max_test: int):
@@ -91,21 +105,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_path(model: PatchFeatures, device: torch.device, train: torch.Tensor, test: torch.Tensor,
-             args: argparse.Namespace) -> PathResult:
-    """Features, bank, search and scores of one path, timed stage by stage (after a warm-up)."""
+             args: argparse.Namespace, precision: str = "fp32") -> PathResult:
+    """Features (the detector's torch engine, autocast to `precision`), bank, search and scores of
+    one path, timed stage by stage (after a warm-up)."""
     seconds = {}
-    model = model.to(device).eval()
+    engine = TorchEngine(model, device, precision=precision)
     pin = device.type == "cuda"
     train_b = [b.pin_memory() if pin else b for b in batches(train, args.batch_size)]
     test_b = [b.pin_memory() if pin else b for b in batches(test, args.batch_size)]
-    next(extract_features(model, [test_b[0]], device))  # warm-up: CUDA context, cuDNN, allocator
+    engine(test_b[0])  # warm-up: CUDA context, cuDNN's algorithm choice, the allocator
     synchronize(device)
 
     start = time.perf_counter()
-    train_f = np.concatenate(list(extract_features(model, train_b, device)))
+    train_f = np.concatenate([engine(b) for b in train_b])  # numpy: synchronised by the copy to host
     seconds["train features"] = time.perf_counter() - start
     start = time.perf_counter()
-    test_f = np.concatenate(list(extract_features(model, test_b, device)))
+    test_f = np.concatenate([engine(b) for b in test_b])
     seconds["test features"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -129,14 +144,14 @@ def run_path(model: PatchFeatures, device: torch.device, train: torch.Tensor, te
     seconds["density + scoring"] = time.perf_counter() - start
     bank_shape = (len(index), index.dim)
     index.close()
-    return PathResult(str(device), seconds, scores, nearest, test_f, bank_shape)
+    return PathResult(str(device), precision, seconds, scores, nearest, test_f, bank_shape)
 
 
 def report(r: PathResult, n_train: int, n_test: int, labels: np.ndarray) -> None:
     s = r.seconds
     features = s["train features"] + s["test features"]
     search = s["search"] + s["density + scoring"]
-    print(f"[{r.device}] bank {r.bank_shape[0]} x {r.bank_shape[1]}, {len(r.nearest)} test patches")
+    print(f"[{r.device} {r.precision}] bank {r.bank_shape[0]} x {r.bank_shape[1]}, {len(r.nearest)} test patches")
     n = n_train + n_test
     print(f"  features          {n / features:9.1f} images/s  ({n} images, {features:.2f} s)")
     print(f"  search + scoring  {n_test / search:9.1f} images/s  ({n_test} test images, {search:.2f} s: "
@@ -146,18 +161,19 @@ def report(r: PathResult, n_train: int, n_test: int, labels: np.ndarray) -> None
     print("  image AUROC       " + ", ".join(f"{m} {roc_auc_score(labels, r.scores[m]):.4f}" for m in METHODS))
 
 
-def compare(dev: PathResult, cpu: PathResult) -> None:
-    f_abs = np.abs(dev.test_features - cpu.test_features).max()
-    f_rel = f_abs / np.abs(cpu.test_features).max()
-    same_nn = (dev.nearest == cpu.nearest).mean()
-    print(f"[{dev.device} vs cpu] test features: max |diff| {f_abs:.3e} ({f_rel:.3e} of max |feature|); "
-          f"same nearest bank point for {100 * same_nn:.2f}% of test patches")
+def compare(dev: PathResult, ref: PathResult) -> None:
+    """The largest differences of `dev`'s test features, nearest bank points and image scores from `ref`'s."""
+    f_abs = np.abs(dev.test_features - ref.test_features).max()
+    f_rel = f_abs / np.abs(ref.test_features).max()
+    same_nn = (dev.nearest == ref.nearest).mean()
+    print(f"[{dev.device} {dev.precision} vs {ref.device} {ref.precision}] test features: max |diff| {f_abs:.3e} "
+          f"({f_rel:.3e} of max |feature|); same nearest bank point for {100 * same_nn:.2f}% of test patches")
     for m in METHODS:
-        a, b = dev.scores[m].astype(np.float64), cpu.scores[m].astype(np.float64)
+        a, b = dev.scores[m].astype(np.float64), ref.scores[m].astype(np.float64)
         diff = np.abs(a - b)
         rel = diff / np.maximum(np.abs(b), 1e-12)
         print(f"  {m:6s} image scores: max |diff| {diff.max():.3e}, max relative {rel.max():.3e} "
-              f"(CPU scores in [{b.min():.4g}, {b.max():.4g}])")
+              f"(reference scores in [{b.min():.4g}, {b.max():.4g}])")
 
 
 def main() -> None:
@@ -181,7 +197,11 @@ def main() -> None:
     model = PatchFeatures(backbone.model, "avgpool")
     dev = run_path(model, device, train, test, args)
     report(dev, len(train), len(test), labels)
-    if not args.no_cpu_path:
+    for precision in args.precisions[1:]:
+        reduced = run_path(model, device, train, test, args, precision)
+        report(reduced, len(train), len(test), labels)
+        compare(reduced, dev)
+    if not args.no_cpu_path and device.type != "cpu":  # on CPU it would be compared with itself
         cpu = run_path(model, torch.device("cpu"), train, test, args)
         report(cpu, len(train), len(test), labels)
         compare(dev, cpu)

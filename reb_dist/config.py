@@ -84,6 +84,8 @@ class BackboneConfig:
     # what runs the forward pass: auto (onnxruntime on CPU when installed, else torch) | torch | onnxruntime
     engine: str = "auto"
     threads: int = 0  # CPU threads of torch, ONNX Runtime and faiss; 0: this process's CPUs (a Ray worker's share)
+    # the forward pass's autocast dtype on a GPU: fp32 | bf16 | fp16 (features stay float32); CPU runs float32
+    precision: str = "fp32"
 
 
 @dataclass
@@ -424,7 +426,7 @@ def _choices() -> dict[str, tuple]:
     from reb_dist.core.anomaly_map import IMAGE_SCORE_REDUCTIONS
     from reb_dist.core.backbones import available_backbones
     from reb_dist.core.defectmaker import TASKS
-    from reb_dist.core.feature_engines import ENGINES
+    from reb_dist.core.feature_engines import ENGINES, PRECISIONS
     from reb_dist.core.features import AGGREGATIONS
     from reb_dist.core.ldknn import CORESET_METHODS
     from reb_dist.core.ldknn.approx import NEIGHBOUR_SEARCHES
@@ -438,6 +440,7 @@ def _choices() -> dict[str, tuple]:
         "backbone.name": tuple(available_backbones()),
         "backbone.aggregation": AGGREGATIONS,
         "backbone.engine": ENGINES,
+        "backbone.precision": PRECISIONS,
         "bank.coreset_method": CORESET_METHODS,
         "bank.dtype": STORAGE_DTYPES,
         "bank.neighbour_search": NEIGHBOUR_SEARCHES,

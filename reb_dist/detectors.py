@@ -47,7 +47,8 @@ def build_detector(backbone: BackboneConfig, scoring: ScoringConfig, image_size:
                     aggregation=backbone.aggregation, layer_dim=backbone.layer_dim, target_dim=backbone.target_dim,
                     device=backbone.device, bank=bank_plan(bank), index_factory=index_factory,
                     settings={"backbone": asdict(backbone), "scoring": asdict(scoring)},
-                    engine=backbone.engine, threads=backbone.threads, graph_folder=graph_folder)
+                    engine=backbone.engine, threads=backbone.threads, graph_folder=graph_folder,
+                    precision=backbone.precision)
 
 
 def set_scoring(detector: Detector, scoring: ScoringConfig) -> None:

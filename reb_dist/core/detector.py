@@ -25,7 +25,7 @@ from reb_dist.progress import progress_bar
 from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.backbones import Backbone
 from reb_dist.core.feature_engines import (OnnxRuntimeEngine, TorchEngine, apply_threads, default_graph_folder,
-                                           graph_key, onnxruntime_engine, resolve_engine)
+                                           effective_precision, graph_key, onnxruntime_engine, resolve_engine)
 from reb_dist.core.features import PatchFeatures
 from reb_dist.core.ldknn.approx import RECALL_TARGET
 from reb_dist.core.ldknn.formulas import NEIGHBOUR_METHODS
@@ -166,13 +166,14 @@ class Detector:
         engine: what runs the forward pass: "auto", "torch" or "onnxruntime" (`core.feature_engines`).
         threads: CPU threads of torch, ONNX Runtime and faiss (0: the CPUs this process may use).
         graph_folder: where the ONNX engine caches its exported graph (default: beside the feature cache).
+        precision: the forward pass's autocast dtype on a GPU ("fp32", "bf16", "fp16"); CPU runs float32.
     """
 
     def __init__(self, backbone: Backbone, scoring: DetectorScoring, image_size: int = 256, *,
                  aggregation: str = "avgpool", layer_dim: int = 1024, target_dim: int = 1024,
                  device: str = "auto", bank: BankPlan | None = None, index_factory: IndexFactory | None = None,
                  settings: dict | None = None, engine: str = "auto", threads: int = 0,
-                 graph_folder: str | Path | None = None):
+                 graph_folder: str | Path | None = None, precision: str = "fp32"):
         self.backbone = backbone
         self.plan = bank or BankPlan()
         self.scoring = scoring
@@ -184,6 +185,9 @@ class Detector:
         self.features.to(self.device).eval()
         self.threads = apply_threads(threads)
         self.engine_name = resolve_engine(engine, self.device)
+        self.precision = effective_precision(precision, self.device)  # what the features are computed in
+        if self.precision != precision:
+            log.info(f"backbone.precision={precision} applies on a GPU; features on {self.device.type} run in float32")
         self.graph_folder = Path(graph_folder) if graph_folder else default_graph_folder()
         self._engine = None  # built on first use: a detector that only scores features never exports
         self.index_factory = index_factory or in_process_index(self.plan, self.device.type == "cuda")
@@ -239,7 +243,7 @@ class Detector:
                     self.engine_name = "torch"
                     self._engine = TorchEngine(self.features, self.device)
             else:
-                self._engine = TorchEngine(self.features, self.device)
+                self._engine = TorchEngine(self.features, self.device, precision=self.precision)
             self.timings.add("engine", start)
         return self._engine
 

@@ -15,6 +15,12 @@ opset). The key is stored in the graph's metadata too and checked when it is loa
 does not load, or holds another key, is rebuilt. A graph is written to a temporary name and renamed,
 so a reader never sees half of one.
 
+Precision (`backbone.precision`: fp32, bf16, fp16): on a GPU the torch engine runs the forward pass
+under autocast in that dtype (tensor cores); features come out as float32 either way. On CPU
+features are always computed in float32: ONNX Runtime's CPU provider, the engine there, runs
+float32 (and torch's CPU autocast to float16 took 11x the float32 time on 2 cores here). So a
+precision other than fp32 is a GPU setting; `effective_precision` says what a device runs.
+
 Threads: one number (`backbone.threads`) for torch, ONNX Runtime and faiss alike; 0 means the CPUs
 this process may use, which under Ray is its task's or actor's share (Ray sets OMP_NUM_THREADS).
 """
@@ -40,6 +46,8 @@ from reb_dist.core.threads import resolve_threads
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 GRAPH_FORMAT = "reb-dist-feature-graph/1"
 ONNX_OPSET = 18
 KEY_FIELD = "reb_dist.graph_key"  # the graph's metadata entry holding its key
@@ -76,6 +84,17 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
+def effective_precision(precision: str, device: torch.device) -> str:
+    """The precision the forward pass runs in on `device`: `precision` on a GPU, "fp32" on CPU.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"backbone.precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision if device.type == "cuda" else "fp32"
+
+
 def resolve_engine(engine: str, device: torch.device) -> str:
     """"auto" -> "onnxruntime" on CPU when it is installed, else "torch"; the others as given.
 
@@ -104,13 +123,19 @@ class TorchEngine:
     """Patch features with torch: (B, 3, S, S) normalised images -> (B, h, w, D) float32 numpy.
 
     channels_last: the input layout; None: channels_last on CPU (faster there), the default on a GPU.
+    precision: "fp32", or the autocast dtype of the forward pass ("bf16", "fp16") on any device
+        (the detector asks for it only on a GPU: `effective_precision`).
     """
 
     name = "torch"
 
-    def __init__(self, features: PatchFeatures, device: torch.device, channels_last: bool | None = None):
+    def __init__(self, features: PatchFeatures, device: torch.device, channels_last: bool | None = None,
+                 precision: str = "fp32"):
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = device
         self.channels_last = device.type == "cpu" if channels_last is None else channels_last
+        self.precision = precision
         self.model = features.to(device).eval()
 
     @torch.no_grad()
@@ -118,7 +143,10 @@ class TorchEngine:
         x = images.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).permute(0, 2, 3, 1).contiguous().float().cpu().numpy()
+        dtype = AUTOCAST_DTYPES[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out = self.model(x)
+        return out.permute(0, 2, 3, 1).contiguous().float().cpu().numpy()
 
 
 class _ChannelsLastOutput(nn.Module):

@@ -65,13 +65,15 @@ def extraction_settings(detector: Detector) -> dict:
     """Everything except the image that a detector's patch features depend on (part of every key).
 
     The device type and the feature engine are included because their kernels do not give
-    bit-identical floats.
+    bit-identical floats; a reduced precision (a GPU's autocast) because it rounds far more. Float32
+    adds no entry, so the keys of float32 features are those of caches written before precisions.
     """
     d = detector
+    reduced = {"precision": d.precision} if d.precision != "fp32" else {}
     return {"backbone": d.backbone.name, "fingerprint": d.backbone.fingerprint,
             "image_size": int(d.image_size), "aggregation": d.aggregation,
             "layer_dim": int(d.layer_dim), "target_dim": int(d.target_dim),
-            "device": detector.device.type, "engine": detector.engine_name, "reb_dist": __version__}
+            "device": detector.device.type, "engine": detector.engine_name, "reb_dist": __version__, **reduced}
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,5 +1,6 @@
 """Feature engines: ONNX Runtime gives torch's features, its graph is cached and rebuilt when stale,
-one thread setting reaches torch, faiss and ONNX Runtime, and a model scores alike under either engine."""
+one thread setting reaches torch, faiss and ONNX Runtime, a model scores alike under either engine,
+and a reduced precision autocasts torch's forward pass on a GPU only."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from reb_dist.core.backbones import build_backbone
-from reb_dist.core.feature_engines import (KEY_FIELD, TorchEngine, apply_threads, graph_key, onnxruntime_engine,
-                                           resolve_engine, resolve_threads)
+from reb_dist.core.feature_engines import (KEY_FIELD, TorchEngine, apply_threads, effective_precision, graph_key,
+                                           onnxruntime_engine, resolve_engine, resolve_threads)
 from reb_dist.core.features import PatchFeatures
 from reb_dist.io.data.dataset import preprocess
 from reb_dist.io.data.images import read_image
@@ -127,3 +128,38 @@ def test_an_unwritable_graph_folder_falls_back_to_torch_with_a_warning(backbone,
     features = detector.extract([images])
     assert detector.engine_name == "torch" and features.shape == (4, SIZE // 8, SIZE // 8, 152)
     assert "features run on torch" in caplog.text
+
+
+@pytest.mark.parametrize("precision, rel", [("bf16", 0.1), ("fp16", 0.02)])
+def test_a_reduced_precision_autocasts_the_torch_forward_pass_and_gives_float32(backbone, images, precision, rel):
+    # on CPU, as the engine is asked (the detector asks for it only on a GPU); what a GPU does with it
+    # bench/gpu_check.py measures
+    features = PatchFeatures(backbone.model).eval()
+    full = TorchEngine(features, torch.device("cpu"))(images[:2])
+    reduced = TorchEngine(features, torch.device("cpu"), precision=precision)(images[:2])
+    assert reduced.dtype == np.float32 and reduced.shape == full.shape
+    diff = np.abs(reduced - full).max() / np.abs(full).max()
+    assert 1e-5 < diff < rel  # rounded as the dtype rounds: not float32's result, not far from it
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TorchEngine(features, torch.device("cpu"), precision="fp8")
+
+
+def test_precision_is_a_gpu_setting_and_keys_the_feature_cache_where_it_applies(backbone, images):
+    from reb_dist.config import ScoringConfig
+    from reb_dist.core.detector import Detector
+    from reb_dist.detectors import detector_scoring
+    from reb_dist.io.feature_cache import extraction_settings
+
+    assert effective_precision("fp16", torch.device("cuda")) == "fp16"
+    assert effective_precision("bf16", torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="backbone.precision must be one of"):
+        effective_precision("half", torch.device("cuda"))
+    scoring = detector_scoring(ScoringConfig())
+    full = Detector(backbone, scoring, SIZE, device="cpu", engine="torch")
+    on_cpu = Detector(backbone, scoring, SIZE, device="cpu", engine="torch", precision="bf16")
+    assert on_cpu.precision == "fp32"  # CPU computes float32: the same features, the same cache entries
+    np.testing.assert_array_equal(on_cpu.extract([images[:2]]), full.extract([images[:2]]))
+    assert extraction_settings(on_cpu) == extraction_settings(full)
+    assert "precision" not in extraction_settings(full)  # float32 keys are those of caches written before
+    on_cpu.precision = "fp16"  # as a GPU detector would hold it: its features are other features
+    assert extraction_settings(on_cpu) == {**extraction_settings(full), "precision": "fp16"}

@@ -38,12 +38,20 @@ def feature_cache_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the whole session (4 logical CPUs on any machine); shut down only if we started it."""
+    """One local Ray for the whole session (4 logical CPUs on any machine); shut down only if we started it.
+
+    Its workers see TUNE_FUNCTION_THREAD_TIMEOUT_S=0: how long Ray Tune waits for a function
+    trainable's thread to end before re-using its actor, 2 s by default, which a loaded machine can
+    exceed (Tune then errors the next trial and hung the search). At 0 every such wait falls short,
+    so a search that relied on it would fail here on any machine.
+    """
     import ray
 
     from reb_dist.distributed.runtime import ensure_ray
 
-    started = ensure_ray(num_cpus=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNE_FUNCTION_THREAD_TIMEOUT_S", "0")  # inherited by the workers of the Ray started here
+        started = ensure_ray(num_cpus=4)
     yield
     if started:
         ray.shutdown()

@@ -32,33 +32,58 @@ log = logging.getLogger(__name__)
 PARETO_METRICS = ("val_image_auroc", "map_objective")  # the coupled search's two objectives, both maximised
 
 
-def _trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, image_score: str, squared: bool):
-    from ray import tune
+# The trials: one setting's validation metrics, pure functions of (config, the class's validation data)
 
+
+def image_trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, image_score: str,
+                squared: bool) -> dict:
     maps = ldknn_maps(table, int(config["k"]), float(config["alpha"]), squared)
-    tune.report(validation_objective(maps, labels, masks, lambda m: image_scores(m, image_score)))
+    return validation_objective(maps, labels, masks, lambda m: image_scores(m, image_score))
 
 
-def _map_trial(config: dict, table: NeighbourTable, pixel_masks: np.ndarray, keep: np.ndarray, sigma: float,
-               squared: bool):
-    from ray import tune
-
+def map_trial(config: dict, table: NeighbourTable, pixel_masks: np.ndarray, keep: np.ndarray, sigma: float,
+              squared: bool) -> dict:
     patch = method_maps(table, config["method"], int(config["k"]), float(config["alpha"]), squared)
-    tune.report(map_objective(pixel_maps(patch, pixel_masks.shape[-1], sigma), pixel_masks, keep))
+    return map_objective(pixel_maps(patch, pixel_masks.shape[-1], sigma), pixel_masks, keep)
 
 
-def _pareto_trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, pixel_masks: np.ndarray,
-                  keep: np.ndarray, image_score: str, sigma: float, squared: bool):
-    from ray import tune
-
+def pareto_trial(config: dict, table: NeighbourTable, labels: np.ndarray, masks, pixel_masks: np.ndarray,
+                 keep: np.ndarray, image_score: str, sigma: float, squared: bool) -> dict:
     maps = ldknn_maps(table, int(config["k"]), float(config["alpha"]), squared)
     image = validation_objective(maps, labels, masks, lambda m: image_scores(m, image_score))
-    tune.report({**image, **map_objective(pixel_maps(maps, pixel_masks.shape[-1], sigma), pixel_masks, keep)})
+    return {**image, **map_objective(pixel_maps(maps, pixel_masks.shape[-1], sigma), pixel_masks, keep)}
 
 
-def _search(trainable, param_space: dict, metric: str | list[str], trials: int, t: TuneConfig, name: str,
+def one_step_trainable(trial):
+    """A Ray Tune class trainable whose trial is one call of `trial(config, **data)` in one step.
+
+    Not a function trainable: Tune runs those in a thread of the trial's actor, and before re-using
+    the actor for the next trial it waits only TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s) for that thread to
+    end. On a loaded machine it may not have ended; Ray 2.60 then errors the next trial ("Could not
+    re-use actor") and, as measured here, the search hangs for good (Ray alone does it: 12 trials
+    of a one-line function at 0.5 CPU, actor reuse on, that timeout at 0). A class trainable's step
+    runs in the actor's main thread, so re-using the actor has nothing to wait for.
+    """
+    from ray import tune
+
+    class OneStep(tune.Trainable):
+        def setup(self, config: dict, **data):
+            self._data = data  # the class's validation data, from the object store (tune.with_parameters)
+
+        def step(self) -> dict:
+            return {**trial(self.config, **self._data), "done": True}
+
+        def reset_config(self, new_config: dict) -> bool:
+            return True  # a trial keeps nothing of its own: step reads self.config, which Tune has set
+
+    OneStep.__name__ = OneStep.__qualname__ = trial.__name__
+    return OneStep
+
+
+def _search(trial, data: dict, param_space: dict, metric: str | list[str], trials: int, t: TuneConfig, name: str,
             category: str, tracking: TrackingConfig, mlflow_parent: str | None):
-    """Run one Optuna search with Ray Tune and return its results (every trial must succeed); a list
+    """Run one Optuna search with Ray Tune and return its results (every trial must succeed); a trial
+    is `trial(config, **data)` (`one_step_trainable`), `data` put in Ray's object store once; a list
     of metrics is a multi-objective search, every one maximised."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -76,7 +101,7 @@ def _search(trainable, param_space: dict, metric: str | list[str], trials: int, 
             tracking_uri=resolve_uri(tracking.uri), experiment_name=tracking.experiment, save_artifact=False,
             tags={"mlflow.parentRunId": mlflow_parent, "category": category, "kind": "trial"}))
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0.5}),
+        tune.with_resources(tune.with_parameters(one_step_trainable(trial), **data), {"cpu": 0.5}),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=OptunaSearch(metric=metric, mode=["max"] * len(metric) if isinstance(metric, list)
@@ -85,7 +110,8 @@ def _search(trainable, param_space: dict, metric: str | list[str], trials: int, 
             reuse_actors=True,  # a trial is milliseconds of numpy; a new worker per trial was ~10 s of imports
             trial_name_creator=lambda trial: f"{category}-{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(Path(t.storage_path).absolute()), callbacks=callbacks, verbose=0))
+            name=name, storage_path=str(Path(t.storage_path).absolute()), callbacks=callbacks, verbose=0,
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))  # a trial has nothing to save
     with ctrl_c_interrupts():
         results = tuner.fit()
     errors = [r.error for r in results if r.error]
@@ -131,10 +157,10 @@ def search_k_alpha(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, t
     from ray import tune
 
     t0 = time.perf_counter()
-    trainable = tune.with_parameters(_trial, table=tables.val, labels=tables.val_labels, masks=tables.val_masks,
-                                     image_score=scoring.image_score, squared=scoring.squared)
+    data = dict(table=tables.val, labels=tables.val_labels, masks=tables.val_masks, image_score=scoring.image_score,
+                squared=scoring.squared)
     space = {"k": tune.randint(t.k_min, t.k_max + 1), "alpha": tune.uniform(t.alpha_min, t.alpha_max)}
-    results = _search(trainable, space, "objective", t.trials, t, f"tune-{tables.category}-{backbone_name}",
+    results = _search(image_trial, data, space, "objective", t.trials, t, f"tune-{tables.category}-{backbone_name}",
                       tables.category, tracking, mlflow_parent)
     best = results.get_best_result(metric="objective", mode="max")
     metrics = {k: float(v) for k, v in best.metrics.items() if k.startswith(("val_", "objective"))}
@@ -152,11 +178,11 @@ def search_map(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, track
     """
     from ray import tune
 
-    trainable = tune.with_parameters(_map_trial, table=tables.val, pixel_masks=tables.val_pixel_masks,
-                                     keep=tables.val_has_mask, sigma=tables.sigma, squared=scoring.squared)
+    data = dict(table=tables.val, pixel_masks=tables.val_pixel_masks, keep=tables.val_has_mask, sigma=tables.sigma,
+                squared=scoring.squared)
     space = {"method": tune.choice(["ldknn", "knn"]), "k": tune.randint(t.k_min, t.k_max + 1),
              "alpha": tune.uniform(0.0, t.map_alpha_max)}
-    results = _search(trainable, space, "map_objective", t.map_trials, t,
+    results = _search(map_trial, data, space, "map_objective", t.map_trials, t,
                       f"tune-map-{tables.category}-{backbone_name}", tables.category, tracking, mlflow_parent)
     best = results.get_best_result(metric="map_objective", mode="max")
     c = best.config
@@ -179,12 +205,10 @@ def search_pareto(tables: ClassTables, t: TuneConfig, scoring: ScoringConfig, tr
     """
     from ray import tune
 
-    trainable = tune.with_parameters(_pareto_trial, table=tables.val, labels=tables.val_labels,
-                                     masks=tables.val_masks, pixel_masks=tables.val_pixel_masks,
-                                     keep=tables.val_has_mask, image_score=scoring.image_score, sigma=tables.sigma,
-                                     squared=scoring.squared)
+    data = dict(table=tables.val, labels=tables.val_labels, masks=tables.val_masks, pixel_masks=tables.val_pixel_masks,
+                keep=tables.val_has_mask, image_score=scoring.image_score, sigma=tables.sigma, squared=scoring.squared)
     space = {"k": tune.randint(t.k_min, t.k_max + 1), "alpha": tune.uniform(t.alpha_min, t.alpha_max)}
-    results = _search(trainable, space, list(PARETO_METRICS), t.trials, t,
+    results = _search(pareto_trial, data, space, list(PARETO_METRICS), t.trials, t,
                       f"tune-pareto-{tables.category}-{backbone_name}", tables.category, tracking, mlflow_parent)
     # get_best_result takes one metric: every trial's pair is read from the grid instead
     kept = ("val_", "objective", "map_objective")

@@ -106,18 +106,16 @@ def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(lo
     assert selection.trials == 16
 
 
-def _signal_the_driver_once(config: dict, driver: int, signum: int, marker: str):
+def _signal_the_driver_once(config: dict, driver: int, signum: int, marker: str) -> dict:
     """A trial that signals the driver (as Ctrl-C, or Tune's SIGUSR1 stop, would), only the first time."""
     import os
-
-    from ray import tune
 
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
         os.kill(driver, signum)
     except FileExistsError:
         pass
-    tune.report({"objective": float(config["x"])})
+    return {"objective": float(config["x"])}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["ctrl-c", "sigusr1"])
@@ -129,14 +127,13 @@ def test_a_search_stopped_by_a_signal_raises_instead_of_choosing_from_its_partia
     from reb_dist.config import TrackingConfig, TuneConfig
     from reb_dist.distributed.tuning import _search
 
-    trainable = tune.with_parameters(_signal_the_driver_once, driver=os.getpid(), signum=int(signum),
-                                     marker=str(tmp_path / "signalled"))
+    data = dict(driver=os.getpid(), signum=int(signum), marker=str(tmp_path / "signalled"))
     t = TuneConfig(trials=8, concurrency=1, storage_path=str(tmp_path / "ray"))
     # Ctrl-C as in a terminal, however pytest was started (a shell's background job ignores SIGINT)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            _search(trainable, {"x": tune.uniform(0, 1)}, "objective", t.trials, t, "interrupted", "bottle",
+            _search(_signal_the_driver_once, data, {"x": tune.uniform(0, 1)}, "objective", t.trials, t, "interrupted", "bottle",
                     TrackingConfig(enabled=False), None)
         assert (tmp_path / "signalled").exists()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from reb_dist.distributed.worker_setup import SETUP_HOOK
 from reb_dist.environ import environ_restored
 
 QUIET_ENV = {
@@ -44,7 +45,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     else:
         with _loopback_only():
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV)})
+                     log_to_driver=True, runtime_env={"env_vars": dict(QUIET_ENV),
+                                                      "worker_process_setup_hook": SETUP_HOOK})
     if main_thread:
         # ray.init replaced the SIGTERM handler: the program's own one (the sweep's stop between cells,
         # or SIG_IGN) is put back, else SIGTERM interrupts the command

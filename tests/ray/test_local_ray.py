@@ -86,3 +86,53 @@ def test_sigterm_to_a_process_waiting_on_ray_interrupts_it_instead_of_a_native_a
         proc.kill()
     assert "SIGTERM received" not in err, err[-2000:]
     assert (proc.returncode, out.strip()) == expected, err[-2000:]
+
+
+class _SlowFinaliser:
+    """An object whose finaliser says it has begun, then takes its time: where Python cannot raise."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __del__(self):
+        from pathlib import Path
+
+        Path(self.marker).touch()
+        time.sleep(60)
+
+
+@ray.remote(num_cpus=0.25)
+class _Holder:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def drop(self, marker: str) -> None:
+        obj = _SlowFinaliser(marker)
+        del obj  # its finaliser runs here, in the actor's main thread
+
+
+def test_a_worker_stopped_by_sigterm_inside_a_finaliser_exits_at_once_without_a_traceback(local_ray, tmp_path):
+    # how Ray stops the actors Tune no longer needs: SIGTERM, whose handler raises SystemExit. Inside a
+    # finaliser (or a weakref or import-lock callback) Python printed "Exception ignored in ...
+    # SystemExit: 1" on the worker's stderr, which reached `reb tune`'s console, and the worker ran on
+    import os
+    from pathlib import Path
+
+    holder = _Holder.remote()
+    pid = ray.get(holder.pid.remote())
+    marker = tmp_path / "finalising"
+    holder.drop.remote(str(marker))
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the finaliser never ran"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the worker ran on after SIGTERM (its SystemExit was ignored)"
+        time.sleep(0.05)
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    stderr = "".join(p.read_text(errors="replace") for p in logs.glob(f"worker-*-{pid}.err"))
+    assert "SystemExit" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]

@@ -9,6 +9,7 @@ names) that `backbone.weights=` loads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from reb_dist.config import RunConfig
 from reb_dist.pipelines.ssl_training import (BACKBONE_FILE, TrainLoopSettings, latest_checkpoint, stream_window,
                                              train_in_process)
 from reb_dist.errors import RebError
-from reb_dist.io.atomic import copy_atomic, write_text_atomic
+from reb_dist.io.atomic import copy_atomic, file_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -121,16 +122,30 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
         What was written and how the run went.
 
     Raises:
-        RebError: the named run was trained with other settings, or stopped before its last step.
+        RebError: the named run was trained with other settings, stopped before its last step, or
+            is being trained by another process.
     """
+    f = cfg.finetune
+    storage = Path(f.storage_path).absolute()
+    name = run_name(cfg, category)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(storage / f"{name}.lock", wait=False))
+        except BlockingIOError:
+            # two trainings of one run wrote one folder's checkpoints and metrics in turn (each step logged twice)
+            raise RebError(f"{storage / name}: another process is training this run now; wait for it (this "
+                           f"command then reuses what it trained), or give this one another finetune.run_name") from None
+        return _finetune(cfg, category, output, tracker, storage, name)
+
+
+def _finetune(cfg: RunConfig, category: str, output: str | Path, tracker, storage: Path, name: str) -> FinetuneResult:
+    """`finetune`'s work, with the run's lock held."""
     from reb_dist.pipelines.evaluate import load_category
 
     f = cfg.finetune
     split = load_category(cfg.data, category)
     paths = [str(s.image_path) for s in split.train]
     class_names = ssl_class_names(cfg)
-    storage = Path(f.storage_path).absolute()
-    name = run_name(cfg, category)
     run_dir = storage / name
     check_run_settings(run_dir, run_settings(cfg, category))
     start_step = latest_checkpoint(run_dir)[1]

@@ -157,20 +157,30 @@ def _last_change(path: Path) -> float:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock, between processes, on the file `path` (created) for the block;
-    waits while another process holds it. The lock goes with the process, so a killed holder
-    never leaves it taken."""
+    waits while another process holds it, or with `wait=False` raises BlockingIOError at once. The
+    lock goes with the process, so a killed holder never leaves it taken."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
-        from filelock import FileLock  # a dependency of torch and ray, so always installed
+        from filelock import FileLock, Timeout  # a dependency of torch and ray, so always installed
 
-        with FileLock(str(path)):
+        try:
+            lock = FileLock(str(path), timeout=-1 if wait else 0)
+            lock.acquire()
+        except Timeout as exc:
+            raise BlockingIOError(f"{path} is locked by another process") from exc
+        try:
             yield
+        finally:
+            lock.release()
         return
     with open(path, "a") as handle:  # "a": create it without emptying anyone's
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise BlockingIOError(f"{path} is locked by another process") from exc
         try:
             yield
         finally:

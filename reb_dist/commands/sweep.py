@@ -5,7 +5,8 @@ A finished cell is a file `cells/<cell>.json` written atomically, and a line in 
 resubmitted sweep skips every cell that has its file, so an interrupted sweep redoes only the cells
 that were running. MLflow is written from the driver only (parallel writers race on a sqlite store):
 one parent run per submission, one nested run per (cell, method). A stopped job (SIGTERM) ends its
-run FAILED; runs a killed job left RUNNING are closed FAILED by the next submission.
+run FAILED; runs a killed job left RUNNING are closed FAILED by the next submission. One submission
+runs into an output folder at a time (`<out>/.sweep.lock`): a second is refused at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from reb_dist.distributed.runtime import terminated
 from reb_dist.distributed.sweep import Sweep, run_cells
-from reb_dist.io.atomic import write_text_atomic
+from reb_dist.errors import RebError
+from reb_dist.io.atomic import file_lock, write_text_atomic
 from reb_dist.io.tracking import SweepLog, legacy_mode
 from reb_dist.reporting.tables import mode_footnote, results_table_markdown, to_csv
 
@@ -29,9 +31,26 @@ log = logging.getLogger(__name__)
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None,
               experiment: str = "reb-dist-sweeps") -> dict[str, dict]:
-    """Run every cell not yet done; returns {cell id: result} for all cells (done before or now)."""
+    """Run every cell not yet done; returns {cell id: result} for all cells (done before or now).
+
+    Raises:
+        RebError: another submission is running into `out_dir` now.
+    """
     out = Path(out_dir).absolute()
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(out / ".sweep.lock", wait=False))
+        except BlockingIOError:
+            # two at once both ran every cell (done.log listed each twice), and the second marked the
+            # first's MLflow run FAILED while it ran
+            raise RebError(f"{out}: another sweep is running into this folder now; wait for it (the same "
+                           f"command then runs only what is left), or give --out another folder") from None
+        return _run_sweep(sweep, out, tracking_uri, experiment)
+
+
+def _run_sweep(sweep: Sweep, out: Path, tracking_uri: str | None, experiment: str) -> dict[str, dict]:
+    """`run_sweep`'s work, with the folder's lock held."""
     done = {c.id for c in sweep.cells if (out / "cells" / f"{c.id}.json").is_file()}
     todo = [c for c in sweep.cells if c.id not in done]
     log.info("sweep %s: %d cells, %d done before, %d to run -> %s", sweep.name, len(sweep.cells), len(done),

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from reb_dist.distributed.runtime import terminated
 from reb_dist.distributed.sweep import Sweep, run_cells
-from reb_dist.errors import RebError
-from reb_dist.io.atomic import file_lock, write_text_atomic
+from reb_dist.io.atomic import run_alone, write_text_atomic
 from reb_dist.io.tracking import SweepLog, legacy_mode
 from reb_dist.reporting.tables import mode_footnote, results_table_markdown, to_csv
 
@@ -38,14 +37,10 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, tracking_uri: str | None = None
     """
     out = Path(out_dir).absolute()
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(file_lock(out / ".sweep.lock", wait=False))
-        except BlockingIOError:
-            # two at once both ran every cell (done.log listed each twice), and the second marked the
-            # first's MLflow run FAILED while it ran
-            raise RebError(f"{out}: another sweep is running into this folder now; wait for it (the same "
-                           f"command then runs only what is left), or give --out another folder") from None
+    # two at once both ran every cell (done.log listed each twice), and the second marked the first's
+    # MLflow run FAILED while it ran
+    with run_alone(out / ".sweep.lock", f"{out}: another sweep is running into this folder now; wait for it "
+                   f"(the same command then runs only what is left), or give --out another folder"):
         return _run_sweep(sweep, out, tracking_uri, experiment)
 
 

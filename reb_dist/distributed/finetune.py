@@ -9,7 +9,6 @@ names) that `backbone.weights=` loads.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from reb_dist.config import RunConfig
 from reb_dist.pipelines.ssl_training import (BACKBONE_FILE, TrainLoopSettings, latest_checkpoint, stream_window,
                                              train_in_process)
 from reb_dist.errors import RebError
-from reb_dist.io.atomic import copy_atomic, file_lock, write_text_atomic
+from reb_dist.io.atomic import copy_atomic, run_alone, write_text_atomic
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -128,13 +127,9 @@ def finetune(cfg: RunConfig, category: str, output: str | Path, tracker=None) ->
     f = cfg.finetune
     storage = Path(f.storage_path).absolute()
     name = run_name(cfg, category)
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(file_lock(storage / f"{name}.lock", wait=False))
-        except BlockingIOError:
-            # two trainings of one run wrote one folder's checkpoints and metrics in turn (each step logged twice)
-            raise RebError(f"{storage / name}: another process is training this run now; wait for it (this "
-                           f"command then reuses what it trained), or give this one another finetune.run_name") from None
+    # two trainings of one run wrote one folder's checkpoints and metrics in turn (each step logged twice)
+    with run_alone(storage / f"{name}.lock", f"{storage / name}: another process is training this run now; wait "
+                   f"for it (this command then reuses what it trained), or give this one another finetune.run_name"):
         return _finetune(cfg, category, output, tracker, storage, name)
 
 

@@ -185,3 +185,17 @@ def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_alone(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold `file_lock(path)` for the block, or raise RebError(busy) at once when another process
+    holds it: for work that two processes must not do at once (one fine-tuning run, one sweep folder)."""
+    from reb_dist.errors import RebError
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path, wait=False))
+        except BlockingIOError:
+            raise RebError(busy) from None
+        yield

@@ -78,28 +78,15 @@ def test_a_sweeps_artefacts_live_beside_its_store_not_in_the_current_folder(tmp_
 def test_a_second_sweep_into_a_folder_a_sweep_is_running_into_is_refused(tmp_path):
     # two `reb sweep` into one folder at once both ran every cell (done.log listed each twice), and the
     # second marked the first's MLflow run FAILED while it ran
-    import subprocess
-    import sys
-
     from reb_dist.commands.sweep import run_sweep
     from reb_dist.config import config_file
     from reb_dist.distributed.sweep import Sweep
     from reb_dist.errors import RebError
+    from tests.lock_holder import lock_held_elsewhere
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, time
-handle = open({str(out / '.sweep.lock')!r}, "a")
-fcntl.flock(handle, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / ".sweep.lock"):
         with pytest.raises(RebError, match=r"another sweep is running into this folder now.*--out"):
             run_sweep(Sweep.load(config_file("sample_sweep")), out)
         assert not (out / "mlflow.db").exists() and not (out / "done.log").exists()  # refused before any work
-    finally:
-        holder.kill()
-        holder.wait()

@@ -177,25 +177,12 @@ def test_a_checkpoint_cut_short_is_passed_over_on_resume(tmp_path):
 def test_a_run_being_trained_by_another_process_is_refused_not_trained_twice(tmp_path):
     # two `reb finetune` of one run at once both trained into its folder: each step's metrics logged
     # twice, checkpoints written by either in turn, both exit 0
-    import subprocess
-    import sys
+    from tests.lock_holder import lock_held_elsewhere
 
-    lock = tmp_path / "runs" / "busy.lock"
-    lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, sys, time
-handle = open({str(lock)!r}, "a")
-fcntl.flock(handle, fcntl.LOCK_EX)
-print("held", flush=True)
-time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    (tmp_path / "runs").mkdir()
+    with lock_held_elsewhere(tmp_path / "runs" / "busy.lock"):
         with pytest.raises(RebError, match=r"busy: another process is training this run now.*finetune.run_name"):
             _finetune(tmp_path, "busy")
         assert not (tmp_path / "runs" / "busy").exists() and not (tmp_path / "busy.safetensors").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     _finetune(tmp_path, "busy")  # the holder gone, the same command trains
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "busy")] == [1, 2]

@@ -25,6 +25,7 @@ from reb_dist.core.anomaly_map import image_scores, pixel_maps
 from reb_dist.core.ldknn import ScoringMethod
 from reb_dist.core.ldknn.selection import NeighbourTable, ldknn_maps, map_objective, method_maps, validation_objective
 from reb_dist.environ import environ_restored
+from reb_dist.progress import progress_bar
 from reb_dist.pipelines.selection import (ClassTables, Selection, coupled_validation,
                                           pareto_choice, pareto_front)
 
@@ -91,7 +92,8 @@ def _search(trial, data: dict, param_space: dict, metric: str | list[str], trial
     import ray
 
     concurrency = t.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    callbacks = []
+    bar = progress_bar(total=trials, desc=name, unit="trial", leave=False)  # the name says the class
+    callbacks = [trial_progress(bar)]
     if tracking.enabled and mlflow_parent:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -108,11 +110,11 @@ def _search(trial, data: dict, param_space: dict, metric: str | list[str], trial
                                     else "max", seed=t.seed),
             num_samples=trials, max_concurrent_trials=concurrency,
             reuse_actors=True,  # a trial is milliseconds of numpy; a new worker per trial was ~10 s of imports
-            trial_name_creator=lambda trial: f"{category}-{trial.trial_id}"),
+            trial_name_creator=lambda run: f"{category}-{run.trial_id}"),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(t.storage_path).absolute()), callbacks=callbacks, verbose=0,
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))  # a trial has nothing to save
-    with ctrl_c_interrupts():
+    with ctrl_c_interrupts(), contextlib.closing(bar):
         results = tuner.fit()
     errors = [r.error for r in results if r.error]
     if errors:
@@ -123,6 +125,27 @@ def _search(trial, data: dict, param_space: dict, metric: str | list[str], trial
         raise KeyboardInterrupt(f"{category}: Ray Tune stopped the search {name!r} after {finished} of {trials} "
                                 f"trials; nothing was chosen from it")
     return results
+
+
+def trial_progress(bar):
+    """A Ray Tune callback that moves `bar` on by one for each trial that ends (a search of a large
+    class's table runs for minutes; Tune itself is kept quiet, verbose=0)."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self, bar):
+            self.bar = bar
+
+        def __getstate__(self) -> dict:
+            return {}  # Tune pickles its run config (tuner.pkl); a bar on a terminal is no part of it
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if getattr(self, "bar", None) is not None:
+                self.bar.update(1)
+
+        on_trial_error = on_trial_complete
+
+    return TrialProgress(bar)
 
 
 @contextlib.contextmanager

@@ -94,16 +94,20 @@ def test_tiny_tune_writes_its_choice_keeps_validation_apart_and_finishes_every_r
     assert (tmp_path / "report" / "pareto_bottle.png").stat().st_size > 1000
 
 
-def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(local_ray, tmp_path):
+def test_search_k_alpha_selects_on_validation_not_on_the_reported_test_images(local_ray, tmp_path, monkeypatch):
+    import reb_dist.distributed.tuning as tuning
     from reb_dist.config import ScoringConfig, TrackingConfig, TuneConfig
-    from reb_dist.distributed.tuning import search_k_alpha
     from tests.unit.pipelines.test_tune_selection import CROSSOVER, disagreeing_tables
 
+    bars = []  # the search's progress bar: one step per trial that ended
+    make = tuning.progress_bar
+    monkeypatch.setattr(tuning, "progress_bar", lambda **kwargs: bars.append(make(**kwargs)) or bars[-1])
     tune = TuneConfig(k_min=1, k_max=8, alpha_min=0.0, alpha_max=1.0, trials=16, concurrency=2,
                       storage_path=str(tmp_path / "ray"))
-    selection = search_k_alpha(disagreeing_tables(), tune, ScoringConfig(), TrackingConfig(enabled=False), "t")
+    selection = tuning.search_k_alpha(disagreeing_tables(), tune, ScoringConfig(), TrackingConfig(enabled=False), "t")
     assert selection.alpha < CROSSOVER and selection.val_metrics["objective"] == 1.0
     assert selection.trials == 16
+    assert [(b.n, b.total, b.unit) for b in bars] == [(16, 16, "trial")] and "tune-" in bars[0].desc
 
 
 def _signal_the_driver_once(config: dict, driver: int, signum: int, marker: str) -> dict:

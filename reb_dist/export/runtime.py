@@ -11,7 +11,11 @@ onnxruntime (`pip install onnxruntime`), or torch alone for a TorchScript file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 from reb_dist.errors import DatasetError, ModelFileError
+
+log = logging.getLogger(__name__)
 
 #: What an exported model returns, in this order (by these names in ONNX and from TorchScript).
 OUTPUT_NAMES = ("scores", "normalised_scores", "anomalous", "maps")
@@ -122,7 +128,8 @@ class ExportedModel:
 
         if threads:
             torch.set_num_threads(threads)
-        module = torch.jit.load(str(self.path), map_location="cpu").eval()
+        with torchscript_deprecation_said(self.path):
+            module = torch.jit.load(str(self.path), map_location="cpu").eval()
 
         def run(images: np.ndarray) -> list[np.ndarray]:
             with torch.no_grad():
@@ -163,3 +170,22 @@ class ExportedModel:
 def load_exported(path: str | Path, threads: int | None = None) -> ExportedModel:
     """An `ExportedModel` for an exported file (see the class)."""
     return ExportedModel(path, threads)
+
+
+@contextlib.contextmanager
+def torchscript_deprecation_said(path: str | Path) -> Iterator[None]:
+    """torch's FutureWarning that torch.jit is deprecated (torch 2.14 here: "`torch.jit.load` is
+    deprecated. Please switch to `torch.export`"), raised in the block, said as one line that tells a
+    reb user what it means for the file; any other warning passes as it came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    said = False
+    for w in caught:
+        if issubclass(w.category, FutureWarning) and "torch.jit" in str(w.message):
+            if not said:
+                log.warning(f"{path}: TorchScript, which torch now deprecates (torch.jit); this torch still "
+                            f"runs it, but an ONNX export (reb export --format onnx) is the format that will last")
+                said = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -16,7 +16,7 @@ import torch
 
 from reb_dist.export.build import ExportError, build_module, export_metadata
 from reb_dist.export.module import OUTPUT_NAMES, ExportedDetector
-from reb_dist.export.runtime import metadata_path
+from reb_dist.export.runtime import metadata_path, torchscript_deprecation_said
 from reb_dist.io.atomic import write_atomic, write_text_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -45,8 +45,8 @@ class NamedOutputs(torch.nn.Module):
 def save_torchscript(module: ExportedDetector, path: str | Path) -> Path:
     """Trace `module` with named outputs (its branches are fixed settings, so tracing keeps them) and
     save it atomically; loaded with torch.jit.load, it returns {name: tensor}."""
-    with torch.no_grad(), warnings.catch_warnings():  # tracer warnings: the fixed loops are intended
-        warnings.simplefilter("ignore")
+    with torchscript_deprecation_said(path), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the fixed loops are intended
         # strict=False: a dict output (of fixed keys) is what we want to record
         traced = torch.jit.trace(NamedOutputs(module), (example_images(module),), check_trace=False, strict=False)
     return write_atomic(path, lambda tmp: traced.save(tmp))

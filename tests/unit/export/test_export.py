@@ -225,3 +225,28 @@ def test_the_onnx_file_declares_its_output_shapes_and_carries_its_metadata(expor
     assert props["reb_dist_version"] == beside["reb_dist_version"] and props["preprocessing"] == beside["preprocessing"]
     assert json.loads(props["image_size"]) == size and json.loads(props["input"])["dtype"] == "uint8"
     assert json.loads(props["threshold"]) == pytest.approx(beside["calibration"]["threshold"])
+
+
+def test_torchs_deprecation_of_torchscript_is_said_once_in_reb_words(model_file, export_paths, tmp_path, caplog):
+    # torch 2.14 deprecates torch.jit: `reb export -f torchscript` hid its FutureWarning with the tracer's,
+    # and `reb predict -m file.pt` passed on torch's "switch to torch.export", which a reb user cannot act on
+    import logging
+    import warnings
+
+    from reb_dist.cli import main
+    from reb_dist.export.runtime import load_exported
+
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        torch.jit.trace(torch.nn.Identity(), (torch.zeros(1),))
+    deprecated = any(issubclass(w.category, FutureWarning) and "torch.jit" in str(w.message) for w in raw)
+    said = "TorchScript, which torch now deprecates"
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        assert main(["export", "-m", str(model_file), "-f", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+        exported_note = caplog.text.count(said)
+        caplog.clear()
+        load_exported(tmp_path / "m.pt").score_files(export_paths[:1])
+        loaded_note = caplog.text.count(said)
+    assert (exported_note, loaded_note) == ((1, 1) if deprecated else (0, 0))
+    assert not [w for w in passed if "torch.jit" in str(w.message)]  # torch's own words are not passed on

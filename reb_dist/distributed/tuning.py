@@ -137,10 +137,10 @@ def trial_progress(bar):
             self.bar = bar
 
         def __getstate__(self) -> dict:
-            return {}  # Tune pickles its run config (tuner.pkl); a bar on a terminal is no part of it
+            return {"bar": None}  # Tune pickles its run config (tuner.pkl); a bar on a terminal is no part of it
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if getattr(self, "bar", None) is not None:
+            if self.bar is not None:
                 self.bar.update(1)
 
         on_trial_error = on_trial_complete

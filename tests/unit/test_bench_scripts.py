@@ -1,6 +1,6 @@
 """The benchmark scripts stay runnable: every one imports against the library as it is now (a
-reorganisation once left bench/gpu_check.py importing a function that no longer existed, found only
-when a GPU was at hand), and the GPU check, which a lent GPU machine runs once with little time to
+reorganisation once left bench/gpu_check.py importing a function that no longer existed, unnoticed
+because only a GPU session runs it), and the GPU check, which a lent GPU machine runs once with little time to
 spare, runs through on CPU."""
 
 from __future__ import annotations

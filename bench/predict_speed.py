@@ -4,7 +4,8 @@ pixel maps; no files written) per search mode and feature engine, on one categor
 For each preset a model is fitted once (its bank and the densities it stores), then `predict` scores
 the same --images test images with each engine: torch eager (how reb-dist ran before feature
 engines), torch channels_last and ONNX Runtime, after a warm-up batch (the engine built, the IVF
-calibrated). The best of --repeat passes is reported, with the image scores' largest relative
+calibrated). A model whose test patches are searched exactly is timed with each --exact-searches:
+pruned (the default search) and flat (faiss's brute force, how exact searches ran before pruning). The best of --repeat passes is reported, with the image scores' largest relative
 difference from the first engine's, and the share of the time spent in features.
 
 Prints a markdown table and the command that made it. Example:
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--exact-searches", default="pruned,flat")
     args = p.parse_args()
     print_command()
     rows = []
@@ -72,13 +74,18 @@ def main() -> None:
         fit_s = time.perf_counter() - start
         paths = [s.image_path for s in split.test][:args.images]
         reference = None
-        for engine in filter(None, args.engines.split(",")):
-            use_engine(detector, engine)
-            rate, share, scores = timed_predict(detector, paths, args.batch, args.repeat)
-            reference = scores if reference is None else reference
-            diff = float(np.max(np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-12)))
-            rows.append((preset, detector.search_mode, engine, fit_s, rate, share, diff))
-            print(f"{preset} / {engine}: {rate:.1f} images/s", flush=True)
+        exact = detector.index.query_search == "exact"
+        for search in filter(None, args.exact_searches.split(",")) if exact else [""]:
+            if exact:
+                detector.index.use_pruning(search == "pruned")
+            for engine in filter(None, args.engines.split(",")):
+                use_engine(detector, engine)
+                rate, share, scores = timed_predict(detector, paths, args.batch, args.repeat)
+                reference = scores if reference is None else reference
+                diff = float(np.max(np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-12)))
+                mode = f"{detector.search_mode} ({search})" if exact else detector.search_mode
+                rows.append((preset, mode, engine, fit_s, rate, share, diff))
+                print(f"{preset} / {mode} / {engine}: {rate:.1f} images/s", flush=True)
         detector.close()
     print(f"\n{args.category}: predict over {args.images} test images, batch {args.batch}, "
           f"{torch.get_num_threads()} threads (fit: features + bank + index + densities, ONNX Runtime features)\n")

@@ -175,12 +175,20 @@ class BankIndex:
         self.query_calibration: dict[int, tuple[int, float]] = {}
         self._approximate: dict = {}  # kind -> faiss index, built on first use
         self.index = None  # faiss's flat index, for exact searches that are not pruned
-        on_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        self.prunes = dtype == "float32" and not on_gpu and len(self.bank) >= pruned.PRUNE_FROM
+        self._on_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         self._pruned: pruned.PrunedExactSearch | None = None
-        if dtype == "float32" and not self.prunes:
+        self.prunes = False
+        self.use_pruning(len(self.bank) >= pruned.PRUNE_FROM)
+
+    def use_pruning(self, enabled: bool) -> None:
+        """Search exactly with `pruned.PrunedExactSearch` (enabled; float32 banks on CPU only) or with
+        faiss's flat index (brute force; built here if needed). Same answers; for comparisons."""
+        import faiss
+
+        self.prunes = enabled and self.dtype == "float32" and not self._on_gpu
+        if self.dtype == "float32" and not self.prunes and self.index is None:
             index = faiss.IndexFlatL2(self.bank.shape[1])
-            if on_gpu:
+            if self._on_gpu:
                 index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
             index.add(self.bank)
             self.index = index

@@ -336,7 +336,8 @@ class RunConfig:
 # says which mode computed it (Detector.search_mode) and the recall it measured; docs/RESULTS.md
 # section 11 has the figures.
 # - auto (the default): exact up to 100k bank points (approx.EXACT_UP_TO), faithful above.
-# - exact: the whole bank, searched exactly: the paper's protocol, O(n^2) densities.
+# - exact: the whole bank, searched exactly: the paper's protocol; O(n^2) densities at worst, the search
+#   skipping the k-means lists that bounds rule out (ldknn.pruned: pill 8.5x quicker, magnetic_tile 2.2x).
 # - faithful: the whole bank; test patches and densities searched with IVF, re-ranked exactly, nprobe
 #   calibrated to bank.recall_target: the exact quantities, approximately, at a fraction of the cost.
 # - coreset-densities: a 10% coreset bank, densities AMONG CORESET POINTS (another quantity, not an

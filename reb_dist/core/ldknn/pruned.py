@@ -70,30 +70,30 @@ class PrunedExactSearch:
         kmeans = faiss.Kmeans(d, nlist, niter=KMEANS_ROUNDS, seed=seed,
                               max_points_per_centroid=KMEANS_SAMPLE_PER_LIST)
         kmeans.train(bank)
-        centroids = kmeans.centroids.astype(np.float64)
-        self.centroid_norms = (centroids ** 2).sum(1)
-        assign = np.empty(n, dtype=np.int64)
+        # float64 in torch (its thread setting holds): the bounds need each point in its nearest list
+        centroids = torch.from_numpy(kmeans.centroids).double()
+        centroid_norms = centroids.square().sum(1)
+        assign = torch.empty(n, dtype=torch.int64)
         slack = 0.0  # float64 rounding of the assignment's |c|^2 - 2 b.c comparisons
         for s in range(0, n, GATHER_BLOCK):
-            block = bank[s:s + GATHER_BLOCK].astype(np.float64)
-            assign[s:s + GATHER_BLOCK] = (self.centroid_norms[None] - 2 * block @ centroids.T).argmin(1)
-            slack = max(slack, 1e-12 * float((block ** 2).sum(1).max() + self.centroid_norms.max()))
-        order = np.argsort(assign, kind="stable")
-        self.ids = order  # list-ordered position -> bank row
-        self.points = torch.from_numpy(bank[order])
+            block = torch.from_numpy(bank[s:s + GATHER_BLOCK]).double()
+            assign[s:s + GATHER_BLOCK] = torch.addmm(centroid_norms, block, centroids.T, alpha=-2).argmin(1)
+            slack = max(slack, 1e-12 * float(block.square().sum(1).max() + centroid_norms.max()))
+        order = torch.argsort(assign, stable=True)
+        assign = assign[order]
+        self.ids = order.numpy()  # list-ordered position -> bank row
+        self.points = torch.from_numpy(bank[self.ids])
         self.point_norms = self.points.double().square().sum(1).float()
-        counts = np.bincount(assign, minlength=nlist)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        radius = np.zeros(nlist)
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(assign.numpy(), minlength=nlist))])
+        radius = torch.zeros(nlist, dtype=torch.float64)
         for s in range(0, n, GATHER_BLOCK):
-            rows = order[s:s + GATHER_BLOCK]
-            gap = np.sqrt(((bank[rows].astype(np.float64) - centroids[assign[rows]]) ** 2).sum(1))
-            np.maximum.at(radius, assign[rows], gap)
-        self.radius = torch.from_numpy(radius * (1 + 1e-9) + 1e-9)
-        between = self.centroid_norms[:, None] + self.centroid_norms[None] - 2 * centroids @ centroids.T
-        self.between = torch.from_numpy(np.sqrt(np.maximum(between, 0)))  # |c_a - c_b|; 0 on the diagonal
-        self.centroids = torch.from_numpy(centroids)
-        self.centroid_norms = torch.from_numpy(self.centroid_norms)
+            lists = assign[s:s + GATHER_BLOCK]
+            gap = (self.points[s:s + GATHER_BLOCK].double() - centroids[lists]).norm(dim=1)
+            radius.scatter_reduce_(0, lists, gap, "amax")
+        self.radius = radius * (1 + 1e-9) + 1e-9
+        between = centroid_norms.unsqueeze(1) + centroid_norms - 2 * centroids @ centroids.T
+        self.between = between.clamp_(min=0).sqrt_()  # |c_a - c_b|; 0 on the diagonal
+        self.centroids, self.centroid_norms = centroids, centroid_norms
         self.slack = slack
         self.tolerance = gemm_tolerance(d)
         self.max_norm = float(self.point_norms.max())

@@ -141,9 +141,10 @@ class BankIndex:
     "auto" (exact up to approx.EXACT_UP_TO points). Approximate candidates are always re-ranked with
     exact distances; an approximate index is built on first use, once per kind.
 
-    An exact search of a float32 bank of at least pruned.PRUNE_FROM points on CPU visits only the
-    k-means lists that bounds cannot rule out (`pruned.PrunedExactSearch`, built on first use): the
-    same K nearest as brute force, about 8x quicker on pill's bank (docs/RESULTS.md section 12).
+    Where test patches or densities are searched exactly, a float32 bank of at least
+    pruned.PRUNE_FROM points on CPU is searched visiting only the k-means lists that bounds cannot
+    rule out (`pruned.PrunedExactSearch`, built on first use): the same K nearest as brute force,
+    8.5-9x quicker on pill's bank (docs/RESULTS.md section 12).
 
     Args:
         bank: The (n, d) memory bank.
@@ -178,7 +179,10 @@ class BankIndex:
         self._on_gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         self._pruned: pruned.PrunedExactSearch | None = None
         self.prunes = False
-        self.use_pruning(len(self.bank) >= pruned.PRUNE_FROM)
+        # k-means costs seconds (5 s on pill's bank): worth it where exact searches are the work, not
+        # for an approximate index's few exact ones (calibration samples, refined patches)
+        heavy = "exact" in (self.query_search, self.neighbour_search)
+        self.use_pruning(heavy and len(self.bank) >= pruned.PRUNE_FROM)
 
     def use_pruning(self, enabled: bool) -> None:
         """Search exactly with `pruned.PrunedExactSearch` (enabled; float32 banks on CPU only) or with

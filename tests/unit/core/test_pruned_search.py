@@ -121,6 +121,8 @@ def test_a_large_bank_index_prunes_its_exact_searches_and_answers_as_brute_force
     got = index.search_bank_points(points, 6)  # the density build: K nearest OTHER points
     flat = BankIndex(bank[:999])  # below PRUNE_FROM: faiss's flat index, as before
     assert not flat.prunes and flat.index is not None
+    faithful = BankIndex(bank, neighbour_search="ivf", query_search="ivf")
+    assert not faithful.prunes and faithful.index is not None  # its few exact searches: no k-means
     index.use_pruning(False)  # brute force, for comparisons: the same answers
     assert not index.prunes and index.index is not None
     np.testing.assert_array_equal(index.search(queries, 5)[1], ids)

@@ -5,8 +5,9 @@ For each preset a model is fitted once (its bank and the densities it stores), t
 the same --images test images with each engine: torch eager (how reb-dist ran before feature
 engines), torch channels_last and ONNX Runtime, after a warm-up batch (the engine built, the IVF
 calibrated). A model whose test patches are searched exactly is timed with each --exact-searches:
-pruned (the default search) and flat (faiss's brute force, how exact searches ran before pruning). The best of --repeat passes is reported, with the image scores' largest relative
-difference from the first engine's, and the share of the time spent in features.
+pruned (the default search) and flat (faiss's brute force, how exact searches ran before pruning).
+The best of --repeat passes is reported, with the image scores' largest relative difference from the
+first row's, and the share of the time spent in features.
 
 Prints a markdown table and the command that made it. Example:
     .venv/bin/python bench/predict_speed.py --root ../shared/data/mvtec_ad --category pill \

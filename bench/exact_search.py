@@ -29,11 +29,6 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def search_all(index, queries: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    parts = [index.search(queries[s:s + batch], k) for s in range(0, len(queries), batch)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def main() -> None:
     p = bench_parser(__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=64, help="test images whose patches are searched")
@@ -60,7 +55,7 @@ def main() -> None:
     rows = []
     for name in ("brute force (faiss flat)", "pruned"):
         index.use_pruning(name == "pruned")
-        search_s, (dist, ids) = timed(lambda: search_all(index, queries, 1, args.batch * per_image))
+        search_s, (dist, ids) = timed(lambda: index.search(queries, 1, batch_size=args.batch * per_image))
         visited = index.pruned_search().visited if index.prunes else 1.0
         self_s, (self_dist, self_ids) = timed(lambda: index.search_bank_points(points, k, progress="self-search"))
         rows.append((name, search_s, visited, self_s, dist, ids, self_dist, self_ids))

@@ -150,18 +150,24 @@ class PrunedExactSearch:
         """(m,) float64: the K-th smallest multiply distance among each query's `PROBE` nearest lists
         (inf when they hold fewer than K points)."""
         m, probe = len(q), min(PROBE, self.nlist)
-        near = torch.topk(to_centroid, probe, dim=0, largest=False, sorted=False).indices.T.numpy()  # (m, probe)
+        near = torch.zeros(to_centroid.shape, dtype=torch.bool)
+        near.scatter_(0, torch.topk(to_centroid, probe, dim=0, largest=False, sorted=False).indices, True)
         found = np.full((m, probe, k), np.inf, dtype=np.float32)
-        flat = near.ravel()
-        order = np.argsort(flat, kind="stable")
-        lists, first = np.unique(flat[order], return_index=True)
-        for lst, a, b in zip(lists, first, [*first[1:], len(order)]):
-            pairs = order[a:b]
-            rows, slots = pairs // probe, pairs % probe
-            d = self._list_distances(q, q_norms, rows, int(lst))
+        filled = np.zeros(m, dtype=np.int64)  # near lists done per query: the next slot
+        for lst, rows in self._by_list(near):
+            d = self._list_distances(q, q_norms, rows, lst)
             kk = min(k, d.shape[1])
-            found[rows, slots, :kk] = torch.topk(d, kk, dim=1, largest=False, sorted=False).values.numpy()
+            found[rows, filled[rows], :kk] = torch.topk(d, kk, dim=1, largest=False, sorted=False).values.numpy()
+            filled[rows] += 1
         return np.partition(found.reshape(m, -1), k - 1, axis=1)[:, k - 1].astype(np.float64)
+
+    @staticmethod
+    def _by_list(mask: torch.Tensor):
+        """``(list, query rows)`` for each list with a True in the (nlist, m) `mask`, lists ascending."""
+        lists, rows = (t.numpy() for t in torch.nonzero(mask, as_tuple=True))  # by list, then query
+        bounds = np.concatenate([[0], np.cumsum(mask.sum(1).numpy())])
+        for lst in np.flatnonzero(np.diff(bounds)):
+            yield int(lst), rows[bounds[lst]:bounds[lst + 1]]
 
     def _lists_to_visit(self, to_centroid: torch.Tensor, bound: np.ndarray, q_norms: torch.Tensor) -> torch.Tensor:
         """(nlist, m) bool: the lists whose bisector and ball bounds leave room for a point within
@@ -181,13 +187,10 @@ class PrunedExactSearch:
                     limit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query row, list-ordered position) of every point of a visited list within `limit`."""
         visit &= torch.from_numpy(np.isfinite(limit))  # rows with no finite limit are searched apart
-        lists, rows = (t.numpy() for t in torch.nonzero(visit, as_tuple=True))  # by list, then query
         limit_t = torch.from_numpy(limit.astype(np.float32))
-        bounds = np.concatenate([[0], np.cumsum(visit.sum(1).numpy())])
         query_of, position = [], []
-        for lst in np.flatnonzero(np.diff(bounds)):
-            r = rows[bounds[lst]:bounds[lst + 1]]
-            d = self._list_distances(q, q_norms, r, int(lst))
+        for lst, r in self._by_list(visit):
+            d = self._list_distances(q, q_norms, r, lst)
             hit_row, hit_col = torch.nonzero(d <= limit_t[r].unsqueeze(1), as_tuple=True)
             query_of.append(r[hit_row.numpy()])
             position.append(hit_col.numpy() + self.starts[lst])

@@ -9,6 +9,7 @@ import pytest
 
 from reb_dist.core.ldknn import BankIndex, pruned
 from reb_dist.core.ldknn.pruned import PrunedExactSearch
+from tests.neighbours import brute_force
 
 
 def clustered_bank(n: int = 6000, dim: int = 24, blobs: int = 30, seed: int = 0) -> np.ndarray:
@@ -18,14 +19,6 @@ def clustered_bank(n: int = 6000, dim: int = 24, blobs: int = 30, seed: int = 0)
     widths = rng.uniform(0.5, 2.0, blobs)
     which = rng.integers(0, blobs, n)
     return (centres[which] + rng.normal(0, 1, (n, dim)) * widths[which, None]).astype(np.float32)
-
-
-def brute_force(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The K nearest by every distance: float32 differences as the exact re-rank computes them,
-    ties by id."""
-    dist = np.stack([np.einsum("ij,ij->i", bank - q, bank - q) for q in queries])
-    ids = np.lexsort((np.broadcast_to(np.arange(len(bank)), dist.shape), dist), axis=1)[:, :k]
-    return np.take_along_axis(dist, ids, 1), ids
 
 
 @pytest.fixture(scope="module")

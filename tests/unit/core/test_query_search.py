@@ -8,13 +8,7 @@ import numpy as np
 from reb_dist.config import RunConfig
 from reb_dist.core.ldknn import BankIndex
 from reb_dist.core.ldknn.approx import ivf_lists, query_recall
-
-
-def brute_force_ids(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """The K nearest by every distance, float32 differences as the exact re-rank computes them, ties by id."""
-    diff = queries[:, None, :] - bank[None]
-    d = np.einsum("qnd,qnd->qn", diff, diff)
-    return np.argsort(d, axis=1, kind="stable")[:, :k]
+from tests.neighbours import brute_force
 
 
 def test_ivf_query_search_visiting_every_list_equals_exact(bank_and_queries):
@@ -32,7 +26,7 @@ def test_few_lists_miss_neighbours_and_the_recall_estimate_counts_them_exactly(b
     sample, k = 300, 5
     measured = query_recall(index, queries, k, sample=sample, seed=3)
     rows = np.sort(np.random.default_rng(3).choice(len(queries), sample, replace=False))
-    truth = brute_force_ids(bank, queries[rows], k)
+    truth = brute_force(bank, queries[rows], k)[1]
     found = index.search(queries[rows], k)[1]
     hits = sum(len(set(t) & set(f)) for t, f in zip(truth, found))
     assert measured == hits / truth.size
